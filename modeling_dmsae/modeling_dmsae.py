@@ -1,0 +1,479 @@
+"""Distilled Matryoshka Sparse Autoencoder (DMSAE): the whole model in one file.
+
+Notation (paper, Eq. 1-9): x in R^d, K latents, the first c of them the frozen core, the
+non-core latents split into Matryoshka groups with cumulative sizes m_0 < ... < m_L.
+
+    f(x)      = ReLU((x - b_dec) W_enc + b_enc)                               (Eq. 1)
+    f~(x)     = (f(x)_{0:c}, BatchTopK_{k_noncore}(f(x)_{c:K}))  dense core  (Eq. 3)
+              =  BatchTopK_k(f(x))                              sparse core
+    x^_m(x)   = b_dec + sum_{j < c + m} f~_j(x) W_dec[j]                      (Eq. 2)
+    L         = sum_{m in M} ||x - x^_m||^2 + alpha * AuxK                    (Eq. 5)
+    k_noncore = round(k (K - c) / K)                                         (Eq. 4)
+
+Every formula has one implementation here; the trainer and the attribution step call it.
+
+Speed: only the encoder GEMM is dense. Latents are kept as a sparse list of (token, latent,
+value) entries; the decoder gathers the active rows (``embedding_bag``) once for all prefixes,
+and the encoder backward runs through the kept entries only (``_SparseEncoderValues``). The
+core encoder rows are a buffer: no gradient, no optimizer state, bitwise frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_dmsae import DMSAEConfig
+
+
+class SparseLatents(NamedTuple):
+    """Active latents of a batch of N tokens, sorted by (row, col).
+
+    rows: [nnz] token index; cols: [nnz] latent index; values: [nnz] activation (> 0).
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+
+    def to_dense(self, num_tokens: int, num_latents: int) -> torch.Tensor:
+        dense = self.values.new_zeros(num_tokens, num_latents)
+        return dense.index_put((self.rows, self.cols), self.values)
+
+
+@dataclass
+class DMSAEOutput(ModelOutput):
+    """Output of :meth:`DMSAEModel.forward`.
+
+    loss: reconstruction_loss + aux_alpha * aux_loss (Eq. 5).
+    reconstruction_loss: sum over prefixes c + m_i of the batch-mean squared error (no core-only term).
+    prefix_losses: [L+1] the individual terms of that sum.
+    aux_loss: normalised AuxK loss on the dead latents (0 when none are dead or none given).
+    reconstruction: x^ from the full dictionary, in the input's units and shape.
+    latents: dense [..., K] activations f~(x) (None when ``output_dense_latents=False``).
+    sparse_latents: the same activations as a :class:`SparseLatents` over the flattened tokens.
+    l0_core, l0_noncore, l0: mean active latents per token in the core, the rest, and in all (Eq. 9).
+    fired: [K] bool, latents active on at least one token of the batch.
+    batchtopk_threshold: smallest activation BatchTopK kept (feeds the inference threshold EMA).
+    """
+
+    loss: torch.Tensor | None = None
+    reconstruction_loss: torch.Tensor | None = None
+    prefix_losses: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    sparse_latents: SparseLatents | None = None
+    l0_core: torch.Tensor | None = None
+    l0_noncore: torch.Tensor | None = None
+    l0: torch.Tensor | None = None
+    fired: torch.Tensor | None = None
+    batchtopk_threshold: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------
+# Sparse building blocks
+# ----------------------------------------------------------------------------------------
+
+
+def _bag_offsets(sorted_bag_ids: torch.Tensor, num_bags: int) -> torch.Tensor:
+    """Start offset of each bag in a list of entries sorted by bag id."""
+    counts = torch.bincount(sorted_bag_ids, minlength=num_bags)
+    return torch.cumsum(counts, 0) - counts
+
+
+def gather_rows_weighted(
+    row_ids: torch.Tensor, bag_ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, num_bags: int
+) -> torch.Tensor:
+    """out[b] = sum over entries e with bag_ids[e] == b of weights[e] * table[row_ids[e]].
+
+    The sparse matrix product at the heart of the decoder and of the encoder backward,
+    without materialising the [nnz, d] gathered rows. ``bag_ids`` need not be sorted.
+    """
+    order = torch.argsort(bag_ids, stable=True)
+    sorted_bags = bag_ids[order]
+    return F.embedding_bag(
+        row_ids[order],
+        table,
+        offsets=_bag_offsets(sorted_bags, num_bags),
+        per_sample_weights=weights[order].to(table.dtype),
+        mode="sum",
+    )
+
+
+class _SparseEncoderValues(torch.autograd.Function):
+    """Differentiable values of the kept entries of relu((x - b_dec) W_enc + b_enc).
+
+    The values were already computed by the dense no-grad GEMM; this function only routes the
+    gradient through the kept entries: d x = sum_j g_j W_enc[j], d W_enc[j] = sum_u g_uj x_u,
+    d b_enc[j] = sum_u g_uj. The frozen core rows receive no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, centered, noncore_weight, b_enc, encoder_weight, rows, cols, values):
+        ctx.save_for_backward(centered, encoder_weight, rows, cols)
+        ctx.core_size = encoder_weight.shape[0] - noncore_weight.shape[0]
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        centered, encoder_weight, rows, cols = ctx.saved_tensors
+        num_tokens, num_latents, core_size = centered.shape[0], encoder_weight.shape[0], ctx.core_size
+        grad_centered = grad_noncore = grad_b_enc = None
+        if ctx.needs_input_grad[0]:
+            grad_centered = gather_rows_weighted(cols, rows, grad_values, encoder_weight, num_tokens)
+        if ctx.needs_input_grad[1]:
+            noncore = cols >= core_size
+            grad_noncore = gather_rows_weighted(
+                rows[noncore], cols[noncore] - core_size, grad_values[noncore], centered, num_latents - core_size
+            )
+        if ctx.needs_input_grad[2]:
+            grad_b_enc = grad_values.new_zeros(num_latents).index_add_(0, cols, grad_values)
+        return grad_centered, grad_noncore, grad_b_enc, None, None, None, None
+
+
+def batch_topk_indices(acts: torch.Tensor, k_per_token: int) -> torch.Tensor:
+    """BatchTopK: flat indices of the k * N largest entries of the flattened [N, n] batch."""
+    flat = acts.flatten()
+    kept = min(k_per_token * acts.shape[0], flat.numel())
+    return flat.topk(kept, sorted=False).indices
+
+
+def _flat_to_entries(flat_indices: torch.Tensor, width: int, col_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    flat_indices = flat_indices.sort().values
+    return flat_indices // width, flat_indices % width + col_offset
+
+
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld iterations for the point minimising the summed distance to ``points`` [N, d]."""
+    points = points.float()
+    guess = points.mean(dim=0)
+    for _ in range(max_iter):
+        previous = guess
+        weights = 1 / torch.linalg.vector_norm(points - guess, dim=1).clamp_min(1e-12)
+        guess = (weights[:, None] * points).sum(0) / weights.sum()
+        if torch.linalg.vector_norm(guess - previous) < tol:
+            break
+    return guess
+
+
+def regroup_for_core(group_sizes: Sequence[int], old_core_size: int, new_core_size: int) -> list[int]:
+    """Group sizes when the core changes size at fixed K: the last group absorbs the change
+    (as SAEBench's last group takes the remainder)."""
+    sizes = list(group_sizes)
+    sizes[-1] += old_core_size - new_core_size
+    if sizes[-1] <= 0:
+        raise ValueError(
+            f"a core of {new_core_size} latents leaves the last Matryoshka group with {sizes[-1]} latents; "
+            "grow num_latents or select fewer core latents"
+        )
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------
+
+
+class DMSAEPreTrainedModel(PreTrainedModel):
+    config_class = DMSAEConfig
+    base_model_prefix = "dmsae"
+    main_input_name = "activations"
+    _supports_sdpa = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Random unit-norm decoder rows; encoder rows = decoder rows (W_enc = W_dec^T);
+        zero biases. Tensors already loaded from a checkpoint are left alone."""
+        if not isinstance(module, DMSAEModel):
+            return
+        targets = (module.W_dec, module.encoder, module.core_encoder)
+        if all(getattr(t, "_is_hf_initialized", False) for t in targets):
+            return
+        directions = F.normalize(torch.randn(module.W_dec.shape, device=module.W_dec.device), dim=-1)
+        c = module.config.core_size
+        init.copy_(module.W_dec, directions)
+        init.copy_(module.core_encoder, directions[:c])
+        init.copy_(module.encoder, directions[c:])
+        init.zeros_(module.b_enc)
+        init.zeros_(module.b_dec)
+
+
+class DMSAEModel(DMSAEPreTrainedModel):
+    """Matryoshka BatchTopK sparse autoencoder with a frozen core (dense- or sparse-core).
+
+    Weights (SAEBench shapes): ``W_enc`` [d, K] (a view built from the frozen ``core_encoder``
+    [c, d] buffer and the trainable ``encoder`` [K-c, d] rows), ``b_enc`` [K], ``W_dec`` [K, d]
+    with unit-norm rows, ``b_dec`` [d].
+    """
+
+    def __init__(self, config: DMSAEConfig):
+        super().__init__(config)
+        d, K, c = config.d_in, config.num_latents, config.core_size
+        # Frozen core rows: a buffer, so no gradient, optimizer moment or weight decay can reach it.
+        self.register_buffer("core_encoder", torch.empty(c, d))
+        self.encoder = nn.Parameter(torch.empty(K - c, d))
+        self.b_enc = nn.Parameter(torch.empty(K))
+        self.W_dec = nn.Parameter(torch.empty(K, d))
+        self.b_dec = nn.Parameter(torch.empty(d))
+        self.post_init()
+
+    # ---- SAEBench-facing views -----------------------------------------------------------
+
+    @property
+    def encoder_weight(self) -> torch.Tensor:
+        """[K, d] encoder rows, core first (the paper's W_enc[j, :])."""
+        return torch.cat([self.core_encoder, self.encoder], dim=0)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """[d, K] as SAEBench and dictionary_learning lay it out."""
+        return self.encoder_weight.T
+
+    def _block_of_latent(self) -> torch.Tensor:
+        """Index of the loss prefix each latent first enters: the core and group 0 -> 0, group i -> i."""
+        sizes = torch.tensor([self.config.core_size + self.config.group_sizes[0], *self.config.group_sizes[1:]])
+        return torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(self.W_dec.device)
+
+    # ---- Encode --------------------------------------------------------------------------
+
+    def _normalize(self, activations: torch.Tensor) -> torch.Tensor:
+        return activations.reshape(-1, self.config.d_in).to(self.W_dec.dtype) / self.config.normalization_factor
+
+    def _select(self, relu_pre: torch.Tensor, use_threshold: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The masks of Eq. 3: which (token, latent) entries of f(x) survive.
+
+        Returns rows, cols (sorted by row, then col) and the smallest value BatchTopK kept.
+        """
+        config, c = self.config, self.config.core_size
+        masked_from = c if config.variant == "dense_core" else 0
+        masked = relu_pre[:, masked_from:]
+        if use_threshold:
+            if config.threshold < 0:
+                raise ValueError(
+                    "this DMSAE has no inference threshold yet (config.threshold < 0): train it past the "
+                    "threshold start step, or encode with use_threshold=False (BatchTopK over the batch)"
+                )
+            kept = (masked > config.threshold).nonzero()
+            rows, cols = kept[:, 0], kept[:, 1] + masked_from
+            smallest_kept = relu_pre.new_tensor(config.threshold)
+        else:
+            flat = batch_topk_indices(masked, config.k_noncore)
+            flat = flat[masked.flatten()[flat] > 0]
+            rows, cols = _flat_to_entries(flat, masked.shape[1], masked_from)
+            smallest_kept = relu_pre[rows, cols].min() if rows.numel() else relu_pre.new_tensor(0.0)
+        if masked_from:
+            core = (relu_pre[:, :masked_from] > 0).nonzero()
+            key = torch.cat([core[:, 0] * self.config.num_latents + core[:, 1], rows * self.config.num_latents + cols])
+            key = key.sort().values
+            rows, cols = key // self.config.num_latents, key % self.config.num_latents
+        return rows, cols, smallest_kept
+
+    def encode_sparse(
+        self, normalized: torch.Tensor, use_threshold: bool
+    ) -> tuple[SparseLatents, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """f~(x) for normalised inputs [N, d] as sparse entries.
+
+        Returns (latents, centered inputs, dense no-grad ReLU pre-activations [N, K], smallest
+        BatchTopK value). Gradients reach ``encoder``, ``b_enc`` and ``b_dec`` through the kept
+        entries only.
+        """
+        centered = normalized - self.b_dec
+        encoder_weight = self.encoder_weight.detach()
+        with torch.no_grad():
+            relu_pre = F.relu(torch.addmm(self.b_enc, centered, encoder_weight.T))
+        rows, cols, smallest_kept = self._select(relu_pre, use_threshold)
+        values = self._sparse_values(centered, encoder_weight, relu_pre, rows, cols)
+        return SparseLatents(rows, cols, values), centered, relu_pre, smallest_kept
+
+    def _sparse_values(self, centered, encoder_weight, relu_pre, rows, cols) -> torch.Tensor:
+        return _SparseEncoderValues.apply(
+            centered, self.encoder, self.b_enc, encoder_weight, rows, cols, relu_pre[rows, cols]
+        )
+
+    def encode(self, activations: torch.Tensor, use_threshold: bool | None = None) -> torch.Tensor:
+        """Dense latent activations f~(x), shaped [..., K]. Inference mode (``model.eval()``) uses
+        the estimated threshold and encodes single tokens; training mode uses BatchTopK."""
+        use_threshold = (not self.training) if use_threshold is None else use_threshold
+        normalized = self._normalize(activations)
+        latents = self.encode_sparse(normalized, use_threshold)[0]
+        dense = latents.to_dense(normalized.shape[0], self.config.num_latents)
+        return dense.reshape(*activations.shape[:-1], self.config.num_latents)
+
+    # ---- Decode --------------------------------------------------------------------------
+
+    def decode_prefixes(self, latents: SparseLatents, num_tokens: int) -> torch.Tensor:
+        """[L+1, N, d] normalised reconstructions x^_{m_0}, ..., x^_{m_L} (core always included).
+
+        One gather of the active decoder rows, binned by (prefix block, token), then a cumulative
+        sum over blocks: each group's contribution is added once, never re-decoded per prefix.
+        """
+        blocks = self._block_of_latent()[latents.cols]
+        num_blocks = len(self.config.group_sizes)
+        contributions = gather_rows_weighted(
+            latents.cols, blocks * num_tokens + latents.rows, latents.values, self.W_dec, num_blocks * num_tokens
+        )
+        return contributions.view(num_blocks, num_tokens, -1).cumsum(0) + self.b_dec
+
+    def decode(self, latents: torch.Tensor, num_groups: int | None = None) -> torch.Tensor:
+        """x^ from dense latents [..., K], using the core and the first ``num_groups`` non-core
+        groups (default: all). Returns activations in the input's units."""
+        width = self.config.prefix_sizes[-1 if num_groups is None else num_groups - 1]
+        if num_groups is not None and not 1 <= num_groups <= len(self.config.group_sizes):
+            raise ValueError(f"num_groups must be in [1, {len(self.config.group_sizes)}], got {num_groups}")
+        normalized = latents[..., :width].to(self.W_dec.dtype) @ self.W_dec[:width] + self.b_dec
+        return normalized * self.config.normalization_factor
+
+    # ---- Losses --------------------------------------------------------------------------
+
+    def auxk_loss(
+        self, centered: torch.Tensor, relu_pre: torch.Tensor, residual: torch.Tensor, dead_latents: torch.Tensor | None
+    ) -> torch.Tensor:
+        """AuxK: the top-``aux_k`` dead latents of each token reconstruct the (detached) residual,
+        normalised by the residual's variance (dictionary_learning / OpenAI)."""
+        zero = residual.new_zeros(())
+        if dead_latents is None or not bool(dead_latents.any()):
+            return zero
+        k_aux = min(self.config.aux_k, int(dead_latents.sum()))
+        dead_acts = relu_pre.masked_fill(~dead_latents[None], -1.0)
+        top = dead_acts.topk(k_aux, dim=-1, sorted=False)
+        rows = torch.arange(relu_pre.shape[0], device=relu_pre.device).repeat_interleave(k_aux)
+        cols, values = top.indices.flatten(), top.values.flatten()
+        alive = values > 0
+        rows, cols = rows[alive], cols[alive]
+        values = self._sparse_values(centered, self.encoder_weight.detach(), relu_pre, rows, cols)
+        aux_reconstruction = gather_rows_weighted(cols, rows, values, self.W_dec, relu_pre.shape[0])
+        error = (residual - aux_reconstruction).pow(2).sum(-1).mean()
+        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+        return (error / variance).nan_to_num(0.0)
+
+    def forward(
+        self,
+        activations: torch.Tensor,
+        dead_latents: torch.Tensor | None = None,
+        use_threshold: bool | None = None,
+        output_dense_latents: bool = True,
+        return_dict: bool = True,
+    ) -> DMSAEOutput | tuple:
+        """Encode, decode every prefix and compute the loss of Eq. 5.
+
+        Args:
+            activations: [..., d] raw activations.
+            dead_latents: [K] bool mask of latents AuxK should revive (tracked by the trainer).
+            use_threshold: default: threshold in eval mode, BatchTopK in training mode.
+            output_dense_latents: also return the dense [..., K] latents (skip when training).
+        """
+        use_threshold = (not self.training) if use_threshold is None else use_threshold
+        x = self._normalize(activations)
+        num_tokens, c = x.shape[0], self.config.core_size
+        latents, centered, relu_pre, smallest_kept = self.encode_sparse(x, use_threshold)
+        prefixes = self.decode_prefixes(latents, num_tokens)
+        prefix_losses = (x - prefixes).pow(2).sum(-1).mean(-1)
+        reconstruction_loss = prefix_losses.sum()
+        aux_loss = self.auxk_loss(centered, relu_pre, (x - prefixes[-1]).detach(), dead_latents)
+        core_entries = (latents.cols < c).sum()
+        output = DMSAEOutput(
+            loss=reconstruction_loss + self.config.aux_alpha * aux_loss,
+            reconstruction_loss=reconstruction_loss,
+            prefix_losses=prefix_losses,
+            aux_loss=aux_loss,
+            reconstruction=(prefixes[-1] * self.config.normalization_factor).reshape(activations.shape),
+            latents=(
+                latents.to_dense(num_tokens, self.config.num_latents).reshape(*activations.shape[:-1], -1)
+                if output_dense_latents
+                else None
+            ),
+            sparse_latents=latents,
+            l0_core=core_entries / num_tokens,
+            l0_noncore=(latents.cols.numel() - core_entries) / num_tokens,
+            l0=torch.tensor(latents.cols.numel() / num_tokens),
+            fired=torch.zeros(self.config.num_latents, dtype=torch.bool, device=x.device).index_fill_(0, latents.cols, True),
+            batchtopk_threshold=smallest_kept,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ---- Training hygiene ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def initialize_decoder_bias_(self, activations: torch.Tensor) -> None:
+        """b_dec <- geometric median of a batch (normalised units)."""
+        self.b_dec.copy_(geometric_median(self._normalize(activations)).to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def remove_decoder_parallel_gradient_(self) -> None:
+        """Project out of W_dec's gradient the component along each (unit) decoder row, so the
+        step moves directions, not norms."""
+        if self.W_dec.grad is None:
+            return
+        directions = F.normalize(self.W_dec.float(), dim=-1)
+        grad = self.W_dec.grad.float()
+        grad -= (grad * directions).sum(-1, keepdim=True) * directions
+        self.W_dec.grad.copy_(grad)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm."""
+        self.W_dec.copy_(F.normalize(self.W_dec.float(), dim=-1))
+
+    # ---- Cycles and lineage --------------------------------------------------------------
+
+    def lineage(self) -> torch.Tensor:
+        """[K, 2] (origin cycle, origin index) of every latent; non-core latents originate here."""
+        fresh = torch.stack(
+            [
+                torch.full((self.config.num_latents,), self.config.cycle),
+                torch.arange(self.config.num_latents),
+            ],
+            dim=1,
+        )
+        core = torch.tensor(self.config.core_lineage, dtype=torch.long).reshape(-1, 2)
+        return torch.cat([core, fresh[self.config.core_size :]])
+
+    def config_for_core(self, core_lineage: Sequence[Sequence[int]], cycle: int, **overrides) -> DMSAEConfig:
+        """This model's configuration with another core (and any field overridden); the
+        threshold is reset since the new model is untrained."""
+        config = copy.deepcopy(self.config)
+        config.group_sizes = regroup_for_core(self.config.group_sizes, self.config.core_size, len(core_lineage))
+        config.core_size = len(core_lineage)
+        config.core_lineage = [list(map(int, origin)) for origin in core_lineage]
+        config.cycle = cycle
+        config.threshold = -1.0
+        for name, value in overrides.items():
+            setattr(config, name, value)
+        config.validate_dmsae()
+        return config
+
+    @classmethod
+    def from_core(cls, config: DMSAEConfig, core_directions: torch.Tensor) -> "DMSAEModel":
+        """A freshly initialised model whose frozen core rows are ``core_directions`` [c, d]
+        (Algorithm 1 line 5, Algorithm 3 line 2); everything else is reinitialised."""
+        if tuple(core_directions.shape) != (config.core_size, config.d_in):
+            raise ValueError(
+                f"core directions have shape {tuple(core_directions.shape)}, the config needs "
+                f"[core_size, d_in] = [{config.core_size}, {config.d_in}]"
+            )
+        model = cls(config)
+        with torch.no_grad():
+            model.core_encoder.copy_(core_directions)
+        return model.to(core_directions.device)
+
+    def next_cycle(self, selected: Sequence[int], **overrides) -> "DMSAEModel":
+        """Cycle t+1 from this cycle-t model and its ordered selected latents: their encoder rows
+        become the frozen core (rows 0..c-1); all b_enc, the whole decoder, b_dec and the
+        non-core encoder rows are reinitialised."""
+        selected = torch.as_tensor(list(selected), dtype=torch.long)
+        if selected.numel() and (selected.min() < 0 or selected.max() >= self.config.num_latents):
+            raise ValueError(f"selected latents must lie in [0, {self.config.num_latents}), got {selected.tolist()}")
+        if selected.unique().numel() != selected.numel():
+            raise ValueError("selected latents contain duplicates")
+        lineage = self.lineage()[selected].tolist()
+        config = self.config_for_core(lineage, cycle=self.config.cycle + 1, **overrides)
+        return DMSAEModel.from_core(config, self.encoder_weight.detach()[selected.to(self.W_dec.device)].clone())
+
