@@ -1,0 +1,161 @@
+"""One SAE optimisation step, as the established Matryoshka BatchTopK trainers take it.
+
+Adam (0.9, 0.999), linear warmup then linear decay over the last fraction of the run, the
+decoder gradient's component parallel to each decoder row removed before the step, gradient
+clipping, unit-norm decoder rows after the step, dead-latent tracking for AuxK and an EMA of
+the smallest BatchTopK activation for the inference threshold (dictionary_learning's recipe;
+reference notes, section 2). The maths of the loss lives in ``modeling_dmsae``.
+
+Under Accelerate the model is wrapped in DDP; BatchTopK runs over each process's local batch,
+and the dead-latent counts and the threshold sample are reduced across processes so every
+replica makes the same decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast
+
+from modeling_dmsae import DMSAEModel
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimiser, schedule and bookkeeping of SAE training."""
+
+    lr: float | None = None
+    """Adam learning rate. None: dictionary_learning's 2e-4 / sqrt(K / 2^14)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    warmup_steps: int = 1000
+    """Linear warmup from 0 over this many steps (capped at 10% of the run)."""
+    decay_fraction: float = 0.2
+    """The learning rate decays linearly to 0 over this last fraction of the steps."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    threshold_beta: float = 0.999
+    """EMA decay of the inference threshold estimate."""
+    threshold_start_step: int = 1000
+    """First step whose smallest BatchTopK activation feeds the threshold EMA (capped at half the run)."""
+
+    def learning_rate(self, num_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / (num_latents / 2**14) ** 0.5
+
+
+class StepStats(NamedTuple):
+    """What one step measured (floats, already reduced over processes where it matters)."""
+
+    loss: torch.Tensor
+    reconstruction_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    l0_core: torch.Tensor
+    l0_noncore: torch.Tensor
+    dead_fraction: torch.Tensor
+
+
+def warmup_then_decay(total_steps: int, warmup_steps: int, decay_fraction: float):
+    """LR multiplier: linear 0 -> 1 over the warmup, flat, then linear -> 0 over the last fraction."""
+    decay_start = int(total_steps * (1 - decay_fraction))
+
+    def multiplier(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if step < decay_start or decay_start >= total_steps:
+            return warm
+        return warm * max(0.0, (total_steps - step) / (total_steps - decay_start))
+
+    return multiplier
+
+
+class SAETrainer:
+    """Owns the optimiser state of one SAE; ``step(batch)`` takes one optimisation step."""
+
+    def __init__(self, model: DMSAEModel, config: OptimizerConfig, total_steps: int, accelerator: Accelerator | None = None):
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.config = config
+        self.total_steps = total_steps
+        sae_config = model.config
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=config.learning_rate(sae_config.num_latents), betas=(config.beta1, config.beta2)
+        )
+        warmup = min(config.warmup_steps, max(total_steps // 10, 1))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_then_decay(total_steps, warmup, config.decay_fraction)
+        )
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.threshold_start_step = min(config.threshold_start_step, total_steps // 2)
+        device = self.accelerator.device
+        self.tokens_since_fired = torch.zeros(sae_config.num_latents, dtype=torch.long, device=device)
+        self.threshold = torch.tensor(-1.0, device=device)
+        self.steps_taken = 0
+        self.accelerator.register_for_checkpointing(self)
+
+    @property
+    def sae(self) -> DMSAEModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def dead_latents(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.sae.config.dead_tokens_threshold
+
+    def step(self, batch: torch.Tensor) -> StepStats:
+        """Forward, backward, optimiser step and bookkeeping on one [N, d] batch."""
+        sae = self.sae
+        batch = batch.to(self.accelerator.device)
+        if self.steps_taken == 0:
+            sae.initialize_decoder_bias_(batch)
+            # Each process saw its own batch: take process 0's median so the replicas stay identical.
+            sae.b_dec.data = broadcast(sae.b_dec.data)
+        with self.accelerator.accumulate(self.model):
+            output = self.model(batch, dead_latents=self.dead_latents(), output_dense_latents=False)
+            self.accelerator.backward(output.loss)
+            if self.accelerator.sync_gradients:
+                sae.remove_decoder_parallel_gradient_()
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.accelerator.sync_gradients:
+                sae.normalize_decoder_()
+        self._track_dead_latents(output.fired, batch.shape[0])
+        self._update_threshold(output.batchtopk_threshold)
+        self.steps_taken += 1
+        return StepStats(
+            loss=output.loss.detach(),
+            reconstruction_loss=output.reconstruction_loss.detach(),
+            aux_loss=output.aux_loss.detach(),
+            l0_core=output.l0_core,
+            l0_noncore=output.l0_noncore,
+            dead_fraction=self.dead_latents().float().mean(),
+        )
+
+    def _track_dead_latents(self, fired: torch.Tensor, num_tokens: int) -> None:
+        fired_anywhere = self.accelerator.reduce(fired.int(), "sum") > 0
+        self.tokens_since_fired += num_tokens * self.accelerator.num_processes
+        self.tokens_since_fired[fired_anywhere] = 0
+
+    def _update_threshold(self, smallest_kept: torch.Tensor) -> None:
+        if self.steps_taken < self.threshold_start_step:
+            return
+        smallest_kept = self.accelerator.reduce(smallest_kept.float().reshape(1), "mean")[0]
+        beta = self.config.threshold_beta
+        self.threshold = torch.where(self.threshold < 0, smallest_kept, beta * self.threshold + (1 - beta) * smallest_kept)
+
+    def finalized_sae(self) -> DMSAEModel:
+        """The trained SAE with its inference threshold written into its config."""
+        sae = self.sae
+        sae.config.threshold = float(self.threshold)
+        return sae
+
+    # Accelerate checkpointing (``accelerator.save_state`` / ``load_state``) of the bookkeeping.
+    def state_dict(self) -> dict:
+        return {"tokens_since_fired": self.tokens_since_fired, "threshold": self.threshold, "steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.threshold.copy_(state["threshold"])
+        self.steps_taken = int(state["steps_taken"])
