@@ -244,7 +244,8 @@ class DMSAEModel(DMSAEPreTrainedModel):
 
     # ---- Encode --------------------------------------------------------------------------
 
-    def _normalize(self, activations: torch.Tensor) -> torch.Tensor:
+    def normalize_activations(self, activations: torch.Tensor) -> torch.Tensor:
+        """[..., d] raw activations -> [N, d] in the units the SAE works in (divided by the factor)."""
         return activations.reshape(-1, self.config.d_in).to(self.W_dec.dtype) / self.config.normalization_factor
 
     def _select(self, relu_pre: torch.Tensor, use_threshold: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -302,7 +303,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
         """Dense latent activations f~(x), shaped [..., K]. Inference mode (``model.eval()``) uses
         the estimated threshold and encodes single tokens; training mode uses BatchTopK."""
         use_threshold = (not self.training) if use_threshold is None else use_threshold
-        normalized = self._normalize(activations)
+        normalized = self.normalize_activations(activations)
         latents = self.encode_sparse(normalized, use_threshold)[0]
         dense = latents.to_dense(normalized.shape[0], self.config.num_latents)
         return dense.reshape(*activations.shape[:-1], self.config.num_latents)
@@ -371,7 +372,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
             output_dense_latents: also return the dense [..., K] latents (skip when training).
         """
         use_threshold = (not self.training) if use_threshold is None else use_threshold
-        x = self._normalize(activations)
+        x = self.normalize_activations(activations)
         num_tokens, c = x.shape[0], self.config.core_size
         latents, centered, relu_pre, smallest_kept = self.encode_sparse(x, use_threshold)
         prefixes = self.decode_prefixes(latents, num_tokens)
@@ -404,7 +405,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
     @torch.no_grad()
     def initialize_decoder_bias_(self, activations: torch.Tensor) -> None:
         """b_dec <- geometric median of a batch (normalised units)."""
-        self.b_dec.copy_(geometric_median(self._normalize(activations)).to(self.b_dec.dtype))
+        self.b_dec.copy_(geometric_median(self.normalize_activations(activations)).to(self.b_dec.dtype))
 
     @torch.no_grad()
     def remove_decoder_parallel_gradient_(self) -> None:
