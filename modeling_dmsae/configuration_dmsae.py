@@ -5,6 +5,7 @@ Only the configuration lives here; the maths is in ``modeling_dmsae.py``.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from typing import Sequence
@@ -34,6 +35,19 @@ def round_half_up(value: float) -> int:
 def noncore_k(k: int, num_latents: int, core_size: int) -> int:
     """Eq. 4: k_noncore = round(k * (K - c) / K), the dense-core BatchTopK budget."""
     return round_half_up(k * (num_latents - core_size) / num_latents)
+
+
+def regroup_for_core(group_sizes: Sequence[int], old_core_size: int, new_core_size: int) -> list[int]:
+    """Group sizes when the core changes size at fixed K: the last group absorbs the change
+    (as SAEBench's last group takes the remainder)."""
+    sizes = list(group_sizes)
+    sizes[-1] += old_core_size - new_core_size
+    if sizes[-1] <= 0:
+        raise ValueError(
+            f"a core of {new_core_size} latents leaves the last Matryoshka group with {sizes[-1]} latents; "
+            "grow num_latents or select fewer core latents"
+        )
+    return sizes
 
 
 def transformer_lens_hook_name(hook_layer: int) -> str:
@@ -138,6 +152,21 @@ class DMSAEConfig(PreTrainedConfig):
             total += group
             sizes.append(total)
         return sizes
+
+    def with_core(self, core_lineage: Sequence[Sequence[int]], cycle: int, **overrides) -> "DMSAEConfig":
+        """This configuration with another core (rows 0..c-1), as the next cycle or a transfer-stage
+        SAE uses it: same K, the last Matryoshka group absorbs the change in c, threshold reset
+        (the new model is untrained), any other field overridden."""
+        config = copy.deepcopy(self)
+        config.group_sizes = regroup_for_core(self.group_sizes, self.core_size, len(core_lineage))
+        config.core_size = len(core_lineage)
+        config.core_lineage = [list(map(int, origin)) for origin in core_lineage]
+        config.cycle = cycle
+        config.threshold = -1.0
+        for name, value in overrides.items():
+            setattr(config, name, value)
+        config.validate_dmsae()
+        return config
 
     def validate_dmsae(self) -> None:
         """Raise ValueError naming the field and the fix for every impossible combination."""

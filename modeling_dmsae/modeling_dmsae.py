@@ -20,7 +20,8 @@ core encoder rows are a buffer: no gradient, no optimizer state, bitwise frozen.
 
 from __future__ import annotations
 
-import copy
+import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -91,22 +92,83 @@ def _bag_offsets(sorted_bag_ids: torch.Tensor, num_bags: int) -> torch.Tensor:
 
 
 def gather_rows_weighted(
-    row_ids: torch.Tensor, bag_ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, num_bags: int
+    row_ids: torch.Tensor,
+    bag_ids: torch.Tensor,
+    weights: torch.Tensor,
+    table: torch.Tensor,
+    num_bags: int,
+    bags_sorted: bool = False,
 ) -> torch.Tensor:
     """out[b] = sum over entries e with bag_ids[e] == b of weights[e] * table[row_ids[e]].
 
     The sparse matrix product at the heart of the decoder and of the encoder backward,
-    without materialising the [nnz, d] gathered rows. ``bag_ids`` need not be sorted.
+    without materialising the [nnz, d] gathered rows. ``bag_ids`` are sorted first unless
+    ``bags_sorted`` says they already are. Not differentiable through ``table`` at speed:
+    use it inside the autograd functions below, which give the table's gradient its own gather.
     """
-    order = torch.argsort(bag_ids, stable=True)
-    sorted_bags = bag_ids[order]
+    if not bags_sorted:
+        order = torch.argsort(bag_ids, stable=True)
+        row_ids, bag_ids, weights = row_ids[order], bag_ids[order], weights[order]
     return F.embedding_bag(
-        row_ids[order],
-        table,
-        offsets=_bag_offsets(sorted_bags, num_bags),
-        per_sample_weights=weights[order].to(table.dtype),
-        mode="sum",
+        row_ids, table, offsets=_bag_offsets(bag_ids, num_bags), per_sample_weights=weights.to(table.dtype), mode="sum"
     )
+
+
+def sampled_row_dots(
+    left: torch.Tensor, left_ids: torch.Tensor, right: torch.Tensor, right_ids: torch.Tensor
+) -> torch.Tensor:
+    """out[e] = left[left_ids[e]] . right[right_ids[e]] for ``left_ids`` sorted (an SDDMM), without
+    materialising the [nnz, d] gathered rows: the gradient of the weights of a sparse product."""
+    counts = torch.bincount(left_ids, minlength=left.shape[0])
+    row_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(
+            row_offsets, right_ids, left.new_zeros(right_ids.shape), (left.shape[0], right.shape[0]),
+            check_invariants=False,
+        )
+    return torch.sparse.sampled_addmm(pattern, left, right.T, beta=0.0).values()
+
+
+class _SparseDecodePrefixes(torch.autograd.Function):
+    """Prefix reconstructions from sparse latents (Eq. 2 for every prefix at once):
+
+        x^_{m_i}[u] = b_dec + sum_{blocks b <= i} sum_{entries e of token u in block b} v_e W_dec[j_e]
+
+    Forward: one gather of the active decoder rows binned by (block, token), then a running sum over
+    blocks. Backward: each block's gradient is the sum over the prefixes that contain it, G_b; then
+    d v_e = G_{b_e}[u_e] . W_dec[j_e] and d W_dec[j] = sum_{e: j_e = j} v_e G_{b_e}[u_e].
+    """
+
+    @staticmethod
+    def forward(ctx, values, W_dec, b_dec, bags, cols, num_blocks, num_tokens):
+        # Bags (block, token) sorted once; the decoder rows are gathered per bag, never materialised.
+        order = torch.argsort(bags, stable=True)
+        bags, cols, values = bags[order], cols[order], values[order]
+        contributions = gather_rows_weighted(cols, bags, values, W_dec, num_blocks * num_tokens, bags_sorted=True)
+        prefixes = contributions.view(num_blocks, num_tokens, -1)
+        prefixes[0] += b_dec
+        for block in range(1, num_blocks):
+            prefixes[block] += prefixes[block - 1]
+        ctx.save_for_backward(order, bags, cols, values, W_dec)
+        return prefixes
+
+    @staticmethod
+    def backward(ctx, grad_prefixes):
+        order, bags, cols, values, W_dec = ctx.saved_tensors
+        num_blocks, num_tokens, d = grad_prefixes.shape
+        grad_blocks = torch.empty_like(grad_prefixes)  # reverse running sum over the prefixes
+        grad_blocks[-1] = grad_prefixes[-1]
+        for block in range(num_blocks - 2, -1, -1):
+            torch.add(grad_prefixes[block], grad_blocks[block + 1], out=grad_blocks[block])
+        grad_bags = grad_blocks.view(num_blocks * num_tokens, d)
+        grad_values = grad_W_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_values = torch.empty_like(values).index_copy_(0, order, sampled_row_dots(grad_bags, bags, W_dec, cols))
+        if ctx.needs_input_grad[1]:
+            grad_W_dec = gather_rows_weighted(bags, cols, values, grad_bags, W_dec.shape[0])
+        grad_b_dec = grad_blocks[0].sum(0) if ctx.needs_input_grad[2] else None
+        return grad_values, grad_W_dec, grad_b_dec, None, None, None, None
 
 
 class _SparseEncoderValues(torch.autograd.Function):
@@ -129,7 +191,7 @@ class _SparseEncoderValues(torch.autograd.Function):
         num_tokens, num_latents, core_size = centered.shape[0], encoder_weight.shape[0], ctx.core_size
         grad_centered = grad_noncore = grad_b_enc = None
         if ctx.needs_input_grad[0]:
-            grad_centered = gather_rows_weighted(cols, rows, grad_values, encoder_weight, num_tokens)
+            grad_centered = gather_rows_weighted(cols, rows, grad_values, encoder_weight, num_tokens, bags_sorted=True)
         if ctx.needs_input_grad[1]:
             noncore = cols >= core_size
             grad_noncore = gather_rows_weighted(
@@ -140,16 +202,60 @@ class _SparseEncoderValues(torch.autograd.Function):
         return grad_centered, grad_noncore, grad_b_enc, None, None, None, None
 
 
-def batch_topk_indices(acts: torch.Tensor, k_per_token: int) -> torch.Tensor:
-    """BatchTopK: flat indices of the k * N largest entries of the flattened [N, n] batch."""
-    flat = acts.flatten()
-    kept = min(k_per_token * acts.shape[0], flat.numel())
-    return flat.topk(kept, sorted=False).indices
+# Size of the strided sample that estimates where BatchTopK's cut falls.
+_BATCHTOPK_SAMPLE_SIZE = 2**20
 
 
-def _flat_to_entries(flat_indices: torch.Tensor, width: int, col_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    flat_indices = flat_indices.sort().values
-    return flat_indices // width, flat_indices % width + col_offset
+def _entries_above(acts: torch.Tensor, bound: torch.Tensor | float, unmasked_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the entries of ``acts`` [N, n] above ``bound``, or above 0 in the first
+    ``unmasked_columns`` columns; ``nonzero`` returns them sorted by row, then column."""
+    column_bounds = acts.new_full((acts.shape[1],), float(bound))
+    column_bounds[:unmasked_columns] = 0
+    return (acts > column_bounds).nonzero(as_tuple=True)
+
+
+def _sampled_rank_value(acts: torch.Tensor, rank: int, slack: float) -> torch.Tensor:
+    """A value that about ``slack * rank`` entries of ``acts`` [N, n] exceed, read off a strided grid
+    sample of ~2^20 entries (0 once that rank covers the whole sample)."""
+    stride = max(1, math.isqrt(acts.numel() // _BATCHTOPK_SAMPLE_SIZE))
+    sample = acts[::stride, ::stride].flatten()
+    expected = rank * sample.numel() / acts.numel()
+    sample_rank = math.ceil(slack * expected + 4 * math.sqrt(expected))
+    if sample_rank >= sample.numel():
+        return acts.new_zeros(())
+    return sample.topk(sample_rank, sorted=False).values.min()
+
+
+def batch_topk_entries(
+    relu_acts: torch.Tensor, k_per_token: int, unmasked_columns: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchTopK on non-negative ``relu_acts`` [N, n]: the k * N largest positive entries of the
+    flattened batch over columns ``unmasked_columns:``, plus every positive entry of the first
+    ``unmasked_columns`` columns (the dense core, Eq. 3).
+
+    Returns rows, cols (sorted by row, then col) and the smallest value BatchTopK kept. The result is
+    ``flat.topk(k * N)``'s, but torch's CPU topk over all N * n entries is one single-threaded partial
+    sort, the slowest op of a training step. Instead: a lower bound on the cut from a sample, one
+    vectorised pass for the candidates above it, and an exact topk among those few candidates.
+    """
+    num_kept = k_per_token * relu_acts.shape[0]
+    masked = relu_acts[:, unmasked_columns:]
+    slack = 1.25
+    while True:
+        bound = _sampled_rank_value(masked, num_kept, slack)
+        rows, cols = _entries_above(relu_acts, bound, unmasked_columns)
+        candidates = (cols >= unmasked_columns).nonzero().squeeze(1)
+        # Every entry BatchTopK keeps is a candidate once at least num_kept entries exceed the bound.
+        if candidates.numel() >= num_kept or bound == 0:
+            break
+        slack *= 4
+    values = relu_acts[rows[candidates], cols[candidates]]
+    if values.numel() <= num_kept:  # fewer positive entries than the budget: keep them all
+        return rows, cols, values.min() if values.numel() else relu_acts.new_zeros(())
+    top = values.topk(num_kept, sorted=False)
+    dropped = torch.ones_like(candidates, dtype=torch.bool).index_fill_(0, top.indices, False)
+    keep = torch.ones_like(rows, dtype=torch.bool).index_fill_(0, candidates[dropped], False)
+    return rows[keep], cols[keep], top.values.min()
 
 
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
@@ -163,19 +269,6 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
         if torch.linalg.vector_norm(guess - previous) < tol:
             break
     return guess
-
-
-def regroup_for_core(group_sizes: Sequence[int], old_core_size: int, new_core_size: int) -> list[int]:
-    """Group sizes when the core changes size at fixed K: the last group absorbs the change
-    (as SAEBench's last group takes the remainder)."""
-    sizes = list(group_sizes)
-    sizes[-1] += old_core_size - new_core_size
-    if sizes[-1] <= 0:
-        raise ValueError(
-            f"a core of {new_core_size} latents leaves the last Matryoshka group with {sizes[-1]} latents; "
-            "grow num_latents or select fewer core latents"
-        )
-    return sizes
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,29 +346,17 @@ class DMSAEModel(DMSAEPreTrainedModel):
 
         Returns rows, cols (sorted by row, then col) and the smallest value BatchTopK kept.
         """
-        config, c = self.config, self.config.core_size
-        masked_from = c if config.variant == "dense_core" else 0
-        masked = relu_pre[:, masked_from:]
-        if use_threshold:
-            if config.threshold < 0:
-                raise ValueError(
-                    "this DMSAE has no inference threshold yet (config.threshold < 0): train it past the "
-                    "threshold start step, or encode with use_threshold=False (BatchTopK over the batch)"
-                )
-            kept = (masked > config.threshold).nonzero()
-            rows, cols = kept[:, 0], kept[:, 1] + masked_from
-            smallest_kept = relu_pre.new_tensor(config.threshold)
-        else:
-            flat = batch_topk_indices(masked, config.k_noncore)
-            flat = flat[masked.flatten()[flat] > 0]
-            rows, cols = _flat_to_entries(flat, masked.shape[1], masked_from)
-            smallest_kept = relu_pre[rows, cols].min() if rows.numel() else relu_pre.new_tensor(0.0)
-        if masked_from:
-            core = (relu_pre[:, :masked_from] > 0).nonzero()
-            key = torch.cat([core[:, 0] * self.config.num_latents + core[:, 1], rows * self.config.num_latents + cols])
-            key = key.sort().values
-            rows, cols = key // self.config.num_latents, key % self.config.num_latents
-        return rows, cols, smallest_kept
+        config = self.config
+        unmasked_columns = config.core_size if config.variant == "dense_core" else 0
+        if not use_threshold:
+            return batch_topk_entries(relu_pre, config.k_noncore, unmasked_columns)
+        if config.threshold < 0:
+            raise ValueError(
+                "this DMSAE has no inference threshold yet (config.threshold < 0): train it past the "
+                "threshold start step, or encode with use_threshold=False (BatchTopK over the batch)"
+            )
+        rows, cols = _entries_above(relu_pre, config.threshold, unmasked_columns)
+        return rows, cols, relu_pre.new_tensor(config.threshold)
 
     def encode_sparse(
         self, normalized: torch.Tensor, use_threshold: bool
@@ -289,7 +370,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
         centered = normalized - self.b_dec
         encoder_weight = self.encoder_weight.detach()
         with torch.no_grad():
-            relu_pre = F.relu(torch.addmm(self.b_enc, centered, encoder_weight.T))
+            relu_pre = torch.addmm(self.b_enc, centered, encoder_weight.T).relu_()
         rows, cols, smallest_kept = self._select(relu_pre, use_threshold)
         values = self._sparse_values(centered, encoder_weight, relu_pre, rows, cols)
         return SparseLatents(rows, cols, values), centered, relu_pre, smallest_kept
@@ -317,11 +398,10 @@ class DMSAEModel(DMSAEPreTrainedModel):
         sum over blocks: each group's contribution is added once, never re-decoded per prefix.
         """
         blocks = self._block_of_latent()[latents.cols]
-        num_blocks = len(self.config.group_sizes)
-        contributions = gather_rows_weighted(
-            latents.cols, blocks * num_tokens + latents.rows, latents.values, self.W_dec, num_blocks * num_tokens
+        return _SparseDecodePrefixes.apply(
+            latents.values, self.W_dec, self.b_dec, blocks * num_tokens + latents.rows, latents.cols,
+            len(self.config.group_sizes), num_tokens,
         )
-        return contributions.view(num_blocks, num_tokens, -1).cumsum(0) + self.b_dec
 
     def decode(self, latents: torch.Tensor, num_groups: int | None = None) -> torch.Tensor:
         """x^ from dense latents [..., K], using the core and the first ``num_groups`` non-core
@@ -437,20 +517,6 @@ class DMSAEModel(DMSAEPreTrainedModel):
         core = torch.tensor(self.config.core_lineage, dtype=torch.long).reshape(-1, 2)
         return torch.cat([core, fresh[self.config.core_size :]])
 
-    def config_for_core(self, core_lineage: Sequence[Sequence[int]], cycle: int, **overrides) -> DMSAEConfig:
-        """This model's configuration with another core (and any field overridden); the
-        threshold is reset since the new model is untrained."""
-        config = copy.deepcopy(self.config)
-        config.group_sizes = regroup_for_core(self.config.group_sizes, self.config.core_size, len(core_lineage))
-        config.core_size = len(core_lineage)
-        config.core_lineage = [list(map(int, origin)) for origin in core_lineage]
-        config.cycle = cycle
-        config.threshold = -1.0
-        for name, value in overrides.items():
-            setattr(config, name, value)
-        config.validate_dmsae()
-        return config
-
     @classmethod
     def from_core(cls, config: DMSAEConfig, core_directions: torch.Tensor) -> "DMSAEModel":
         """A freshly initialised model whose frozen core rows are ``core_directions`` [c, d]
@@ -475,6 +541,6 @@ class DMSAEModel(DMSAEPreTrainedModel):
         if selected.unique().numel() != selected.numel():
             raise ValueError("selected latents contain duplicates")
         lineage = self.lineage()[selected].tolist()
-        config = self.config_for_core(lineage, cycle=self.config.cycle + 1, **overrides)
+        config = self.config.with_core(lineage, cycle=self.config.cycle + 1, **overrides)
         return DMSAEModel.from_core(config, self.encoder_weight.detach()[selected.to(self.W_dec.device)].clone())
 

@@ -108,6 +108,6 @@ def test_distilled_core_on_constructed_lineage():
     # C(2) re-selects core slots 2 and 3, plus the new cycle-2 latent 6
     final = select_by_coverage(torch.tensor([0.0, 0.0, 5.0, 4.0, 0.0, 0.0, 3.0]), tau=1.0)
     assert final.selected == [2, 3, 6]
-    core = distilled_core(final, cycle2.config.core_size)
+    core = distilled_core(final.selected, cycle2.config.core_size)
     assert core == [2, 3]
     assert cycle2.lineage()[core].tolist() == [[0, 9], [1, 11]]

@@ -13,7 +13,9 @@ replica makes the same decisions.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -76,6 +78,7 @@ class SAETrainer:
     """Owns the optimiser state of one SAE; ``step(batch)`` takes one optimisation step."""
 
     def __init__(self, model: DMSAEModel, config: OptimizerConfig, total_steps: int, accelerator: Accelerator | None = None):
+        """``total_steps``: optimiser steps of the run (micro-batches / gradient accumulation)."""
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.config = config
         self.total_steps = total_steps
@@ -87,13 +90,15 @@ class SAETrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_then_decay(total_steps, warmup, config.decay_fraction)
         )
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        # The scheduler is not prepared: Accelerate would step it once per process; it steps here
+        # once per optimiser step, so total_steps counts optimiser steps whatever the world size.
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
         self.threshold_start_step = min(config.threshold_start_step, total_steps // 2)
         device = self.accelerator.device
         self.tokens_since_fired = torch.zeros(sae_config.num_latents, dtype=torch.long, device=device)
         self.threshold = torch.tensor(-1.0, device=device)
         self.steps_taken = 0
-        self.accelerator.register_for_checkpointing(self)
 
     @property
     def sae(self) -> DMSAEModel:
@@ -117,9 +122,9 @@ class SAETrainer:
                 sae.remove_decoder_parallel_gradient_()
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
             self.optimizer.step()
-            self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.accelerator.sync_gradients:
+                self.scheduler.step()
                 sae.normalize_decoder_()
         self._track_dead_latents(output.fired, batch.shape[0])
         self._update_threshold(output.batchtopk_threshold)
@@ -151,11 +156,30 @@ class SAETrainer:
         sae.config.threshold = float(self.threshold)
         return sae
 
-    # Accelerate checkpointing (``accelerator.save_state`` / ``load_state``) of the bookkeeping.
-    def state_dict(self) -> dict:
-        return {"tokens_since_fired": self.tokens_since_fired, "threshold": self.threshold, "steps_taken": self.steps_taken}
+    # ---- checkpoints: everything a resumed run needs to continue bit for bit ------------------
 
-    def load_state_dict(self, state: dict) -> None:
+    def save_checkpoint(self, path: Path) -> None:
+        """Write weights, optimiser and schedule state and the bookkeeping (temporary file, then rename)."""
+        if self.accelerator.is_main_process:
+            state = {
+                "model": self.sae.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "tokens_since_fired": self.tokens_since_fired,
+                "threshold": self.threshold,
+                "steps_taken": self.steps_taken,
+            }
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.tmp")
+            torch.save(state, temporary)
+            os.replace(temporary, path)
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        self.sae.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.threshold.copy_(state["threshold"])
         self.steps_taken = int(state["steps_taken"])

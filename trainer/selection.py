@@ -19,7 +19,7 @@ error (nothing in the pool fired on the sample).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -132,7 +132,7 @@ def select_core(
     return select_by_coverage(attribution_scores(model, x, g, pool_size, q, batch_size), tau)
 
 
-def distilled_core(final: CoreSelection, final_core_size: int) -> list[int]:
-    """Eq. 8: C* = C(T) ∩ C(T-1): the latents of cycle T's core positions [0, c_T) that cycle T
-    selects again, in cycle T's score order."""
-    return [j for j in final.selected if j < final_core_size]
+def distilled_core(final_selected: Sequence[int], final_core_size: int) -> list[int]:
+    """Eq. 8: C* = C(T) ∩ C(T-1): the latents of cycle T's core positions [0, c_T) (which hold
+    C(T-1)) that cycle T selects again, in cycle T's score order."""
+    return [j for j in final_selected if j < final_core_size]

@@ -1,0 +1,94 @@
+"""Harvest throughput against the bare forward passes it is built on, in one run.
+
+    python bench/bench_harvest.py                      # embedded SmolLM2-135M, layer 12, CPU
+    python bench/bench_harvest.py --contexts 256 --rounds 5
+
+Three measurements over the same contexts of the embedded corpus, in tokens (context positions)
+per second:
+
+- harvest: ``harvest_activations`` into a fresh cache: reading and tokenizing the text, the
+  truncated forward pass, masking, shuffling and writing the shards;
+- truncated forward: the forward pass alone on pre-tokenized batches, stopped after the hooked
+  layer (what the harvest cannot avoid; the target is harvest >= 0.9x this);
+- full forward: the whole model, LM head included, as a harvest without the early stop would run.
+
+The methods take turns for ``--rounds`` rounds and each keeps its fastest round, which filters out
+load from other processes on a shared machine.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import simple_parsing
+import torch
+
+from trainer.activations import HarvestConfig, harvest_activations
+from trainer.base_model import BaseModelConfig, capture_activations, load_base_model, resolve_hook_module
+from trainer.text_corpus import DataConfig, context_batches, packed_contexts
+
+
+@dataclass
+class BenchConfig:
+    contexts: int = 64
+    """Contexts per measurement."""
+
+    rounds: int = 3
+    """Rounds of the three measurements; each keeps its fastest."""
+
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+
+
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main(cfg: BenchConfig) -> None:
+    model, tokenizer = load_base_model(cfg.base)
+    hook = resolve_hook_module(model, cfg.base.hook_module)
+    contexts = list(packed_contexts(tokenizer, cfg.data, count=cfg.contexts))  # also materialises the corpus
+    batches = [b.input_ids.to(model.device) for b in context_batches(contexts, cfg.harvest.batch_size)]
+    tokens = cfg.contexts * cfg.data.context_length
+
+    def harvest() -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            harvest_cfg = HarvestConfig(**{**vars(cfg.harvest), "train_tokens": tokens, "cache_dir": directory})
+            harvest_activations(model, tokenizer, cfg.base, cfg.data, harvest_cfg)
+
+    def truncated_forward() -> None:
+        with torch.inference_mode():
+            for input_ids in batches:
+                capture_activations(model, hook, input_ids)
+
+    def full_forward() -> None:
+        with torch.inference_mode():
+            for input_ids in batches:
+                model(input_ids=input_ids, use_cache=False)
+
+    methods = {"harvest (cached)": harvest, "truncated forward": truncated_forward, "full forward": full_forward}
+    truncated_forward()  # warm-up
+    best = dict.fromkeys(methods, float("inf"))
+    for _ in range(cfg.rounds):
+        for name, run in methods.items():
+            best[name] = min(best[name], timed(run))
+
+    print(
+        f"\n{cfg.base.model_id}, hook {cfg.base.hook_module}, {model.device}, {model.dtype}; "
+        f"{cfg.contexts} contexts x {cfg.data.context_length} tokens, batch {cfg.harvest.batch_size} contexts, "
+        f"storage {cfg.harvest.storage_dtype}, {torch.get_num_threads()} threads, best of {cfg.rounds}\n"
+    )
+    print(f"| {'method':<18} | {'tokens/s':>9} | {'vs truncated forward':>20} |")
+    print(f"|{'-' * 20}|{'-' * 11}:|{'-' * 21}:|")
+    for name, seconds in best.items():
+        ratio = best["truncated forward"] / seconds
+        print(f"| {name:<18} | {tokens / seconds:>9.0f} | {ratio:>19.2f}x |")
+
+
+if __name__ == "__main__":
+    main(simple_parsing.parse(BenchConfig))

@@ -1,0 +1,253 @@
+"""Model cards for a DMSAE run, rendered with huggingface_hub's ``ModelCard`` / ``ModelCardData``.
+
+Two templates (``hub_cards/templates``):
+
+- ``cycle_core.md``: one distillation cycle - the SAE trained in cycle t and the core C(t) it
+  selected. The run repo's root README is the same card for the distilled core
+  C* = C(T) ∩ C(T-1), with the figures of the whole run.
+- ``final_sae.md``: one transfer-stage SAE (its own repo, loadable with ``AutoModel``).
+
+Cards are deterministic functions of the run-dir folder they describe (no dates, no host names
+beyond the Hub endpoint), so rebuilding them never turns an already-pushed folder into a new
+commit. Figures are linked by their ``resolve/main`` URL in the run repo, where ``publish.py``
+pushes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
+
+from modeling_dmsae import DMSAEConfig
+
+PAPER_TITLE = "Attribution-Guided Distillation of Matryoshka Sparse Autoencoders"
+PAPER_AUTHORS = "Martin-Linares & Ling"
+LINEAGE_ROWS = 16  # core latents listed one by one in a card; the full list is in core.json
+
+# metrics.json key -> (human name, shown in model-index). Counts (core_size, carry_over, tokens)
+# describe the run rather than measure the SAE, so they stay in the card's tables.
+METRIC_NAMES = {
+    "fve": "Fraction of variance explained",
+    "mse": "Mean squared error",
+    "loss_recovered": "CE loss recovered",
+    "ce_loss_clean": "CE loss, clean",
+    "ce_loss_spliced": "CE loss, SAE spliced in",
+    "ce_loss_zero_ablated": "CE loss, zero ablation",
+    "l0": "L0 (active latents per token)",
+    "l0_core": "L0 of the core",
+    "l0_noncore": "L0 of the non-core latents",
+    "dead_fraction": "Dead latent fraction",
+}
+# Counts shown in the metrics table only.
+COUNT_NAMES = {"core_size": "Core size", "carry_over": "Carry-over from the previous core", "tokens": "Training tokens"}
+RUN_FIGURES = {
+    "core_lineage": ("figures/core_lineage.png", "Origin cycle of every core latent, per cycle (paper Figure 2)"),
+    "coverage_curve": ("figures/coverage_curve.png", "Cumulative attribution coverage of the sorted candidate pool"),
+    "l0_core": ("figures/l0_core_distilled_vs_random.png", "L0 of the core during training: distilled vs random core (paper Figure 3)"),
+}
+
+
+@dataclass
+class CardSettings:
+    """What a card needs to know beyond the run-dir folder it describes."""
+
+    run_repo_id: str
+    """The run repo (``ORG/NAME``) holding every cycle, the distilled core and the figures."""
+    license: str = "apache-2.0"
+    """License of the weights (a Hub license identifier)."""
+    datasets: list[str] = field(default_factory=lambda: ["monology/pile-uncopyrighted"])
+    """Datasets the activations were drawn from (card metadata and model-index)."""
+    endpoint: str | None = None
+    """Hub URL used in figure links; default: huggingface_hub's endpoint (HF_ENDPOINT)."""
+
+    def repo_url(self, repo_id: str) -> str:
+        return f"{(self.endpoint or constants.ENDPOINT).rstrip('/')}/{repo_id}"
+
+    def figure_url(self, relative_path: str) -> str:
+        return f"{self.repo_url(self.run_repo_id)}/resolve/main/{relative_path}"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: the run directory is incomplete (was the cycle finished?)") from None
+
+
+def cycle_core_card(cycle_dir: Path, settings: CardSettings, *, revision: str, subfolder: str) -> ModelCard:
+    """Card of one cycle: the SAE in ``cycle_dir`` and the core C(t) in its ``core.json``.
+
+    ``revision`` (the cycle's tag) and ``subfolder`` are where the files live in the run repo.
+    """
+    config = DMSAEConfig.from_pretrained(cycle_dir)
+    core = read_json(cycle_dir / "core.json")
+    metrics = read_json(cycle_dir / "metrics.json")
+    return _render_core_card(
+        config, core, metrics, settings, revision=revision, subfolder=subfolder, distilled=False,
+        figures=["core_lineage", "coverage_curve"],
+    )
+
+
+def distilled_core_card(run_dir: Path, last_cycle_dir: Path, settings: CardSettings, *, subfolder: str) -> ModelCard:
+    """The run repo's root card: the distilled core C* = C(T) ∩ C(T-1) (``distilled_core/``),
+    next to the SAE of the last cycle T it was selected from, with the run's figures and a
+    table of every cycle."""
+    config = DMSAEConfig.from_pretrained(last_cycle_dir)
+    core = read_json(run_dir / "distilled_core" / "core.json")
+    metrics = read_json(last_cycle_dir / "metrics.json")
+    cycles = [
+        {"cycle": read_json(d / "core.json")["cycle"], **read_json(d / "metrics.json")}
+        for d in sorted((run_dir / "cycles").glob("cycle-*"))
+    ]
+    return _render_core_card(
+        config, core, metrics, settings, revision="distilled", subfolder=subfolder, distilled=True,
+        figures=[name for name, (path, _) in RUN_FIGURES.items() if (run_dir / path).exists()], cycles=cycles,
+    )
+
+
+def final_sae_card(sae_dir: Path, settings: CardSettings, *, repo_id: str, core_name: str) -> ModelCard:
+    """Card of a transfer-stage SAE that lives at the root of its own repo ``repo_id``.
+
+    ``core_name`` says where its frozen core comes from, e.g. "the distilled core C*" or
+    "a random core (control)".
+    """
+    config = DMSAEConfig.from_pretrained(sae_dir)
+    metrics = read_json(sae_dir / "metrics.json")
+    card_data = _card_data(config, metrics, settings, model_name=repo_id.split("/")[-1], tags=["transfer-stage"])
+    return ModelCard.from_template(
+        card_data,
+        template_str=_template("final_sae.md"),
+        repo_id=repo_id,
+        core_name=core_name,
+        **_common_fields(config, metrics, settings),
+        core_origins=_origin_counts([origin[0] for origin in config.core_lineage]),
+        lineage_rows=[
+            {"rank": rank, "index": rank, "origin_cycle": origin[0], "origin_index": origin[1], "score": None}
+            for rank, origin in enumerate(config.core_lineage[:LINEAGE_ROWS])
+        ],
+        figures=_figures(settings, ["l0_core", "core_lineage"]),
+    )
+
+
+def _render_core_card(
+    config: DMSAEConfig,
+    core: dict,
+    metrics: dict,
+    settings: CardSettings,
+    *,
+    revision: str,
+    subfolder: str,
+    distilled: bool,
+    figures: list[str],
+    cycles: list[dict] | None = None,
+) -> ModelCard:
+    cycle = core["cycle"]
+    name = "distilled-core" if distilled else f"cycle-{cycle}"
+    card_data = _card_data(
+        config, metrics, settings, model_name=f"{settings.run_repo_id.split('/')[-1]}-{name}",
+        tags=["distillation-cycle", name],
+    )
+    lineage = core["lineage"]
+    scores = core.get("scores") or [None] * len(lineage)
+    return ModelCard.from_template(
+        card_data,
+        template_str=_template("cycle_core.md"),
+        repo_id=settings.run_repo_id,
+        revision=revision,
+        subfolder=subfolder,
+        core_folder="distilled_core" if distilled else subfolder,
+        distilled=distilled,
+        cycle=cycle,
+        selected_size=len(core["selected"]),
+        tau=core.get("tau"),
+        q=core.get("q"),
+        candidate_pool_size=core.get("candidate_pool_size"),
+        core_origins=_origin_counts([origin[0] for origin in lineage]),
+        lineage_rows=[
+            {"rank": rank, "index": index, "origin_cycle": origin[0], "origin_index": origin[1], "score": score}
+            for rank, (index, origin, score) in enumerate(zip(core["selected"], lineage, scores))
+        ][:LINEAGE_ROWS],
+        cycles=cycles or [],
+        **_common_fields(config, metrics, settings),
+        figures=_figures(settings, figures),
+    )
+
+
+def _card_data(config: DMSAEConfig, metrics: dict, settings: CardSettings, *, model_name: str, tags: list[str]) -> ModelCardData:
+    dataset = settings.datasets[0] if settings.datasets else "unspecified"
+    eval_results = [
+        EvalResult(
+            task_type="feature-extraction",
+            task_name="Sparse autoencoder reconstruction",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            metric_type=key,
+            metric_name=METRIC_NAMES[key],
+            metric_value=float(metrics[key]),
+        )
+        for key in METRIC_NAMES
+        if _is_number(metrics.get(key))
+    ]
+    return ModelCardData(
+        library_name="transformers",
+        base_model=config.base_model_id,
+        datasets=list(settings.datasets) or None,
+        license=settings.license,
+        tags=["dmsae", "sparse-autoencoder", "matryoshka", "interpretability", "custom_code", config.variant.replace("_", "-"), *tags],
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+
+
+def _common_fields(config: DMSAEConfig, metrics: dict, settings: CardSettings) -> dict[str, Any]:
+    return {
+        "paper_title": PAPER_TITLE,
+        "paper_authors": PAPER_AUTHORS,
+        "base_model": config.base_model_id,
+        "hook_module": config.hook_module,
+        "hook_name": config.hook_name,
+        "hook_layer": config.hook_layer,
+        "variant": config.variant,
+        "num_latents": config.num_latents,
+        "core_size": config.core_size,
+        "k": config.k,
+        "k_noncore": config.k_noncore,
+        "group_sizes": config.group_sizes,
+        "d_in": config.d_in,
+        "sae_cycle": config.cycle,
+        "metrics": [
+            {"key": key, "name": METRIC_NAMES.get(key) or COUNT_NAMES.get(key, key), "value": _format_number(value)}
+            for key, value in metrics.items()
+            if _is_number(value)
+        ],
+        "run_repo_id": settings.run_repo_id,
+        "run_repo_url": settings.repo_url(settings.run_repo_id),
+    }
+
+
+def _figures(settings: CardSettings, names: list[str]) -> list[dict[str, str]]:
+    return [{"caption": RUN_FIGURES[name][1], "url": settings.figure_url(RUN_FIGURES[name][0])} for name in names]
+
+
+def _origin_counts(origin_cycles: list[int]) -> list[dict[str, int]]:
+    counts = Counter(origin_cycles)
+    return [{"origin_cycle": cycle, "count": counts[cycle]} for cycle in sorted(counts)]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _format_number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def _template(name: str) -> str:
+    return resources.files("hub_cards").joinpath("templates", name).read_text(encoding="utf-8")

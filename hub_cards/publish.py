@@ -1,0 +1,575 @@
+"""Publishing a DMSAE run on the Hugging Face Hub.
+
+Layout on the Hub
+-----------------
+A run goes to one **run repo** ``ORG/NAME``; every transfer-stage SAE to a repo of its own::
+
+    ORG/NAME                                 (model repo, branch main)
+      README.md                              card of the newest cycle; at the end, of the distilled core
+      cycle-0/ ... cycle-T/                  one folder per cycle t, pushed by one commit tagged ``cycle-t``:
+          config.json, model.safetensors,    the cycle's SAE (AutoModel, subfolder="cycle-t")
+          configuration_dmsae.py, modeling_dmsae.py
+          core.json, core_directions.safetensors   the core C(t) it selected (indices, scores, lineage, directions)
+          metrics.json, README.md            its metrics and card
+      distilled_core/                        C* = C(T) ∩ C(T-1); pushed with figures/ and run_config.yaml
+      figures/                               by the last commit, tagged ``distilled``
+      run_config.yaml
+
+    ORG/dmsae-gemma2-l12-k80                 (one per transfer SAE; name from ``HubSettings.sae_repo_pattern``)
+      config.json, model.safetensors, configuration_dmsae.py, modeling_dmsae.py, metrics.json, README.md
+
+So ``ORG/NAME@cycle-7`` (tag ``cycle-7``, folder ``cycle-7/``) is cycle 7's SAE and core, and
+``AutoModel.from_pretrained("ORG/dmsae-gemma2-l12-k80")`` loads a final SAE (with ``modeling_dmsae``
+imported, or with ``trust_remote_code=True``).
+
+Locally, ``build_hub_folders`` writes the same trees into ``RUN_DIR/hub``: ``hub/run/`` mirrors the
+run repo's main branch and ``hub/saes/<repo name>/`` each SAE repo. Without a repo id the folders
+(and cards) name the placeholder ``your-org/<run dir name>``.
+
+Pushing
+-------
+Each cycle, the distilled core and each SAE is one *unit*: one commit (plus a tag in the run repo).
+A unit whose files are already on the Hub with the same hashes is skipped, so re-running a push
+uploads nothing twice; transient failures (network errors, HTTP 5xx/429) are retried with backoff,
+and every attempt re-reads the Hub first, so a commit whose answer was lost is never made twice. A
+failure raises :class:`HubPushError` naming the repo and what failed; the run directory is never
+modified by a push, and ``--push-only RUN_DIR`` pushes what is missing later. The token is taken
+from the environment / ``hf auth login`` and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, TypeVar
+
+import httpx2
+from huggingface_hub import (
+    CommitOperationAdd,
+    HfApi,
+    constants,
+    get_token,
+    snapshot_download,
+)
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils.sha import git_hash, sha_fileobj
+
+from hub_cards.cards import (
+    CardSettings,
+    cycle_core_card,
+    distilled_core_card,
+    final_sae_card,
+)
+from modeling_dmsae import DMSAEConfig
+
+logger = logging.getLogger(__name__)
+
+PLACEHOLDER_ORG = "your-org"
+RUN_FOLDER, SAES_FOLDER = "run", "saes"
+DISTILLED_TAG, DISTILLED_FOLDER = "distilled", "distilled_core"
+CORE_FILES = ("core.json", "core_directions.safetensors")
+# Top-level paths of a run repo that this module writes; anything else means the repo is not ours.
+RUN_REPO_OWNED = re.compile(r"^(\.gitattributes|README\.md|run_config\.yaml|cycle-\d+/.+|distilled_core/.+|figures/.+)$")
+PUBLISHED_SUFFIXES = (".json", ".safetensors", ".py", ".md", ".png")
+# Files never scanned for a leaked token (large binary weights).
+BINARY_SUFFIXES = (".safetensors", ".png", ".bin")
+
+T = TypeVar("T")
+
+
+@dataclass
+class HubSettings:
+    """Where and how a run is published on the Hub. Never holds a token: the token comes from
+    ``HF_TOKEN`` or ``hf auth login``."""
+
+    repo_id: str = ""
+    """Run repo ``ORG/NAME`` for every cycle and the distilled core (``--push-to-hub``); empty: only
+    build the Hub-ready folders in RUN_DIR/hub."""
+    sae_repo_pattern: str = "{org}/dmsae-{model}-l{layer}-k{k}{suffix}"
+    """Repo of each transfer-stage SAE. Fields: org, name (run repo name), model, layer, k, variant
+    and suffix ("" for the distilled dense core, "-sparse-core", "-random-core")."""
+    model_short_name: str = ""
+    """Base model name in SAE repo names; default: derived from base_model_id (gemma-2-2b -> gemma2)."""
+    private: bool = False
+    """Create the repos private."""
+    license: str = "apache-2.0"
+    """License in the cards' metadata."""
+    datasets: list[str] = field(default_factory=lambda: ["monology/pile-uncopyrighted"])
+    """Datasets the activations came from (cards' metadata and model-index)."""
+    max_attempts: int = 4
+    """Attempts per commit or tag on transient failures (network errors, HTTP 5xx / 429)."""
+    retry_wait_s: float = 2.0
+    """Wait before the first retry; doubled after each."""
+
+    def run_repo_id(self, run_dir: Path) -> str:
+        if self.repo_id:
+            try:
+                validate_repo_id(self.repo_id)
+            except ValueError as error:
+                raise ValueError(f"HubSettings.repo_id (--push-to-hub) {self.repo_id!r} is not a valid repo id: {error}") from None
+            if "/" not in self.repo_id:
+                raise ValueError(f"HubSettings.repo_id (--push-to-hub) must be ORG/NAME, got {self.repo_id!r}")
+            return self.repo_id
+        return f"{PLACEHOLDER_ORG}/{re.sub(r'[^A-Za-z0-9._-]+', '-', run_dir.resolve().name).strip('-.') or 'dmsae-run'}"
+
+
+class PushUnit(NamedTuple):
+    """One commit: ``files`` (path in repo -> local file) land in ``repo_id`` on main; ``tag``
+    then marks that commit. ``root_card`` is written as the repo's README.md too, unless the run
+    has already been finalized on the Hub."""
+
+    repo_id: str
+    tag: str | None
+    files: dict[str, Path]
+    message: str
+    root_card: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.repo_id}@{self.tag}" if self.tag else self.repo_id
+
+
+class PushReport(NamedTuple):
+    pushed: list[str]
+    """Units committed by this call (``repo`` or ``repo@tag``)."""
+    skipped: list[str]
+    """Units already on the Hub with identical files."""
+
+
+class HubPushError(RuntimeError):
+    """A push failed. The run directory is intact; ``--push-only RUN_DIR`` retries what is missing."""
+
+
+class HubAuthError(HubPushError):
+    """No token, or the Hub rejected it."""
+
+
+class HubRepoConflictError(HubPushError):
+    """The target repo holds content that is not this run's."""
+
+
+def _retry_hint(run_dir: Path) -> str:
+    return (
+        f"Nothing was lost: every file is still in {run_dir} (Hub-ready copies in {run_dir / 'hub'}). "
+        f"Push it later with --push-only {run_dir}."
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Building the Hub-ready folders
+# ----------------------------------------------------------------------------------------
+
+
+def short_model_name(base_model_id: str) -> str:
+    """``google/gemma-2-2b`` -> ``gemma2``, ``meta-llama/Llama-3.1-8B`` -> ``llama3.1``,
+    ``HuggingFaceTB/SmolLM2-135M`` -> ``smollm2``: the family and its version, no size."""
+    parts = base_model_id.split("/")[-1].lower().split("-")
+    family = parts[0]
+    if len(parts) > 1 and re.fullmatch(r"\d+(\.\d+)*", parts[1]):
+        family += parts[1]
+    return family
+
+
+def sae_repo_id(sae_dir: Path, config: DMSAEConfig, run_repo_id: str, settings: HubSettings) -> str:
+    random_core = sae_dir.name.startswith("random-core")
+    suffix = ("-sparse-core" if config.variant == "sparse_core" else "") + ("-random-core" if random_core else "")
+    org, name = run_repo_id.split("/")
+    try:
+        repo_id = settings.sae_repo_pattern.format(
+            org=org, name=name, model=settings.model_short_name or short_model_name(config.base_model_id),
+            layer=config.hook_layer, k=config.k, variant=config.variant.replace("_", "-"), suffix=suffix,
+        )
+    except KeyError as error:
+        raise ValueError(
+            f"HubSettings.sae_repo_pattern {settings.sae_repo_pattern!r} uses an unknown field {error}; "
+            "known fields: org, name, model, layer, k, variant, suffix"
+        ) from None
+    validate_repo_id(repo_id)
+    return repo_id
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Atomically place ``source``'s bytes at ``target``: a hard link (no copy of large weights)
+    where the filesystem allows, a copy otherwise."""
+    if target.exists() and os.path.samefile(source, target):
+        return  # already linked (rename() onto the same inode would leave the temporary behind)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copy2(source, temporary)
+    os.replace(temporary, target)
+
+
+def _write_text(target: Path, text: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, target)
+
+
+def _mirror_folder(source: Path, target: Path) -> None:
+    """Link the published files of ``source`` (top level only: a checkpoint or scratch folder
+    the trainer keeps beside them is never pushed) into ``target``."""
+    for path in _files(source):
+        _link_or_copy(path, target / path.name)
+
+
+def _card_settings(run_dir: Path, settings: HubSettings) -> CardSettings:
+    return CardSettings(run_repo_id=settings.run_repo_id(run_dir), license=settings.license, datasets=list(settings.datasets))
+
+
+def _cycle_dirs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "cycles").glob("cycle-*"), key=lambda d: int(d.name.split("-")[-1]))
+
+
+def _cycle_dir(run_dir: Path, cycle: int) -> Path:
+    for cycle_dir in _cycle_dirs(run_dir):
+        if int(cycle_dir.name.split("-")[-1]) == cycle:
+            return cycle_dir
+    raise FileNotFoundError(f"{run_dir / 'cycles'} has no folder for cycle {cycle}")
+
+
+def build_cycle_folder(run_dir: Path, cycle: int, settings: HubSettings) -> PushUnit:
+    """Write ``RUN_DIR/hub/run/cycle-<t>/`` (the cycle's files and card) and return its push unit."""
+    source = _cycle_dir(run_dir, cycle)
+    missing = [name for name in ("config.json", "model.safetensors", *CORE_FILES, "metrics.json") if not (source / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"cycle {cycle} in {source} is incomplete: {', '.join(missing)} missing")
+    folder = f"cycle-{cycle}"
+    target = run_dir / "hub" / RUN_FOLDER / folder
+    _mirror_folder(source, target)
+    card = cycle_core_card(source, _card_settings(run_dir, settings), revision=folder, subfolder=folder)
+    _write_text(target / "README.md", str(card))
+    files = {f"{folder}/{path.name}": path for path in _files(target)}
+    return PushUnit(settings.run_repo_id(run_dir), folder, files, f"Cycle {cycle}: SAE and core C({cycle})", target / "README.md")
+
+
+def build_distilled_folder(run_dir: Path, settings: HubSettings) -> PushUnit | None:
+    """Write the run repo's distilled core, figures, run config and root card; None before the
+    run has a distilled core."""
+    if not (run_dir / DISTILLED_FOLDER / "core.json").exists():
+        return None
+    target = run_dir / "hub" / RUN_FOLDER
+    _mirror_folder(run_dir / DISTILLED_FOLDER, target / DISTILLED_FOLDER)
+    if (run_dir / "figures").is_dir():
+        _mirror_folder(run_dir / "figures", target / "figures")
+    if (run_dir / "run_config.yaml").exists():
+        _link_or_copy(run_dir / "run_config.yaml", target / "run_config.yaml")
+    card = distilled_core_card(run_dir, _cycle_dirs(run_dir)[-1], _card_settings(run_dir, settings), subfolder=f"cycle-{_last_cycle(run_dir)}")
+    _write_text(target / "README.md", str(card))
+    files = {"README.md": target / "README.md", "run_config.yaml": target / "run_config.yaml"}
+    for folder in (DISTILLED_FOLDER, "figures"):
+        files.update({f"{folder}/{path.name}": path for path in _files(target / folder)})
+    files = {path: local for path, local in files.items() if local.exists()}
+    return PushUnit(settings.run_repo_id(run_dir), DISTILLED_TAG, files, "Distilled core C*, figures and run configuration")
+
+
+def _last_cycle(run_dir: Path) -> int:
+    return int(_cycle_dirs(run_dir)[-1].name.split("-")[-1])
+
+
+def build_sae_folders(run_dir: Path, settings: HubSettings) -> list[PushUnit]:
+    """Write ``RUN_DIR/hub/saes/<repo name>/`` for every transfer-stage SAE."""
+    run_repo_id = settings.run_repo_id(run_dir)
+    units, sources = [], {}
+    for sae_dir in sorted(p for p in (run_dir / "transfer").glob("*") if (p / "config.json").exists()):
+        config = DMSAEConfig.from_pretrained(sae_dir)
+        repo_id = sae_repo_id(sae_dir, config, run_repo_id, settings)
+        if repo_id in sources:
+            raise ValueError(
+                f"transfer SAEs {sources[repo_id]} and {sae_dir} would both go to {repo_id}: add {{variant}} "
+                f"or another field to HubSettings.sae_repo_pattern ({settings.sae_repo_pattern!r})"
+            )
+        sources[repo_id] = sae_dir
+        target = run_dir / "hub" / SAES_FOLDER / repo_id.split("/")[-1]
+        _mirror_folder(sae_dir, target)
+        core_name = "a random core of the same size (the control of paper Figure 3)" if sae_dir.name.startswith("random-core") else "the distilled core C* of that run"
+        card = final_sae_card(sae_dir, _card_settings(run_dir, settings), repo_id=repo_id, core_name=core_name)
+        _write_text(target / "README.md", str(card))
+        files = {path.name: path for path in _files(target)}
+        units.append(PushUnit(repo_id, None, files, f"DMSAE k={config.k} ({config.variant}) from {run_repo_id}"))
+    return units
+
+
+def build_hub_folders(run_dir: str | Path, settings: HubSettings) -> list[PushUnit]:
+    """Write every Hub-ready folder of a run into ``RUN_DIR/hub`` (cards included) and return the
+    push units in push order: cycles, the distilled core, the transfer SAEs."""
+    run_dir = Path(run_dir)
+    units = [build_cycle_folder(run_dir, int(d.name.split("-")[-1]), settings) for d in _cycle_dirs(run_dir)]
+    distilled = build_distilled_folder(run_dir, settings)
+    return units + ([distilled] if distilled else []) + build_sae_folders(run_dir, settings)
+
+
+def _files(folder: Path) -> list[Path]:
+    """The files of a flat Hub folder: weights, configs, code, cores, metrics, cards, figures."""
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in PUBLISHED_SUFFIXES and not p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------------------
+# Pushing
+# ----------------------------------------------------------------------------------------
+
+
+def authenticated_api(token: str | None = None) -> HfApi:
+    """An HfApi with a token the Hub accepts, or a HubAuthError saying how to get one."""
+    token = token or get_token()
+    if not token:
+        raise HubAuthError(
+            "No Hugging Face token found: set the HF_TOKEN environment variable or run `hf auth login` "
+            "with a token that has write access."
+        )
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code == 401:
+            raise HubAuthError(
+                f"The Hub at {api.endpoint} rejected the Hugging Face token (401 Unauthorized): it is invalid, "
+                "expired or revoked. Create a new token with write access and set HF_TOKEN or run "
+                "`hf auth login --force`."
+            ) from None
+        raise
+    logger.info("pushing to %s as %s", api.endpoint, user.get("name"))
+    return api
+
+
+def push_cycle(run_dir: str | Path, cycle: int, settings: HubSettings, token: str | None = None) -> PushReport:
+    """Build and push one cycle's folder (call after each cycle). Raises HubPushError."""
+    run_dir = Path(run_dir)
+    return push_units(run_dir, [build_cycle_folder(run_dir, cycle, settings)], settings, token)
+
+
+def push_run(run_dir: str | Path, settings: HubSettings, token: str | None = None) -> PushReport:
+    """Build and push everything of a run that is not on the Hub yet (end of a run, ``--push-only``)."""
+    run_dir = Path(run_dir)
+    return push_units(run_dir, build_hub_folders(run_dir, settings), settings, token)
+
+
+def push_units(run_dir: Path, units: list[PushUnit], settings: HubSettings, token: str | None = None) -> PushReport:
+    """Push ``units`` in order, skipping those already on the Hub. Any failure is a HubPushError
+    that names what failed and how to retry; nothing in ``run_dir`` is changed."""
+    if not settings.repo_id:
+        raise ValueError("HubSettings.repo_id is empty: pass --push-to-hub ORG/NAME to say where the run goes")
+    if constants.is_offline_mode():
+        raise HubPushError(f"HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it to push.\n{_retry_hint(run_dir)}")
+    try:
+        api = _retrying(lambda: authenticated_api(token), settings, "reach the Hub")
+        _refuse_leaked_token(units, api.token)
+        pushed, skipped, checked = [], [], set()
+        for unit in units:
+            if unit.repo_id not in checked:
+                _retrying(lambda unit=unit: _prepare_repo(api, unit, settings), settings, f"create or check {unit.repo_id}")
+                checked.add(unit.repo_id)
+            done = _retrying(lambda unit=unit: _push_unit(api, unit), settings, f"push {unit.name}")
+            (pushed if done else skipped).append(unit.name)
+            logger.info("%s %s", "pushed" if done else "already on the Hub:", unit.name)
+    except HubPushError as error:
+        raise type(error)(f"{error}\n{_retry_hint(run_dir)}") from error.__cause__
+    except (HfHubHTTPError, httpx2.TransportError, OSError) as error:
+        raise HubPushError(f"Pushing {run_dir} to the Hub failed: {_describe(error)}\n{_retry_hint(run_dir)}") from error
+    return PushReport(pushed, skipped)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        return f"HTTP {error.response.status_code} from {error.response.request.method} {error.response.url.path}: {error}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _refuse_leaked_token(units: list[PushUnit], token: str) -> None:
+    for unit in units:
+        for path_in_repo, local in unit.files.items():
+            if not local.name.endswith(BINARY_SUFFIXES) and token.encode() in local.read_bytes():
+                raise HubPushError(
+                    f"{local} contains your Hugging Face token; refusing to push it to {unit.repo_id}/{path_in_repo}. "
+                    "Remove the token from that file (tokens belong in HF_TOKEN or `hf auth login`)."
+                )
+
+
+def _is_transient(error: Exception) -> bool:
+    if isinstance(error, OfflineModeIsEnabled):
+        return False
+    if isinstance(error, (httpx2.TransportError, ConnectionError)):
+        return True
+    response = getattr(error, "response", None)
+    return isinstance(error, HfHubHTTPError) and response is not None and (response.status_code >= 500 or response.status_code in (408, 429))
+
+
+def _retrying(action: Callable[[], T], settings: HubSettings, what: str) -> T:
+    """Run ``action``; on a transient failure wait (doubling) and run it again, up to
+    ``settings.max_attempts`` times. Every action re-reads the Hub, so retrying is safe."""
+    wait = settings.retry_wait_s
+    for attempt in range(1, settings.max_attempts + 1):
+        try:
+            return action()
+        except Exception as error:
+            if not _is_transient(error):
+                raise
+            if attempt == settings.max_attempts:
+                raise HubPushError(
+                    f"Could not {what}: the Hub kept failing after {attempt} attempts ({_describe(error)})."
+                ) from error
+            logger.warning("%s failed (%s); retrying in %.1f s (%d/%d)", what, _describe(error), wait, attempt, settings.max_attempts)
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
+def _prepare_repo(api: HfApi, unit: PushUnit, settings: HubSettings) -> None:
+    """Create the unit's repo if needed and refuse one that holds something other than DMSAE files."""
+    repo_id = unit.repo_id
+    try:
+        api.create_repo(repo_id, private=settings.private, exist_ok=True)
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code == 403:
+            raise HubAuthError(
+                f"The token cannot create or write {repo_id} (403 Forbidden): use a token with write access to "
+                f"the '{repo_id.split('/')[0]}' namespace, or push to a namespace you own."
+            ) from None
+        raise
+    remote = _remote_files(api, repo_id, "main")
+    foreign = sorted(path for path in remote if not _owned(unit, path))
+    if not foreign and "README.md" in remote:
+        card_tags = (api.model_info(repo_id).card_data or {}).get("tags") or []
+        foreign = [] if "dmsae" in card_tags else ["README.md (a card without the 'dmsae' tag)"]
+    if not foreign and "config.json" in remote:
+        model_type = json.loads(Path(api.hf_hub_download(repo_id, "config.json")).read_text()).get("model_type")
+        foreign = [] if model_type == DMSAEConfig.model_type else [f"config.json of a {model_type!r} model"]
+    if foreign:
+        raise HubRepoConflictError(
+            f"{repo_id} already exists and holds files that are not from a DMSAE run ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); refusing to push into it. Choose another repo name "
+            f"(--push-to-hub ORG/OTHER_NAME, or HubSettings.sae_repo_pattern for SAE repos), or delete or rename {repo_id} on the Hub."
+        )
+
+
+def _owned(unit: PushUnit, path: str) -> bool:
+    """Paths this module writes: the run repo's layout, or the files of an SAE repo."""
+    if unit.tag is not None:
+        return bool(RUN_REPO_OWNED.match(path))
+    return path in unit.files or path == ".gitattributes"
+
+
+def _remote_files(api: HfApi, repo_id: str, revision: str) -> dict[str, RepoFile]:
+    return {f.path: f for f in api.list_repo_tree(repo_id, recursive=True, revision=revision) if isinstance(f, RepoFile)}
+
+
+def _same_file(local: Path, remote: RepoFile | None) -> bool:
+    """Same bytes: LFS/Xet files by sha256, regular files by git blob id (what the Hub lists)."""
+    if remote is None:
+        return False
+    if remote.lfs is not None:
+        return remote.lfs.size == local.stat().st_size and _sha256(local) == remote.lfs.sha256
+    return remote.size == local.stat().st_size and git_hash(local.read_bytes()) == remote.blob_id
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return sha_fileobj(file).hex()
+
+
+def _differing(files: dict[str, Path], remote: dict[str, RepoFile]) -> list[str]:
+    return [path for path, local in files.items() if not _same_file(local, remote.get(path))]
+
+
+def _push_unit(api: HfApi, unit: PushUnit) -> bool:
+    """Commit (and tag) ``unit`` unless the Hub already has it; True when something was pushed."""
+    refs = api.list_repo_refs(unit.repo_id)
+    if unit.tag and unit.tag in {tag.name for tag in refs.tags}:
+        differing = _differing(unit.files, _remote_files(api, unit.repo_id, unit.tag))
+        if differing:
+            raise HubRepoConflictError(
+                f"Tag {unit.tag} of {unit.repo_id} holds other files than this run ({', '.join(differing[:3])} differ): "
+                f"the repo holds another run. Push to a new repo (--push-to-hub ORG/OTHER_NAME) or delete the tag "
+                f"{unit.tag} on the Hub to replace it."
+            )
+        return False
+    remote = _remote_files(api, unit.repo_id, "main")
+    differing = _differing(unit.files, remote)
+    operations = [CommitOperationAdd(path, str(unit.files[path])) for path in differing]
+    finalized = any(path.startswith(f"{DISTILLED_FOLDER}/") for path in remote)
+    if unit.root_card is not None and not finalized and not _same_file(unit.root_card, remote.get("README.md")):
+        operations.append(CommitOperationAdd("README.md", str(unit.root_card)))
+    if operations:
+        commit = api.create_commit(unit.repo_id, operations, commit_message=unit.message)
+        revision = commit.oid
+    else:
+        revision = next(branch.target_commit for branch in refs.branches if branch.name == "main")
+    if unit.tag:
+        api.create_tag(unit.repo_id, tag=unit.tag, revision=revision, tag_message=unit.message, exist_ok=True)
+    return bool(operations) or unit.tag is not None
+
+
+# ----------------------------------------------------------------------------------------
+# Downloading
+# ----------------------------------------------------------------------------------------
+
+
+class CoreSpec(NamedTuple):
+    repo_id: str
+    revision: str
+    folder: str
+
+
+def parse_core_spec(spec: str) -> CoreSpec:
+    """``ORG/NAME@cycle-7`` -> cycle 7's core (tag cycle-7, folder cycle-7/); ``ORG/NAME`` or
+    ``ORG/NAME@distilled`` -> the distilled core."""
+    repo_id, _, revision = spec.partition("@")
+    revision = revision or DISTILLED_TAG
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise ValueError(f"--core {spec!r} is neither a local folder nor ORG/NAME[@cycle-T]: {error}") from None
+    if re.fullmatch(r"cycle-\d+", revision):
+        return CoreSpec(repo_id, revision, revision)
+    if revision == DISTILLED_TAG:
+        return CoreSpec(repo_id, DISTILLED_TAG, DISTILLED_FOLDER)
+    raise ValueError(f"--core {spec!r}: the revision must be cycle-<t> or {DISTILLED_TAG}, got {revision!r}")
+
+
+def resolve_core(spec: str | Path, cache_dir: str | Path | None = None, token: str | None = None) -> Path:
+    """A local folder holding ``core.json`` and ``core_directions.safetensors`` for ``spec``: an
+    existing local folder, or ``ORG/NAME@cycle-7`` / ``ORG/NAME[@distilled]`` fetched into the HF cache
+    (works offline with HF_HUB_OFFLINE=1 once cached)."""
+    if Path(spec).is_dir():
+        folder = Path(spec)
+    else:
+        core = parse_core_spec(str(spec))
+        patterns = [f"{core.folder}/{name}" for name in (*CORE_FILES, "config.json")]
+        try:
+            snapshot = snapshot_download(core.repo_id, revision=core.revision, allow_patterns=patterns, cache_dir=cache_dir, token=token)
+        except RevisionNotFoundError:
+            raise ValueError(f"--core {spec}: {core.repo_id} has no tag {core.revision}; its cycles are tagged cycle-0, cycle-1, ...") from None
+        except RepositoryNotFoundError:
+            raise ValueError(f"--core {spec}: repo {core.repo_id} not found (or private and no token with access)") from None
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+            raise ValueError(
+                f"--core {spec}: not in the Hugging Face cache and the Hub cannot be reached ({type(error).__name__}); "
+                "download it once online (unset HF_HUB_OFFLINE) or pass a local core folder"
+            ) from None
+        folder = Path(snapshot) / core.folder
+    missing = [name for name in CORE_FILES if not (folder / name).exists()]
+    if missing:
+        raise ValueError(f"--core {spec}: {folder} has no {', '.join(missing)}; is it a DMSAE run's core folder?")
+    return folder
+

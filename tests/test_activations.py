@@ -1,0 +1,232 @@
+"""Activation and attribution harvests: cache round trip, resume, refusal, streaming, 2 processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import PartialState, debug_launcher
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_base_model import random_batch, tiny_model, tiny_tokenizer
+from test_text_corpus import DOCUMENTS, write_jsonl
+
+from trainer.activations import (
+    ActivationCache,
+    ActivationStream,
+    CacheMismatchError,
+    HarvestConfig,
+    IncompleteCacheError,
+    NonFiniteActivationsError,
+    harvest_activations,
+    harvest_attribution_sample,
+)
+from trainer.base_model import BaseModelConfig, capture_activations, next_token_gradients, resolve_hook_module
+from trainer.text_corpus import ContextSharding, DataConfig, context_batches, packed_contexts, process_state
+
+BASE = BaseModelConfig(model="tiny-random", hook_module="model.layers.1")
+CONTEXT_LENGTH = 16
+
+
+@pytest.fixture
+def data(tmp_path) -> DataConfig:
+    return DataConfig(dataset=str(write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)), context_length=CONTEXT_LENGTH)
+
+
+def harvest_config(tmp_path, name="cache", **overrides) -> HarvestConfig:
+    """20 training contexts in shards of 6 (the last one short), float32 storage."""
+    settings = dict(
+        train_tokens=20 * CONTEXT_LENGTH, attribution_tokens=24, positions_per_context=4, batch_size=4,
+        attribution_batch_size=3, contexts_per_shard=6, storage_dtype="float32",
+    )  # fmt: skip
+    if "cache_dir" not in overrides:
+        settings["cache_dir"] = str(tmp_path / name)
+    return HarvestConfig(**{**settings, **overrides})
+
+
+def sort_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows in a canonical order, to compare collections whatever the shuffle."""
+    key = rows.double() @ torch.linspace(1, 2, rows.shape[1], dtype=torch.double)
+    return rows[key.argsort()]
+
+
+def expected_activations(model, data, contexts: range) -> torch.Tensor:
+    """Activations at unmasked positions, computed directly with one forward pass."""
+    batch = next(context_batches(packed_contexts(tiny_tokenizer(), data, contexts.start, len(contexts)), len(contexts)))
+    with torch.no_grad():
+        hidden = capture_activations(model, resolve_hook_module(model, BASE.hook_module), batch.input_ids)
+    return hidden[batch.mask]
+
+
+def shard_contents(directory) -> dict[str, dict[str, torch.Tensor]]:
+    return {path.name: load_file(path) for path in sorted(directory.glob("shard_*.safetensors"))}
+
+
+def test_cache_round_trip(tmp_path, data):
+    model = tiny_model()
+    cfg = harvest_config(tmp_path)
+    cache = harvest_activations(model, tiny_tokenizer(), BASE, data, cfg)
+    assert isinstance(cache, ActivationCache)
+    assert [p.name for p in cache.shards] == [f"shard_{i:06d}.safetensors" for i in range(4)]
+    expected = expected_activations(model, data, range(20))
+    assert cache.num_rows == len(expected) and cache.d_model == 32
+    torch.testing.assert_close(sort_rows(cache.tensors()), sort_rows(expected))
+    first_shard = cache.tensors()[: 6 * CONTEXT_LENGTH]
+    assert not torch.equal(first_shard, expected[: 6 * CONTEXT_LENGTH])  # the shard is shuffled
+
+    batches = list(cache.batches(batch_size=7, seed=3, drop_last=False))
+    assert all(len(b) == 7 for b in batches[:-1]) and batches[0].dtype == torch.float32
+    torch.testing.assert_close(sort_rows(torch.cat(batches)), sort_rows(expected))
+    assert not torch.equal(batches[0], next(cache.batches(batch_size=7, seed=4)))  # the seed reshuffles
+    per_process = [list(cache.batches(batch_size=5, process=ContextSharding(p, 2))) for p in range(2)]
+    assert len(per_process[0]) == len(per_process[1]) == len(expected) // 10
+    torch.testing.assert_close(
+        sort_rows(torch.cat(per_process[0] + per_process[1])), sort_rows(torch.cat(list(cache.batches(batch_size=10))))
+    )
+
+    # A second harvest opens the complete cache instead of recomputing it.
+    reopened = harvest_activations(model, tiny_tokenizer(), BASE, data, cfg)
+    assert reopened.manifest == cache.manifest and reopened.manifest["complete"]
+
+
+def test_16_bit_cache(tmp_path, data):
+    model = tiny_model()
+    full = harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path, "fp32"))
+    half = harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path, "bf16", storage_dtype="bfloat16"))
+    assert load_file(half.shards[0])["x"].dtype == torch.bfloat16
+    assert half.shards[0].stat().st_size < 0.6 * full.shards[0].stat().st_size
+    torch.testing.assert_close(half.tensors(), full.tensors(), rtol=1e-2, atol=1e-2)
+
+
+class SimulatedKill(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_killed_harvest_resumes_to_the_same_cache(tmp_path, data):
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    reference = harvest_activations(model, tokenizer, BASE, data, harvest_config(tmp_path, "reference"))
+
+    cfg = harvest_config(tmp_path, "resumed")
+    forward_calls = []
+
+    def kill_on_fifth_batch(module, args, output):
+        forward_calls.append(args[0].shape)
+        if len(forward_calls) == 6:  # a probe, then shards 0 and 1 took two batches each; die in shard 2
+            raise SimulatedKill
+
+    handle = model.model.layers[1].register_forward_hook(kill_on_fifth_batch)
+    with pytest.raises(SimulatedKill):
+        harvest_activations(model, tokenizer, BASE, data, cfg)
+    handle.remove()
+    directory = tmp_path / "resumed" / "activations"
+    assert sorted(p.name for p in directory.glob("shard_*")) == ["shard_000000.safetensors", "shard_000001.safetensors"]
+    with pytest.raises(IncompleteCacheError, match="resumes"):
+        ActivationCache(directory)
+    # What a kill during a write leaves behind: a temporary file, never read, later overwritten.
+    (directory / "shard_000002.safetensors.tmp999").write_bytes(b"half a shard")
+
+    resumed = harvest_activations(model, tokenizer, BASE, data, cfg)
+    assert resumed.manifest == reference.manifest
+    expected, actual = shard_contents(reference.directory), shard_contents(resumed.directory)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0)
+
+
+def test_cache_of_another_model_or_hook_is_refused(tmp_path, data):
+    tokenizer = tiny_tokenizer()
+    cfg = harvest_config(tmp_path, train_tokens=6 * CONTEXT_LENGTH)
+    harvest_activations(tiny_model(), tokenizer, BASE, data, cfg)
+    other_hook = BaseModelConfig(model=BASE.model, hook_module="model.layers.2")
+    with pytest.raises(CacheMismatchError, match=r"hook_module: cache has 'model.layers.1', this run has 'model.layers.2'.*--cache_dir"):
+        harvest_activations(tiny_model(), tokenizer, other_hook, data, cfg)
+    with pytest.raises(CacheMismatchError, match="model_fingerprint"):
+        harvest_activations(tiny_model(seed=1), tokenizer, BASE, data, cfg)
+    with pytest.raises(CacheMismatchError, match="context_length"):
+        longer = DataConfig(dataset=data.dataset, context_length=2 * CONTEXT_LENGTH)
+        harvest_activations(tiny_model(), tokenizer, BASE, longer, cfg)
+
+
+def test_nan_activations_are_refused(tmp_path, data):
+    model = tiny_model()
+    model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteActivationsError, match=r"NaN/Inf values in the activations of contexts 0\.\.3.*float32"):
+        harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path))
+
+
+def test_float16_overflow_is_refused(tmp_path, data):
+    model = tiny_model()
+    model.model.layers[1].mlp.down_proj.weight.mul_(1e6)
+    with pytest.raises(NonFiniteActivationsError, match="stored as float16.*bfloat16 or float32"):
+        harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path, storage_dtype="float16"))
+
+
+def test_context_longer_than_the_model_is_refused(tmp_path):
+    data = DataConfig(dataset="unused.jsonl", context_length=1024)
+    with pytest.raises(ValueError, match="max_position_embeddings = 256"):
+        harvest_activations(tiny_model(), tiny_tokenizer(), BASE, data, harvest_config(tmp_path))
+
+
+def test_stream_yields_the_cached_activations(tmp_path, data):
+    model = tiny_model()
+    stream = harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path, cache_dir=None))
+    assert isinstance(stream, ActivationStream)
+    streamed = torch.cat(list(stream.batches(batch_size=1)))
+    torch.testing.assert_close(sort_rows(streamed), sort_rows(expected_activations(model, data, range(20))))
+    # Usable by autograd (harvested under inference mode, but handed out as normal tensors).
+    weight = torch.ones(32, requires_grad=True)
+    (streamed[:4] * weight).sum().backward()
+
+
+def test_attribution_sample_matches_gradients_of_whole_contexts(tmp_path, data):
+    model, tokenizer = tiny_model("gemma2"), tiny_tokenizer()
+    cfg = harvest_config(tmp_path)
+    contexts = cfg.context_ranges(CONTEXT_LENGTH)
+    assert (contexts.train, contexts.attribution, contexts.heldout_start) == (range(0, 20), range(20, 26), 26)
+    sample = harvest_attribution_sample(model, tokenizer, BASE, data, cfg)
+    assert sample.x.shape == sample.g.shape == (24, 32)  # 6 contexts x 4 positions
+
+    batch = next(context_batches(packed_contexts(tokenizer, data, 20, 6), 6))
+    x, g = next_token_gradients(model, model.model.layers[1], batch.input_ids, batch.mask)
+    x, g = x.reshape(-1, 32), g.reshape(-1, 32)
+    for row in range(len(sample.x)):
+        (match,) = (x == sample.x[row]).all(dim=1).nonzero().squeeze(1).tolist()
+        torch.testing.assert_close(sample.g[row], g[match], rtol=1e-4, atol=1e-7)
+    assert (sample.g.abs().sum(dim=1) > 0).all()  # BOS and last positions (g = 0) are never sampled
+
+    uncached = harvest_attribution_sample(model, tokenizer, BASE, data, harvest_config(tmp_path, cache_dir=None))
+    assert all(torch.equal(a, b) for a, b in zip(uncached, sample))
+    manifest = json.loads((tmp_path / "cache" / "attribution" / "manifest.json").read_text())
+    assert manifest["kind"] == "attribution" and manifest["loss"].startswith("sum")
+
+
+def _two_process_harvest(dataset: str, cache_dir: str) -> None:
+    PartialState._reset_state()  # forget the single-process state inherited from the test process
+    state = process_state()
+    assert state.num_processes == 2 and state.backend == "gloo"
+    torch.set_num_threads(1)
+    data = DataConfig(dataset=dataset, context_length=CONTEXT_LENGTH)
+    cache = harvest_activations(tiny_model(), tiny_tokenizer(), BASE, data, harvest_config(None, cache_dir=cache_dir))
+    assert cache.manifest["complete"]
+
+
+def test_two_processes_harvest_disjoint_shards(tmp_path, data):
+    debug_launcher(_two_process_harvest, args=(data.dataset, str(tmp_path / "two")), num_processes=2)
+    single = harvest_activations(tiny_model(), tiny_tokenizer(), BASE, data, harvest_config(tmp_path, "one"))
+
+    two = ActivationCache(tmp_path / "two" / "activations")
+    writers, contexts = [], []
+    for path in two.shards:
+        with safe_open(path, "pt") as file:
+            metadata = file.metadata()
+        writers.append(int(metadata["process_index"]))
+        first = int(metadata["first_context"])
+        contexts += range(first, first + int(metadata["num_contexts"]))
+    assert writers == [0, 1, 0, 1]  # each process wrote its own shards
+    assert contexts == list(range(20))  # no overlap, nothing missed
+    # The cache does not depend on the number of processes.
+    expected, actual = shard_contents(single.directory), shard_contents(two.directory)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0)

@@ -1,0 +1,202 @@
+"""`trainer/distill.py` end to end on a tiny random Gemma 2: every stage, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny_models import SENTENCES, tiny_model, tiny_tokenizer
+from transformers import AutoModel
+
+from modeling_dmsae import DMSAEConfig, DMSAEModel
+from trainer import distill
+from trainer.sae_training import SAETrainer
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Gemma 2 with its tokenizer saved locally, and a local JSON-lines corpus."""
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "gemma2"
+    tiny_model("gemma2").save_pretrained(model_dir)
+    tiny_tokenizer(adds_bos=True).save_pretrained(model_dir)
+    corpus = root / "corpus.jsonl"
+    with corpus.open("w") as file:
+        for i in range(400):
+            file.write(json.dumps({"text": f"{SENTENCES[i % 4]} Document {i}: {SENTENCES[(i * 7) % 4]}"}) + "\n")
+    return {"model": model_dir, "corpus": corpus}
+
+
+def tiny_args(setup: dict[str, Path], output: Path, *extra: str) -> list[str]:
+    return [
+        "--model.model", str(setup["model"]), "--model.hook_module", "model.layers.2",
+        "--data.dataset", str(setup["corpus"]), "--data.context_length", "32",
+        "--harvest.train_tokens", "8192", "--harvest.attribution_tokens", "512", "--harvest.positions_per_context", "16",
+        "--harvest.batch_size", "8", "--harvest.attribution_batch_size", "8", "--harvest.contexts_per_shard", "32",
+        "--dictionary.num_latents", "256", "--dictionary.dead_tokens_threshold", "4096",
+        "--optimizer.warmup_steps", "2", "--optimizer.threshold_start_step", "4", "--optimizer.lr", "0.003",
+        "--cycles.num_cycles", "2", "--cycles.k", "8", "--cycles.tau", "0.9",
+        "--cycles.tokens_per_cycle", "3072", "--cycles.batch_size", "256",
+        "--transfer.ks", "4", "16", "--transfer.tokens", "2048",
+        "--eval.tokens", "1024", "--eval.ce_contexts", "4",
+        "--run.output_dir", str(output), "--run.checkpoint_every", "3", "--run.log_every", "2", "--run.log_with", "none",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_setup, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("run") / "run"
+    assert distill.main(tiny_args(tiny_setup, output)) == 0
+    return output
+
+
+def test_every_stage_leaves_its_artifacts(finished_run):
+    run = finished_run
+    for t in range(3):
+        folder = run / "cycles" / f"cycle-{t:03d}"
+        core = json.loads((folder / "core.json").read_text())
+        assert core["cycle"] == t and len(core["selected"]) == len(core["lineage"]) == len(core["scores"]) > 0
+        assert core["scores"] == sorted(core["scores"], reverse=True)
+        directions = load_file(folder / "core_directions.safetensors")["core_directions"]
+        model = AutoModel.from_pretrained(folder)
+        assert torch.equal(directions, model.encoder_weight[core["selected"]].detach())
+        if t > 0:  # the frozen core of cycle t is the core selected after cycle t-1
+            previous = load_file(run / "cycles" / f"cycle-{t - 1:03d}" / "core_directions.safetensors")["core_directions"]
+            assert torch.equal(model.core_encoder, previous)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["transfer"]) == {"k-0004-dense_core", "k-0016-dense_core", "k-0008-dense_core", "random-core-k-0008"}
+    for name in ("fve", "mse", "l0_core", "l0_noncore", "l0", "dead_fraction", "loss_recovered", "ce_loss_spliced"):
+        assert all(name in m for m in metrics["cycles"].values()), name
+    for figure in ("core_lineage.png", "l0_core_distilled_vs_random.png", "coverage_curve.png"):
+        assert (run / "figures" / figure).read_bytes().startswith(b"\x89PNG")
+    assert "distilled_core/" in (run / "SUMMARY.md").read_text()
+    assert set(json.loads((run / "timings.json").read_text())) >= {"harvest", "cycle training", "attribution", "transfer training"}
+
+
+def test_transfer_stage_freezes_the_distilled_core(finished_run):
+    core = json.loads((finished_run / "distilled_core" / "core.json").read_text())
+    final_cycle = json.loads((finished_run / "cycles" / "cycle-002" / "core.json").read_text())
+    cycle2 = AutoModel.from_pretrained(finished_run / "cycles" / "cycle-002")
+    assert core["selected"] == [j for j in final_cycle["selected"] if j < cycle2.config.core_size]  # Eq. 8
+    directions = load_file(finished_run / "distilled_core" / "core_directions.safetensors")["core_directions"]
+    for k in (4, 16):
+        sae = AutoModel.from_pretrained(finished_run / "transfer" / f"k-{k:04d}-dense_core")
+        assert sae.config.k == k and sae.config.core_size == len(core["selected"])
+        assert torch.equal(sae.core_encoder, directions)
+        assert sae.config.core_lineage == core["lineage"]
+    control = AutoModel.from_pretrained(finished_run / "transfer" / "random-core-k-0008")
+    assert control.config.core_size == len(core["selected"]) and not torch.equal(control.core_encoder, directions)
+
+
+def test_resume_after_a_kill_mid_cycle_gives_the_same_cores(tiny_setup, finished_run, tmp_path, monkeypatch):
+    output = tmp_path / "killed"
+    original_step = SAETrainer.step
+    calls = {"n": 0}
+
+    def dying_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 12 + 7:  # cycle 0 takes 12 steps: die in cycle 1 after its step-6 checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        return original_step(self, batch)
+
+    monkeypatch.setattr(SAETrainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(tiny_args(tiny_setup, output))
+    assert (output / "cycles" / "cycle-000").exists() and not (output / "cycles" / "cycle-001").exists()
+    assert (output / "checkpoints" / "cycle-001" / "checkpoint.pt").exists()
+    monkeypatch.setattr(SAETrainer, "step", original_step)
+    assert distill.main(tiny_args(tiny_setup, output, "--run.resume", "true")) == 0
+    for t in range(3):
+        ours = json.loads((output / "cycles" / f"cycle-{t:03d}" / "core.json").read_text())
+        reference = json.loads((finished_run / "cycles" / f"cycle-{t:03d}" / "core.json").read_text())
+        assert ours["selected"] == reference["selected"], f"cycle {t}"
+    assert json.loads((output / "distilled_core" / "core.json").read_text())["selected"] == json.loads(
+        (finished_run / "distilled_core" / "core.json").read_text()
+    )["selected"]
+
+
+def test_resume_with_a_changed_config_is_refused(tiny_setup, finished_run):
+    with pytest.raises(ValueError, match=r"cycles.k: 8 -> 12"):
+        distill.main(tiny_args(tiny_setup, finished_run, "--run.resume", "true", "--cycles.k", "12"))
+
+
+def test_existing_run_without_resume_is_refused(tiny_setup, finished_run):
+    with pytest.raises(FileExistsError, match="--run.resume true"):
+        distill.main(tiny_args(tiny_setup, finished_run))
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        (["--cycles.tau", "1.5"], "cycles.tau"),
+        (["--cycles.variant", "dense"], "cycles.variant"),
+        (["--transfer.variants", "both"], "transfer.variants"),
+        (["--cycles.num_cycles", "0"], "cycles.num_cycles"),
+        (["--run.log_with", "mlflow"], "run.log_with"),
+    ],
+)
+def test_config_errors_name_the_field(tiny_setup, tmp_path, override, field):
+    with pytest.raises(ValueError, match=field):
+        distill.main(tiny_args(tiny_setup, tmp_path / "bad", *override))
+
+
+def test_dictionary_errors_name_the_field_in_a_dry_run(tiny_setup, tmp_path, capsys):
+    with pytest.raises(ValueError, match="DMSAEConfig.k"):
+        distill.main(tiny_args(tiny_setup, tmp_path / "bad", "--cycles.k", "300", "--run.dry_run", "true"))
+    assert distill.main(tiny_args(tiny_setup, tmp_path / "ok", "--run.dry_run", "true")) == 0
+    plan = capsys.readouterr().out
+    assert "cycles 1..2" in plan and "K = 256" in plan and "GiB per process" in plan
+    assert not (tmp_path / "ok").exists(), "a dry run writes nothing"
+
+
+def test_cycle0_checkpoint_mismatch_is_caught_before_training(tiny_setup, tmp_path):
+    sae = DMSAEModel(DMSAEConfig(d_in=48, num_latents=256, group_sizes=[64, 192], k=8, hook_module="model.layers.2"))
+    sae.save_pretrained(tmp_path / "other-width")
+    args = tiny_args(tiny_setup, tmp_path / "run", "--cycles.cycle0_checkpoint", str(tmp_path / "other-width"))
+    with pytest.raises(ValueError, match="width d = 48"):
+        distill.main(args)
+    assert not (tmp_path / "run" / "cycles").exists()
+
+
+# ---- Publishing from the run (the Hub side itself is tested in test_hub.py) ---------------------
+
+
+def test_push_to_hub_from_the_run_then_transfer_from_a_pushed_core(tiny_setup, tmp_path, hub):
+    repo = f"{hub.org}/tiny-distill"
+    output = tmp_path / "pushed"
+    assert distill.main(tiny_args(tiny_setup, output, "--push-to-hub", repo, "--transfer.random_core_control", "false")) == 0
+    assert set(hub.server.repo(repo).tags) == {"cycle-0", "cycle-1", "cycle-2", "distilled"}
+    cycle2 = hub.server.files(repo, "cycle-2")
+    assert cycle2["cycle-2/core.json"] == (output / "cycles" / "cycle-002" / "core.json").read_bytes()
+    final_repo = f"{hub.org}/dmsae-gemma2-l2-k16"
+    sae = AutoModel.from_pretrained(final_repo)
+    local = AutoModel.from_pretrained(output / "transfer" / "k-0016-dense_core")
+    assert torch.equal(sae.W_dec, local.W_dec) and sae.config.k == 16
+    assert hub.token not in "".join(p.read_text(errors="ignore") for p in output.rglob("*") if p.is_file() and p.suffix in {".json", ".yaml", ".md", ".jsonl"})
+
+    # A transfer stage that starts from cycle 2's pushed core.
+    transfer_only = tmp_path / "from-core"
+    assert distill.main(tiny_args(tiny_setup, transfer_only, "--core", f"{repo}@cycle-2", "--transfer.random_core_control", "false")) == 0
+    assert not (transfer_only / "cycles").exists()
+    core = load_file(output / "cycles" / "cycle-002" / "core_directions.safetensors")["core_directions"]
+    assert torch.equal(AutoModel.from_pretrained(transfer_only / "transfer" / "k-0004-dense_core").core_encoder, core)
+
+
+def test_hub_failure_never_stops_the_run_and_push_only_finishes_it(tiny_setup, tmp_path, hub, caplog):
+    repo = f"{hub.org}/flaky"
+    output = tmp_path / "flaky"
+    hub.server.fail("commit", after=1, times=10_000, mode="drop")  # cycle 0 arrives, then the network dies
+    args = tiny_args(tiny_setup, output, "--push-to-hub", repo, "--transfer.random_core_control", "false", "--hub.max_attempts", "1")
+    assert distill.main(args) == 0
+    assert (output / "transfer" / "k-0016-dense_core" / "model.safetensors").exists()
+    assert "--push-only" in caplog.text
+    assert set(hub.server.repo(repo).tags) == {"cycle-0"}
+    hub.server.faults.clear()
+    assert distill.main(["--push-only", str(output), "--push-to-hub", repo]) == 0
+    assert set(hub.server.repo(repo).tags) == {"cycle-0", "cycle-1", "cycle-2", "distilled"}
+    assert AutoModel.from_pretrained(f"{hub.org}/dmsae-gemma2-l2-k4").config.k == 4

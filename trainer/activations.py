@@ -1,0 +1,530 @@
+"""Activations and attribution samples from the base model, cached on disk once per run.
+
+Neither depends on the SAE, so every distillation cycle reuses them.
+
+Public API:
+
+- :class:`HarvestConfig`: token budgets, batch sizes, cache directory, storage dtype, seed.
+  :meth:`HarvestConfig.context_ranges` lays the packed contexts out as disjoint ranges: SAE
+  training, then the attribution sample, then everything after is free for held-out evaluation.
+- :func:`harvest_activations` ``(model, tokenizer, base, data, cfg)``: with ``cfg.cache_dir``, harvests
+  (or resumes, or just opens) the activation cache and returns an :class:`ActivationCache`;
+  without, returns an :class:`ActivationStream` that harvests while it is read (runs too large to
+  cache). Both have ``batches(batch_size, seed=0) -> Iterator[Tensor [N, d] float32]``.
+- :func:`harvest_attribution_sample` ``(model, tokenizer, base, data, cfg) -> AttributionSample``:
+  ``x_u`` and ``g_u = dL/dx_u`` at sampled token positions (Algorithm 2, line 1), from the base
+  model alone, cached under ``cfg.cache_dir`` too. ``L`` is the **sum** of the next-token
+  cross-entropies of the context (see ``trainer.base_model``), so ``g`` is not scaled by the batch
+  or context size.
+
+Cache layout (one directory per kind, ``<cache_dir>/activations`` and ``<cache_dir>/attribution``)::
+
+    manifest.json              what wrote the cache; "complete": true once every shard is there
+    shard_000000.safetensors   tensors "x" (and "g") of contexts_per_shard consecutive contexts
+
+Shard ``s`` holds contexts ``first + s * contexts_per_shard ...`` and process ``s % num_processes``
+writes it, so under Accelerate each process harvests its own contexts and the cache does not
+depend on the number of processes. Activation rows in a shard are shuffled (seeded by the shard),
+mixing the tokens of all its contexts: the shard is the shuffle buffer. A shard is written to a
+temporary file and renamed, so a killed harvest leaves only whole shards; rerunning skips them.
+The manifest records the model (a fingerprint of its weights), hook, tokenizer, data and layout;
+a cache written by anything else is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from trainer.base_model import (
+    IGNORE_INDEX,
+    BaseModelConfig,
+    capture_activations,
+    check_context_length,
+    model_fingerprint,
+    next_token_gradients,
+    next_token_targets,
+    resolve_hook_module,
+)
+from trainer.text_corpus import (
+    ContextSharding,
+    DataConfig,
+    EmptyDatasetError,
+    PackedContext,
+    context_batches,
+    packed_contexts,
+    process_state,
+)
+
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MANIFEST = "manifest.json"
+CACHE_FORMAT = 1
+# Manifest entries that describe a cache without deciding its content: never compared.
+INFO_KEYS = ("model_id", "compute_dtype", "complete", "num_shards", "num_rows")
+
+
+@dataclass
+class HarvestConfig:
+    """How many activations and gradients to harvest, and where to keep them."""
+
+    train_tokens: int = 1_000_000
+    """Context positions read for SAE training (the paper: 500M); the cache keeps the unmasked ones."""
+
+    attribution_tokens: int = 16_384
+    """Token positions u sampled for attribution (Algorithm 2, line 1)."""
+
+    positions_per_context: int = 64
+    """Attribution positions sampled per context, among those whose next-token prediction counts."""
+
+    batch_size: int = 8
+    """Contexts per forward pass when harvesting activations."""
+
+    attribution_batch_size: int = 2
+    """Contexts per forward and backward pass when harvesting gradients."""
+
+    contexts_per_shard: int = 64
+    """Contexts per cache shard; the shuffle buffer: a shard's tokens are shuffled together."""
+
+    storage_dtype: str = "bfloat16"
+    """Cache dtype: bfloat16 or float16 (16-bit, half the disk) or float32."""
+
+    cache_dir: str | None = None
+    """Directory for the activation and attribution caches. None: stream activations (no cache)."""
+
+    loss_chunk_tokens: int = 1024
+    """Positions per LM-head chunk in the gradient pass (bounds the logits kept in memory)."""
+
+    seed: int = 0
+    """Seeds the shard shuffles and the attribution position sampling."""
+
+    def context_ranges(self, context_length: int) -> ContextRanges:
+        train = range(0, math.ceil(self.train_tokens / context_length))
+        attribution_contexts = math.ceil(self.attribution_tokens / self.positions_per_context)
+        attribution = range(train.stop, train.stop + attribution_contexts)
+        return ContextRanges(train=train, attribution=attribution, heldout_start=attribution.stop)
+
+
+class ContextRanges(NamedTuple):
+    """Disjoint ranges of packed-context indices."""
+
+    train: range  # activations for SAE training
+    attribution: range  # (x, g) sample for core selection
+    heldout_start: int  # first context used by neither, e.g. for evaluation
+
+
+class AttributionSample(NamedTuple):
+    """Sampled positions u: activations x_u and gradients g_u = dL/dx_u of the summed next-token loss."""
+
+    x: Tensor  # [U, d] float32
+    g: Tensor  # [U, d] float32
+
+
+class NonFiniteActivationsError(FloatingPointError):
+    """NaN or Inf in harvested activations or gradients."""
+
+
+class CacheMismatchError(ValueError):
+    """The cache directory holds a cache written by another model, hook, tokenizer or data."""
+
+
+class IncompleteCacheError(FileNotFoundError):
+    """The cache is missing or still being written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _shard_paths(directory: Path) -> list[Path]:
+    """Finished shards only: temporary files have another suffix."""
+    return sorted(directory.glob("shard_*.safetensors"))
+
+
+def _read_manifest(directory: Path) -> dict | None:
+    path = directory / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class ActivationCache:
+    """A complete activation cache on disk: ``batches`` reads it as shuffled [N, d] batches."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        manifest = _read_manifest(self.directory)
+        if manifest is None or not manifest.get("complete"):
+            raise IncompleteCacheError(
+                f"no complete cache in {self.directory}: run the harvest (it resumes where it stopped)"
+            )
+        self.manifest = manifest
+        self.shards = _shard_paths(self.directory)
+        if len(self.shards) != manifest["num_shards"]:
+            raise IncompleteCacheError(
+                f"{self.directory} should hold {manifest['num_shards']} shards but holds {len(self.shards)}; "
+                "delete the directory and harvest again"
+            )
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest["num_rows"]
+
+    @property
+    def d_model(self) -> int:
+        return self.manifest["d_model"]
+
+    def tensors(self, name: str = "x") -> Tensor:
+        """One cached tensor of every shard, concatenated in shard order, as float32."""
+        return torch.cat([load_file(path)[name].float() for path in self.shards])
+
+    def batches(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        process: ContextSharding | None = None,
+    ) -> Iterator[Tensor]:
+        """[batch_size, d] float32 batches of this process's rows.
+
+        Every process reads the same global batches of ``batch_size * num_processes`` rows and keeps
+        its own slice, so all processes get the same number of batches and no row twice.
+        ``shuffle`` visits the shards in a seeded random order and shuffles each one again.
+        """
+        process = process or ContextSharding.current()
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.shards), generator=generator).tolist() if shuffle else range(len(self.shards))
+
+        def shards() -> Iterator[Tensor]:
+            for shard in order:
+                rows = load_file(self.shards[shard])["x"].float()
+                yield rows[torch.randperm(len(rows), generator=generator)] if shuffle else rows
+
+        for rows in _rebatch(shards(), batch_size * process.num_processes):
+            if len(rows) == batch_size * process.num_processes:
+                yield rows[process.process_index * batch_size : (process.process_index + 1) * batch_size]
+            elif not drop_last:
+                yield rows.tensor_split(process.num_processes)[process.process_index]
+
+
+class ActivationStream:
+    """Harvests activations while they are read, for runs too large to cache.
+
+    Under Accelerate each process harvests its own contexts (blocks of ``contexts_per_shard``),
+    so processes may get a batch more or less than each other: stop on a fixed step count.
+    """
+
+    def __init__(
+        self,
+        harvest_shard: Callable[[list[PackedContext], int], dict[str, Tensor]],
+        shards: Callable[[ContextSharding], Iterator[tuple[int, list[PackedContext]]]],
+        d_model: int,
+    ):
+        self._harvest_shard = harvest_shard
+        self._shards = shards
+        self.d_model = d_model
+
+    def batches(self, batch_size: int, seed: int = 0, process: ContextSharding | None = None) -> Iterator[Tensor]:
+        """[batch_size, d] float32 batches of this process's contexts, shuffled within each shard."""
+        shards = self._shards(process or ContextSharding.current())
+        chunks = (self._harvest_shard(contexts, _shard_seed(seed, shard))["x"].float() for shard, contexts in shards)
+        for rows in _rebatch(chunks, batch_size):
+            if len(rows) == batch_size:
+                yield rows
+
+
+def _rebatch(chunks: Iterable[Tensor], size: int) -> Iterator[Tensor]:
+    """Rows of consecutive chunks regrouped ``size`` at a time; the last group may be smaller."""
+    leftover = None
+    for chunk in chunks:
+        rows = chunk if leftover is None else torch.cat([leftover, chunk])
+        whole = len(rows) // size * size
+        yield from rows[:whole].split(size)
+        leftover = rows[whole:]
+    if leftover is not None and len(leftover):
+        yield leftover
+
+
+# ---------------------------------------------------------------------------------------------
+# Harvesting
+
+
+def _shard_seed(seed: int, shard: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{shard}".encode()).digest()[:7], "little")
+
+
+def _check_finite(tensor: Tensor, what: str, contexts: Iterable[int], fix: str) -> None:
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise NonFiniteActivationsError(
+            f"{bad} NaN/Inf values in the {what} of contexts {min(contexts)}..{max(contexts)}. {fix}"
+        )
+
+
+NONFINITE_FIX = (
+    "Check the model weights; in float16 or bfloat16 the model may overflow, so try --dtype float32."
+)
+
+
+def _store(tensor: Tensor, cfg: HarvestConfig, what: str, contexts: list[int]) -> Tensor:
+    """Cast to the storage dtype on the CPU, refusing values the cast turned infinite."""
+    stored = tensor.to("cpu", STORAGE_DTYPES[cfg.storage_dtype])
+    _check_finite(stored, f"{what} stored as {cfg.storage_dtype}", contexts, "Store them as bfloat16 or float32.")
+    return stored
+
+
+def _activation_shard(
+    model: PreTrainedModel, hook: torch.nn.Module, cfg: HarvestConfig, contexts: list[PackedContext], seed: int
+) -> dict[str, Tensor]:
+    """Unmasked activations of ``contexts``, shuffled together: {"x": [n, d]}."""
+    rows = []
+    for batch in context_batches(contexts, cfg.batch_size):
+        with torch.inference_mode():
+            hidden = capture_activations(model, hook, batch.input_ids.to(model.device))
+            kept = hidden[batch.mask.to(hidden.device)]
+        _check_finite(kept, "activations", batch.index.tolist(), NONFINITE_FIX)
+        rows.append(_store(kept, cfg, "activations", batch.index.tolist()))
+    x = torch.cat(rows)  # a normal tensor again, usable by autograd outside inference mode
+    return {"x": x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]}
+
+
+def _attribution_shard(
+    model: PreTrainedModel, hook: torch.nn.Module, cfg: HarvestConfig, contexts: list[PackedContext], seed: int
+) -> dict[str, Tensor]:
+    """x and g at up to ``positions_per_context`` sampled positions of each context."""
+    generator = torch.Generator().manual_seed(seed)
+    xs, gs = [], []
+    for batch in context_batches(contexts, cfg.attribution_batch_size):
+        input_ids, mask = batch.input_ids.to(model.device), batch.mask.to(model.device)
+        x, g = next_token_gradients(model, hook, input_ids, mask, cfg.loss_chunk_tokens)
+        counted = (next_token_targets(input_ids, mask) != IGNORE_INDEX).cpu()
+        for row in range(len(batch.index)):
+            # Positions whose own prediction counts: the last position (g = 0) and BOS never do.
+            positions = counted[row].nonzero().squeeze(1)
+            picked = positions[torch.randperm(len(positions), generator=generator)[: cfg.positions_per_context]].sort().values
+            xs.append(x[row, picked.to(x.device)])
+            gs.append(g[row, picked.to(g.device)])
+    indices = [c.index for c in contexts]
+    x, g = torch.cat(xs), torch.cat(gs)
+    _check_finite(x, "activations", indices, NONFINITE_FIX)
+    _check_finite(g, "next-token gradients", indices, NONFINITE_FIX)
+    return {"x": _store(x, cfg, "activations", indices), "g": _store(g, cfg, "gradients", indices)}
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+
+
+def _manifest(
+    kind: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    base: BaseModelConfig,
+    data: DataConfig,
+    cfg: HarvestConfig,
+    contexts: range,
+    width: int,
+) -> dict:
+    manifest = {
+        "format": CACHE_FORMAT,
+        "kind": kind,
+        "model_id": base.model_id,
+        "model_fingerprint": model_fingerprint(model),
+        "hook_module": base.hook_module,
+        "d_model": width,
+        "tokenizer_fingerprint": _tokenizer_fingerprint(tokenizer),
+        "data": data.describe(),
+        "first_context": contexts.start,
+        "num_contexts": len(contexts),
+        "contexts_per_shard": cfg.contexts_per_shard,
+        "storage_dtype": cfg.storage_dtype,
+        "seed": cfg.seed,
+        "compute_dtype": str(model.dtype).removeprefix("torch."),
+    }
+    if kind == "attribution":
+        manifest["positions_per_context"] = cfg.positions_per_context
+        manifest["loss"] = "sum of next-token cross-entropies over the context's counted predictions"
+    return manifest
+
+
+def _check_manifest(directory: Path, expected: dict) -> dict | None:
+    """The existing manifest if it matches ``expected``; CacheMismatchError otherwise."""
+    existing = _read_manifest(directory)
+    if existing is None:
+        return None
+    differences = [
+        f"{key}: cache has {existing.get(key)!r}, this run has {expected.get(key)!r}"
+        for key in sorted(set(existing) | set(expected))
+        if key not in INFO_KEYS and existing.get(key) != expected.get(key)
+    ]
+    if differences:
+        raise CacheMismatchError(
+            f"the cache in {directory} was written by {existing.get('model_id')!r} at "
+            f"{existing.get('hook_module')!r} with other settings than this run "
+            f"({expected.get('model_id')!r} at {expected.get('hook_module')!r}): {'; '.join(differences)}. "
+            "Use another --cache_dir, or delete this one to harvest again."
+        )
+    return existing
+
+
+def _write_json(path: Path, content: dict) -> None:
+    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    temporary.write_text(json.dumps(content, indent=2))
+    os.replace(temporary, path)
+
+
+def _shard_path(directory: Path, shard: int) -> Path:
+    return directory / f"shard_{shard:06d}.safetensors"
+
+
+def _contexts_by_shard(
+    tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: HarvestConfig, contexts: range, process: ContextSharding
+) -> Iterator[tuple[int, list[PackedContext]]]:
+    """(shard number, its contexts) for the shards this process owns."""
+    owned = packed_contexts(tokenizer, data, contexts.start, len(contexts), process)
+    for shard, group in groupby(owned, key=lambda c: (c.index - contexts.start) // cfg.contexts_per_shard):
+        yield shard, list(group)
+
+
+def _harvest_to_cache(
+    directory: Path,
+    manifest: dict,
+    shard_tensors: Callable[[list[PackedContext], int], dict[str, Tensor]],
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataConfig,
+    cfg: HarvestConfig,
+    contexts: range,
+) -> None:
+    """Write every missing shard of this process, then (main process) mark the cache complete."""
+    state = process_state()
+    existing = _check_manifest(directory, manifest)  # every process refuses a foreign cache
+    if existing is not None and existing.get("complete"):
+        return
+    if state.is_main_process and existing is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_json(directory / MANIFEST, manifest)
+    state.wait_for_everyone()
+    process = ContextSharding(state.process_index, state.num_processes, cfg.contexts_per_shard)
+    for shard, shard_contexts in _contexts_by_shard(tokenizer, data, cfg, contexts, process):
+        path = _shard_path(directory, shard)
+        if path.exists():
+            continue  # written before the harvest was stopped
+        tensors = shard_tensors(shard_contexts, _shard_seed(cfg.seed, shard))
+        metadata = {
+            "first_context": str(shard_contexts[0].index),
+            "num_contexts": str(len(shard_contexts)),
+            "process_index": str(state.process_index),
+        }
+        temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _finish_cache(directory, manifest, contexts)
+    state.wait_for_everyone()
+
+
+def _finish_cache(directory: Path, manifest: dict, contexts: range) -> None:
+    shards = _shard_paths(directory)
+    if not shards:
+        raise EmptyDatasetError(
+            f"no context to harvest from index {contexts.start}: the dataset holds fewer contexts. "
+            "Use more text or lower the token budgets."
+        )
+    expected = [_shard_path(directory, shard) for shard in range(len(shards))]
+    if shards != expected:
+        raise IncompleteCacheError(f"shards missing in {directory}: run the harvest again to fill them")
+    num_rows = 0
+    for path in shards:
+        with safe_open(path, "pt") as file:
+            num_rows += file.get_slice("x").get_shape()[0]
+    _write_json(directory / MANIFEST, {**manifest, "complete": True, "num_shards": len(shards), "num_rows": num_rows})
+
+
+def _harvest_setup(
+    model: PreTrainedModel, base: BaseModelConfig, data: DataConfig, cfg: HarvestConfig
+) -> tuple[torch.nn.Module, int]:
+    """The hook module and the width d of its output, after checking the settings."""
+    if cfg.storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}; got {cfg.storage_dtype!r}")
+    check_context_length(model, data.context_length)
+    hook = resolve_hook_module(model, base.hook_module)
+    with torch.inference_mode():  # a two-token probe: d is not always the model's hidden size
+        width = capture_activations(model, hook, torch.zeros(1, 2, dtype=torch.long, device=model.device)).shape[-1]
+    return hook, width
+
+
+def harvest_activations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    base: BaseModelConfig,
+    data: DataConfig,
+    cfg: HarvestConfig,
+) -> ActivationCache | ActivationStream:
+    """Activations of the training contexts at ``base.hook_module``, unmasked positions only.
+
+    With ``cfg.cache_dir``: harvest into ``<cache_dir>/activations`` (resuming a stopped harvest;
+    a complete cache is just opened) and return the :class:`ActivationCache`. Without: return an
+    :class:`ActivationStream` that runs the model as batches are read.
+    """
+    hook, width = _harvest_setup(model, base, data, cfg)
+    contexts = cfg.context_ranges(data.context_length).train
+
+    def shard_tensors(shard_contexts: list[PackedContext], seed: int) -> dict[str, Tensor]:
+        return _activation_shard(model, hook, cfg, shard_contexts, seed)
+
+    if cfg.cache_dir is None:
+        return ActivationStream(
+            shard_tensors,
+            lambda process: _contexts_by_shard(tokenizer, data, cfg, contexts, process),
+            width,
+        )
+    directory = Path(cfg.cache_dir) / "activations"
+    manifest = _manifest("activations", model, tokenizer, base, data, cfg, contexts, width)
+    _harvest_to_cache(directory, manifest, shard_tensors, tokenizer, data, cfg, contexts)
+    return ActivationCache(directory)
+
+
+def harvest_attribution_sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    base: BaseModelConfig,
+    data: DataConfig,
+    cfg: HarvestConfig,
+) -> AttributionSample:
+    """(x_u, g_u) at sampled positions of the attribution contexts, from the base model alone.
+
+    ``g_u = dL/dx_u`` with ``L`` the summed next-token cross-entropy of u's context. Cached in
+    ``<cache_dir>/attribution`` when ``cfg.cache_dir`` is set (harvested once per run), otherwise
+    computed in full by every process.
+    """
+    hook, width = _harvest_setup(model, base, data, cfg)
+    contexts = cfg.context_ranges(data.context_length).attribution
+
+    def shard_tensors(shard_contexts: list[PackedContext], seed: int) -> dict[str, Tensor]:
+        return _attribution_shard(model, hook, cfg, shard_contexts, seed)
+
+    if cfg.cache_dir is None:
+        shards = [
+            shard_tensors(shard_contexts, _shard_seed(cfg.seed, shard))
+            for shard, shard_contexts in _contexts_by_shard(tokenizer, data, cfg, contexts, ContextSharding())
+        ]
+        if not shards:
+            raise EmptyDatasetError(f"no context to sample from index {contexts.start}: the dataset holds fewer")
+        return AttributionSample(*(torch.cat([s[name].float() for s in shards]) for name in ("x", "g")))
+    directory = Path(cfg.cache_dir) / "attribution"
+    manifest = _manifest("attribution", model, tokenizer, base, data, cfg, contexts, width)
+    _harvest_to_cache(directory, manifest, shard_tensors, tokenizer, data, cfg, contexts)
+    cache = ActivationCache(directory)
+    return AttributionSample(x=cache.tensors("x"), g=cache.tensors("g"))

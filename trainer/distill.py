@@ -1,0 +1,79 @@
+"""Distilled Matryoshka SAEs, end to end (paper, Algorithms 1-3).
+
+    accelerate launch trainer/distill.py [--config FILE] [--section.field VALUE ...]
+    python trainer/distill.py            # the embedded default: SmolLM2-135M on Python's docs
+
+Stages, each resumable (``--run.resume true``) and each leaving its artifacts in the run
+directory (see the run's SUMMARY.md):
+
+1. harvest   base-model activations (training and held-out) and the (x, g) attribution sample,
+             cached once and reused by every cycle;
+2. cycle 0   an imported SAEBench / dictionary_learning / SAELens SAE, or one trained with c = 0;
+             then select C(0) by attribution (Algorithm 2);
+3. cycles    t = 1..T: copy and freeze the selected encoder rows, reinitialise the rest, train,
+             select C(t) from core + prefix-0 (Algorithm 1);
+4. C*        the latents of cycle T's core that cycle T selects again (Eq. 8);
+5. transfer  fresh DMSAEs from C* at every k (Algorithm 3), and the random-core control;
+6. report    metrics, figures, summary, Hub-ready folders (and the push with --hub.push_to_hub).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from hub_cards.publish import push_run
+from trainer.distill_config import DistillConfig, parse_config
+from trainer.distill_plan import describe_plan
+from trainer.distill_stages import DistillationRun
+
+
+def flat_hyperparameters(config: DistillConfig) -> dict[str, int | float | str | bool]:
+    """The configuration as the flat scalar dict trackers (tensorboard's hparams) accept."""
+    flat = {}
+    for section, fields in yaml.safe_load(config.to_yaml()).items():
+        for name, value in fields.items():
+            flat[f"{section}.{name}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def push_only(run_dir: str, argv: list[str]) -> int:
+    """``--push-only RUN_DIR``: push a finished (or partly finished) run's artifacts, e.g. after
+    a Hub failure. The run's own configuration decides what is pushed; --push-to-hub names the repo."""
+    config = parse_config(["--config", str(Path(run_dir) / "run_config.yaml"), *argv])
+    if not config.hub.repo_id:
+        raise ValueError("--push-only needs the run repository: add --push-to-hub ORG/NAME")
+    report = push_run(run_dir, config.hub)
+    print(f"pushed {report.pushed or 'nothing'}; already on the Hub: {report.skipped or 'nothing'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--push-only" in argv:
+        index = argv.index("--push-only")
+        return push_only(argv[index + 1], argv[:index] + argv[index + 2 :])
+    config = parse_config(argv)
+    if config.run.dry_run:
+        print(describe_plan(config))
+        return 0
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.run.gradient_accumulation_steps,
+        log_with=None if config.run.log_with == "none" else config.run.log_with,
+        project_dir=config.run.output_dir,
+    )
+    set_seed(config.run.seed)
+    accelerator.init_trackers("dmsae", config=flat_hyperparameters(config))
+    DistillationRun(config, accelerator).run()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""``--run.dry_run``: validate a configuration and print the plan without loading any weights."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from modeling_dmsae import DMSAEConfig
+from modeling_dmsae.configuration_dmsae import matryoshka_group_sizes
+from trainer.distill_config import DistillConfig
+
+GIB = 1024**3
+
+
+def world_size() -> int:
+    """Processes of this launch (``accelerate launch`` sets WORLD_SIZE), 1 for plain python."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def steps_for(tokens: int, config: DistillConfig) -> int:
+    """Micro-batches per process that consume ``tokens`` across all processes (a whole number of
+    optimiser steps under gradient accumulation)."""
+    accumulation = config.run.gradient_accumulation_steps
+    per_step = config.cycles.batch_size * world_size() * accumulation
+    return max(1, math.ceil(tokens / per_step)) * accumulation
+
+
+def cycle0_sae_config(config: DistillConfig, d_in: int, hook_layer: int | None = None) -> DMSAEConfig:
+    """The DMSAE configuration of a from-scratch cycle 0 (validates the dictionary settings)."""
+    dictionary = config.dictionary
+    return DMSAEConfig(
+        d_in=d_in,
+        num_latents=dictionary.num_latents,
+        core_size=0,
+        group_sizes=matryoshka_group_sizes(dictionary.num_latents, dictionary.group_fractions),
+        k=config.cycles.k,
+        variant=config.cycles.variant,
+        aux_k=dictionary.aux_k,
+        aux_alpha=dictionary.aux_alpha,
+        dead_tokens_threshold=dictionary.dead_tokens_threshold,
+        base_model_id=config.model.model_id,
+        hook_module=config.model.hook_module,
+        hook_layer=hook_layer,
+    )
+
+
+def base_model_width(config: DistillConfig) -> int:
+    """The base model's hidden size from its configuration alone (no weights)."""
+    from transformers import AutoConfig
+
+    from trainer.base_model import pretrained_source
+
+    source, kwargs = pretrained_source(config.model)
+    try:
+        model_config = AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise ValueError(
+            f"cannot read the configuration of {config.model.model_id} to learn the activation width ({error}). "
+            "Set --dictionary.d_in (e.g. 2304 for Gemma-2-2B) or make the model reachable"
+        ) from error
+    return model_config.get_text_config().hidden_size
+
+
+def sae_training_bytes(sae: DMSAEConfig, batch_size: int) -> int:
+    """Peak bytes of one SAE training step per process (fp32): weights, gradients, Adam's two
+    moments, the dense [B, K] pre-activations (kept and ReLU'd) and the [L+1, B, d] prefixes."""
+    parameters = 2 * sae.num_latents * sae.d_in + sae.num_latents + sae.d_in
+    activations = 2 * batch_size * sae.num_latents + 3 * len(sae.group_sizes) * batch_size * sae.d_in
+    return 4 * (4 * parameters + activations)
+
+
+def describe_plan(config: DistillConfig, d_in: int | None = None) -> str:
+    """The run's stages with tokens, steps and the per-process memory of SAE training."""
+    d_in = d_in or config.dictionary.d_in or base_model_width(config)
+    sae = cycle0_sae_config(config, d_in)
+    cycle_steps = steps_for(config.cycles.tokens_per_cycle, config)
+    transfer_steps = steps_for(config.transfer.tokens, config)
+    finals = [(k, v) for k in config.transfer.ks for v in config.transfer.variants]
+    cycle0 = config.cycles.cycle0_checkpoint or f"train from scratch ({cycle_steps} steps)"
+    lines = [
+        f"DMSAE distillation plan ({world_size()} process(es), batch {config.cycles.batch_size} tokens per process)",
+        f"  base model      {config.model.model_id} at {config.model.hook_module} (d = {d_in})",
+        f"  dataset         {config.data.dataset or 'embedded offline corpus'}, context {config.data.context_length}",
+        f"  dictionary      K = {sae.num_latents}, groups {sae.group_sizes}, k = {sae.k} ({sae.variant})",
+        f"  harvest         {config.harvest.train_tokens:,} training tokens, {config.harvest.attribution_tokens:,} "
+        f"attribution tokens (x, g), {config.eval.tokens:,} held-out tokens",
+    ]
+    if config.transfer.core:
+        lines.append(f"  distillation    skipped: core from {config.transfer.core}")
+    else:
+        lines += [
+            f"  cycle 0         {cycle0}; select C(0) from the first {sae.group_sizes[0]} latents",
+            f"  cycles 1..{config.cycles.num_cycles}     {cycle_steps} steps each ({config.cycles.tokens_per_cycle:,} tokens); "
+            f"select with tau = {config.cycles.tau}, q = {config.cycles.quantile}",
+            f"  distilled core  C* = C({config.cycles.num_cycles}) ∩ C({config.cycles.num_cycles - 1})",
+        ]
+    lines.append(f"  transfer        {len(finals)} final SAE(s) {finals}, {transfer_steps} steps each")
+    if config.transfer.random_core_control:
+        lines.append(f"  control         random core of |C*| latents at k = {config.cycles.k}, {transfer_steps} steps")
+    memory = sae_training_bytes(sae, config.cycles.batch_size)
+    lines.append(f"  memory          SAE training ~{memory / GIB:.2f} GiB per process (fp32 weights, grads, Adam, batch)")
+    if config.hub.repo_id:
+        lines.append(f"  hub             {config.hub.repo_id} (one tag per cycle), finals as {config.hub.sae_repo_pattern}")
+    return "\n".join(lines)

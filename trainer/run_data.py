@@ -1,0 +1,113 @@
+"""Everything a run reads from the base model, prepared once: the training activations (cached
+or streamed), the (x, g) attribution sample, held-out activations and contexts for evaluation,
+and the input normalisation factor."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from itertools import islice
+from typing import Iterator
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from transformers import PreTrainedModel
+
+from trainer.activations import ActivationCache, ActivationStream, harvest_activations, harvest_attribution_sample
+from trainer.base_model import capture_activations, hook_layer_index, load_base_model, resolve_hook_module
+from trainer.distill_config import DistillConfig
+from trainer.run_directory import RunDirectory
+from trainer.text_corpus import EmptyDatasetError, context_batches, packed_contexts
+
+
+@dataclass
+class RunData:
+    base_model: PreTrainedModel
+    hook_module: nn.Module
+    hook_layer: int
+    d_in: int
+    training: ActivationCache | ActivationStream
+    attribution_x: torch.Tensor
+    attribution_g: torch.Tensor
+    held_out: torch.Tensor
+    """[N, d] float32 held-out activations (masked positions dropped)."""
+    ce_input_ids: torch.Tensor
+    ce_loss_mask: torch.Tensor
+    normalization_factor: float
+    """sqrt(E ||x||^2) over the attribution sample (dictionary_learning's activation normalisation)."""
+
+    def training_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """Endless [batch_size, d] batches of this process (epochs reshuffled), from ``start_step``
+        on: a resumed stage continues with exactly the batches it would have seen."""
+
+        def epochs() -> Iterator[torch.Tensor]:
+            for epoch in range(10**9):
+                empty = True
+                for batch in self.training.batches(batch_size, seed=seed * 1_000_003 + epoch):
+                    empty = False
+                    yield batch
+                if empty:
+                    raise EmptyDatasetError(
+                        f"the training activations hold fewer than one batch of {batch_size} tokens per process: "
+                        "raise harvest.train_tokens or lower cycles.batch_size"
+                    )
+
+        return islice(epochs(), start_step, None)
+
+    def held_out_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        return iter(self.held_out.split(batch_size))
+
+
+@torch.no_grad()
+def _held_out(model: PreTrainedModel, hook: nn.Module, config: DistillConfig, tokenizer, start: int):
+    """Held-out contexts after the training and attribution ranges: activations for the
+    reconstruction metrics, and the first ``eval.ce_contexts`` contexts for the spliced loss."""
+    count = max(math.ceil(config.eval.tokens / config.data.context_length), config.eval.ce_contexts)
+    batches = list(context_batches(packed_contexts(tokenizer, config.data, start, count), config.harvest.batch_size))
+    if not batches:
+        raise EmptyDatasetError(
+            f"no held-out context after index {start}: the dataset is used up by training and attribution. "
+            "Use more text or lower harvest.train_tokens"
+        )
+    device = next(model.parameters()).device
+    rows = [
+        capture_activations(model, hook, batch.input_ids.to(device))[batch.mask.to(device)].float().cpu()
+        for batch in batches
+    ]
+    input_ids = torch.cat([b.input_ids for b in batches])[: config.eval.ce_contexts]
+    mask = torch.cat([b.mask for b in batches])[: config.eval.ce_contexts]
+    return torch.cat(rows)[: config.eval.tokens], input_ids, mask
+
+
+def prepare_run_data(config: DistillConfig, accelerator: Accelerator, paths: RunDirectory) -> RunData:
+    """Load the base model, check it against the configuration, harvest (or reopen) everything."""
+    base_model, tokenizer = load_base_model(dataclasses.replace(config.model, device=str(accelerator.device)))
+    hook = resolve_hook_module(base_model, config.model.hook_module)
+    d_in = base_model.config.get_text_config().hidden_size
+    if config.dictionary.d_in is not None and config.dictionary.d_in != d_in:
+        raise ValueError(
+            f"dictionary.d_in = {config.dictionary.d_in} but {config.model.model_id} has hidden size {d_in}: "
+            "fix dictionary.d_in or the base model"
+        )
+    # Cached under the run unless told otherwise; the attribution sample is small and always cached.
+    harvest = config.harvest if config.harvest.cache_dir else dataclasses.replace(config.harvest, cache_dir=str(paths.cache))
+    streamed = dataclasses.replace(harvest, cache_dir=None) if config.run.stream_activations else harvest
+    training = harvest_activations(base_model, tokenizer, config.model, config.data, streamed)
+    attribution = harvest_attribution_sample(base_model, tokenizer, config.model, config.data, harvest)
+    ranges = harvest.context_ranges(config.data.context_length)
+    held_out, ce_input_ids, ce_loss_mask = _held_out(base_model, hook, config, tokenizer, ranges.heldout_start)
+    return RunData(
+        base_model=base_model,
+        hook_module=hook,
+        hook_layer=hook_layer_index(config.model.hook_module),
+        d_in=d_in,
+        training=training,
+        attribution_x=attribution.x,
+        attribution_g=attribution.g,
+        held_out=held_out,
+        ce_input_ids=ce_input_ids,
+        ce_loss_mask=ce_loss_mask,
+        normalization_factor=float(attribution.x.pow(2).sum(-1).mean().sqrt()),
+    )

@@ -1,0 +1,101 @@
+"""Held-out metrics of an SAE: reconstruction, sparsity, dead latents and spliced next-token loss.
+
+All in inference mode (the estimated threshold, one token at a time as users run it; BatchTopK
+over the evaluation batch when a short run estimated no threshold).
+
+    FVE            = 1 - sum_u ||x_u - x^_u||^2 / sum_u ||x_u - mean(x)||^2
+    MSE            = mean over tokens and dimensions of (x - x^)^2
+    L0_core / L0_noncore / L0 = mean active latents per token (Eq. 9)
+    dead_fraction  = latents that never fire on the held-out tokens / K
+    loss_recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean), CE = mean next-token loss
+                     with the hooked activations left alone (clean), replaced by the SAE
+                     reconstruction (spliced) or by zeros (zero-ablated)
+
+``evaluate`` is not used for these: its metrics collect predictions and references into Arrow
+tables, which for [tokens, d] float activations means copying every activation off the
+accelerator; the running sums below stream instead. The numbers feed the model cards'
+model-index through huggingface_hub's ``EvalResult`` directly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from modeling_dmsae import DMSAEModel
+from trainer.base_model import IGNORE_INDEX, next_token_loss, next_token_targets
+
+
+def _uses_threshold(sae: DMSAEModel) -> bool:
+    return sae.config.threshold >= 0
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: DMSAEModel, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """FVE, MSE, L0 (core, non-core, all) and the dead fraction over held-out [N, d] batches."""
+    device, c = sae.W_dec.device, sae.config.core_size
+    squared_error = total = total_sq = 0.0
+    tokens = core_active = noncore_active = 0
+    fired = torch.zeros(sae.config.num_latents, dtype=torch.bool, device=device)
+    for batch in batches:
+        x = batch.to(device, torch.float32)
+        output = sae(x, use_threshold=_uses_threshold(sae), output_dense_latents=False)
+        squared_error += float((x - output.reconstruction.float()).pow(2).sum())
+        total += x.sum(0).double()
+        total_sq += float(x.double().pow(2).sum())
+        tokens += x.shape[0]
+        cols = output.sparse_latents.cols
+        core_active += int((cols < c).sum())
+        noncore_active += int((cols >= c).sum())
+        fired |= output.fired
+    if tokens == 0:
+        raise ValueError("no held-out tokens to evaluate on: raise eval.tokens")
+    d = sae.config.d_in
+    variance = total_sq - float((total**2).sum()) / tokens  # sum_u ||x_u - mean||^2
+    return {
+        "fve": 1.0 - squared_error / variance,
+        "mse": squared_error / (tokens * d),
+        "l0_core": core_active / tokens,
+        "l0_noncore": noncore_active / tokens,
+        "l0": (core_active + noncore_active) / tokens,
+        "dead_fraction": 1.0 - float(fired.float().mean()),
+        "eval_tokens": tokens,
+    }
+
+
+@torch.no_grad()
+def downstream_loss_metrics(
+    sae: DMSAEModel,
+    base_model: PreTrainedModel,
+    hook_module: nn.Module,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Clean, spliced and zero-ablated next-token loss on held-out contexts, and loss recovered."""
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    replacements = {
+        "clean": None,
+        "spliced": lambda hidden: sae(hidden, use_threshold=_uses_threshold(sae), output_dense_latents=False)
+        .reconstruction.to(hidden.dtype),
+        "zero": torch.zeros_like,
+    }
+    weights = 0
+    device = next(base_model.parameters()).device
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size].to(device)
+        mask = loss_mask[start : start + batch_size].to(device)
+        weight = int((next_token_targets(ids, mask) != IGNORE_INDEX).sum())  # predictions the mean counts
+        for name, replace in replacements.items():
+            sums[name] += float(next_token_loss(base_model, ids, mask, hook_module, replace)) * weight
+        weights += weight
+    clean, spliced, zero = (sums[name] / weights for name in ("clean", "spliced", "zero"))
+    return {
+        "ce_loss_clean": clean,
+        "ce_loss_spliced": spliced,
+        "ce_loss_zero_ablated": zero,
+        "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
+    }

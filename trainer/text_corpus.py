@@ -1,0 +1,308 @@
+"""Text -> packed token contexts, from any HF dataset or the embedded offline corpus.
+
+Public API:
+
+- :class:`DataConfig`: which dataset, which text column, context length, BOS / EOS / padding.
+- :func:`packed_contexts` ``(tokenizer, cfg, start=0, count=None, sharding=None)``: the dataset's
+  documents tokenized and packed into contexts of exactly ``cfg.context_length`` tokens, yielded as
+  :class:`PackedContext` (global index, token ids, loss mask). Context ``i`` is always the same
+  tokens, so ``start`` / ``count`` pick disjoint ranges (training, attribution, held-out).
+- :class:`ContextSharding`: which contexts a process owns under Accelerate: blocks of
+  ``block_size`` consecutive contexts dealt round-robin to the processes, so no context is seen
+  twice and none is missed.
+- :func:`context_batches` ``(contexts, batch_size)``: stacks contexts into :class:`ContextBatch`.
+- :func:`materialize_embedded_corpus` ``(directory=None) -> Path``: writes the embedded corpus.
+
+Packing: documents are tokenized without special tokens, each is followed by EOS
+(``append_eos``), and the stream is cut into contexts; each context starts with BOS when
+``prepend_bos`` is on (default: when the tokenizer itself adds a BOS, as Gemma's does; SmolLM2's
+does not). The last incomplete context is dropped, or right-padded when ``pad_last_context``.
+
+Loss mask (which positions count for SAE training and for attribution): by default every real
+token except the BOS that starts a context; padding positions never count. ``mask_bos=False``
+keeps BOS positions (as dictionary_learning does) and ``mask_eos=True`` drops the EOS separators.
+BOS activations are excluded by default because they are huge outliers that carry no information
+about the text and would dominate the reconstruction loss.
+
+The embedded default corpus is real text that ships with CPython, so the default run needs no
+download: the documentation topics of ``pydoc_data.topics`` (~465k characters), interleaved with
+the standard library's top-level modules as code (~4.7M characters) unless ``embedded_code=False``.
+It is written once to a JSON-lines file and read through ``datasets`` like any local dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from datasets import IterableDataset, load_dataset
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TOKENIZE_BATCH_DOCUMENTS = 64  # documents per tokenizer call (the fast tokenizer batches in Rust)
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes fixed-length token contexts."""
+
+    dataset: str = ""
+    """Hub dataset id (streamed, e.g. monology/pile-uncopyrighted) or a local .txt/.json/.jsonl/.parquet
+    file, directory or glob. Empty: the embedded offline corpus (Python's documentation and source)."""
+
+    dataset_config: str | None = None
+    """Configuration (subset) name of a Hub dataset."""
+
+    split: str = "train"
+    """Dataset split to read."""
+
+    text_column: str = "text"
+    """Column holding the text."""
+
+    context_length: int = 128
+    """Tokens per context (the paper: 1024)."""
+
+    prepend_bos: bool | None = None
+    """Start every context with BOS. None: when the tokenizer adds a BOS itself (Gemma yes, SmolLM2 no)."""
+
+    append_eos: bool = True
+    """Follow every document with EOS, separating documents packed into one context."""
+
+    mask_bos: bool = True
+    """Exclude BOS positions from SAE training and attribution."""
+
+    mask_eos: bool = False
+    """Exclude EOS positions from SAE training and attribution."""
+
+    pad_last_context: bool = False
+    """Keep the last, incomplete context, right-padded (padding is always masked); default: drop it."""
+
+    embedded_code: bool = True
+    """Embedded corpus only: interleave the standard library's source code with the documentation."""
+
+    corpus_dir: str | None = None
+    """Embedded corpus only: where to write it (default ~/.cache/dmsae/embedded-corpus)."""
+
+    def describe(self) -> dict:
+        """The fields that decide which tokens the contexts hold (recorded in activation caches)."""
+        fields = asdict(self)
+        del fields["corpus_dir"]
+        if self.dataset:
+            del fields["embedded_code"]
+        else:
+            fields["python"] = sys.version.split()[0]  # the embedded text comes with the interpreter
+        return fields
+
+
+class MissingTextColumnError(KeyError):
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0])
+
+
+class EmptyDatasetError(ValueError):
+    """The dataset holds no text to make a context from."""
+
+
+class PackedContext(NamedTuple):
+    index: int  # position in the packed stream, the same whatever the process count
+    input_ids: list[int]  # exactly context_length tokens
+    mask: list[bool]  # True where the position counts for training and attribution
+
+
+class ContextBatch(NamedTuple):
+    input_ids: Tensor  # [B, T] long
+    mask: Tensor  # [B, T] bool
+    index: Tensor  # [B] long, the contexts' global indices
+
+
+@dataclass(frozen=True)
+class ContextSharding:
+    """Deals blocks of ``block_size`` consecutive contexts round-robin to ``num_processes``."""
+
+    process_index: int = 0
+    num_processes: int = 1
+    block_size: int = 1
+
+    @classmethod
+    def current(cls, block_size: int = 1) -> ContextSharding:
+        """This process's sharding under Accelerate (one process when not launched)."""
+        state = process_state()
+        return cls(state.process_index, state.num_processes, block_size)
+
+    def owns(self, offset: int) -> bool:
+        """Whether this process handles the context ``offset`` places after the range start."""
+        return (offset // self.block_size) % self.num_processes == self.process_index
+
+
+def process_state() -> PartialState:
+    """Accelerate's process state, set up as an Accelerator would: ACCELERATE_USE_CPU=1 makes
+    several launched CPU processes one gloo group (PartialState alone would see one process)."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def embedded_corpus_documents(include_code: bool = True) -> Iterator[str]:
+    """Python's documentation topics, interleaved with standard-library modules when asked."""
+    from pydoc_data.topics import topics
+
+    docs = list(topics.values())
+    code = []
+    if include_code:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        code = [path.read_text(encoding="utf-8", errors="replace") for path in sorted(stdlib.glob("*.py"))]
+    for i in range(max(len(docs), len(code))):
+        yield from (part[i] for part in (docs, code) if i < len(part))
+
+
+def materialize_embedded_corpus(directory: str | os.PathLike | None = None, include_code: bool = True) -> Path:
+    """Write the embedded corpus once as JSON lines (atomically) and return the file."""
+    directory = Path(directory or Path.home() / ".cache" / "dmsae" / "embedded-corpus")
+    version = "{}.{}".format(*sys.version_info[:2])
+    path = directory / f"python{version}-{'docs-code' if include_code else 'docs'}.jsonl"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".tmp{os.getpid()}")
+        with open(temporary, "w", encoding="utf-8") as file:
+            for text in embedded_corpus_documents(include_code):
+                file.write(json.dumps({"text": text}) + "\n")
+        os.replace(temporary, path)
+    return path
+
+
+def _local_data_files(dataset: str) -> list[str] | None:
+    """The files of a local dataset path or glob, None for a Hub id."""
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS)
+    matches = sorted(Path().glob(dataset)) if not path.is_absolute() else sorted(Path("/").glob(dataset[1:]))
+    return [str(p) for p in matches if p.is_file()] or None
+
+
+def load_text_dataset(cfg: DataConfig) -> IterableDataset:
+    """The configured dataset, streamed (a Hub id is never downloaded whole)."""
+    if not cfg.dataset:
+        corpus = materialize_embedded_corpus(cfg.corpus_dir, cfg.embedded_code)
+        return load_dataset("json", data_files=[str(corpus)], split="train", streaming=True)
+    files = _local_data_files(cfg.dataset)
+    if files is None and (Path(cfg.dataset).suffix in LOCAL_BUILDERS or cfg.dataset.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"local dataset {cfg.dataset!r} not found: no such file, directory or glob match")
+    if files is None:
+        return load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=True)
+    builders = {LOCAL_BUILDERS.get(Path(f).suffix) for f in files}
+    if not files or None in builders or len(builders) > 1:
+        raise ValueError(
+            f"local dataset {cfg.dataset!r} must be .txt, .json/.jsonl or .parquet files of one kind; "
+            f"found {files[:5]}"
+        )
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise _empty_dataset_error(cfg)  # datasets' json builder fails obscurely on empty files
+    (builder,) = builders
+    options = {"sample_by": "document"} if builder == "text" else {}  # one document per text file
+    return load_dataset(builder, data_files=files, split="train", streaming=True, **options)
+
+
+def _documents(dataset: IterableDataset, cfg: DataConfig) -> Iterator[str]:
+    for number, example in enumerate(dataset):
+        if cfg.text_column not in example:
+            raise MissingTextColumnError(
+                f"dataset {cfg.dataset or '(embedded corpus)'!r} has no text column {cfg.text_column!r}; "
+                f"its columns are {sorted(example)}. Set --text_column to the one holding the text."
+            )
+        text = example[cfg.text_column]
+        if not isinstance(text, str):
+            raise MissingTextColumnError(
+                f"column {cfg.text_column!r} of example {number} holds {type(text).__name__}, not text; "
+                "set --text_column to a string column."
+            )
+        yield text
+
+
+def _wants_bos(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> bool:
+    if cfg.prepend_bos is not None:
+        if cfg.prepend_bos and tokenizer.bos_token_id is None:
+            raise ValueError("prepend_bos is set but the tokenizer has no BOS token; set --prepend_bos false")
+        return cfg.prepend_bos
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def _pack(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, documents: Iterable[str]) -> Iterator[PackedContext]:
+    """All contexts of the stream, in order."""
+    if cfg.context_length < 2:
+        raise ValueError(f"context_length must be at least 2 (a token and its successor), got {cfg.context_length}")
+    bos = [tokenizer.bos_token_id] if _wants_bos(tokenizer, cfg) else []
+    eos = tokenizer.eos_token_id
+    if cfg.append_eos and eos is None:
+        raise ValueError("append_eos is set but the tokenizer has no EOS token; set --append_eos false")
+    body = cfg.context_length - len(bos)
+    tokens: list[int] = []
+    kept: list[bool] = []
+    index = 0
+
+    def context(ids: list[int], mask: list[bool]) -> PackedContext:
+        return PackedContext(index, bos + ids, [not cfg.mask_bos] * len(bos) + mask)
+
+    documents = iter(documents)
+    while batch := list(islice(documents, TOKENIZE_BATCH_DOCUMENTS)):
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False).input_ids:
+            tokens += ids
+            kept += [True] * len(ids)
+            if cfg.append_eos:
+                tokens.append(eos)
+                kept.append(not cfg.mask_eos)
+            while len(tokens) >= body:
+                yield context(tokens[:body], kept[:body])
+                del tokens[:body], kept[:body]
+                index += 1
+    if cfg.pad_last_context and tokens:
+        padding = body - len(tokens)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        yield context(tokens + [pad] * padding, kept + [False] * padding)
+        index += 1
+    if index == 0:
+        raise _empty_dataset_error(cfg)
+
+
+def _empty_dataset_error(cfg: DataConfig) -> EmptyDatasetError:
+    return EmptyDatasetError(
+        f"dataset {cfg.dataset or '(embedded corpus)'!r} (split {cfg.split!r}, column {cfg.text_column!r}) "
+        f"yields no context of {cfg.context_length} tokens: it is empty or too short. Point --dataset at "
+        "more text, lower --context_length, or set --pad_last_context."
+    )
+
+
+def packed_contexts(
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    start: int = 0,
+    count: int | None = None,
+    sharding: ContextSharding | None = None,
+) -> Iterator[PackedContext]:
+    """Contexts ``start .. start + count - 1`` of the packed stream (fewer if the data ends),
+    restricted to those ``sharding`` gives this process."""
+    stop = None if count is None else start + count
+    for packed in islice(_pack(tokenizer, cfg, _documents(load_text_dataset(cfg), cfg)), start, stop):
+        if sharding is None or sharding.owns(packed.index - start):
+            yield packed
+
+
+def context_batches(contexts: Iterable[PackedContext], batch_size: int) -> Iterator[ContextBatch]:
+    """Stack consecutive contexts into batches of ``batch_size`` (the last may be smaller)."""
+    contexts = iter(contexts)
+    while group := list(islice(contexts, batch_size)):
+        yield ContextBatch(
+            input_ids=torch.tensor([c.input_ids for c in group], dtype=torch.long),
+            mask=torch.tensor([c.mask for c in group], dtype=torch.bool),
+            index=torch.tensor([c.index for c in group], dtype=torch.long),
+        )
