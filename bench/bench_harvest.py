@@ -12,8 +12,8 @@ per second:
   layer (what the harvest cannot avoid; the target is harvest >= 0.9x this);
 - full forward: the whole model, LM head included, as a harvest without the early stop would run.
 
-The methods take turns for ``--rounds`` rounds and each keeps its fastest round, which filters out
-load from other processes on a shared machine.
+The methods take turns for ``--rounds`` rounds and each keeps its fastest round (by wall time),
+which filters out load from other processes on a shared machine; ``--threads 1`` steadies it more.
 """
 
 from __future__ import annotations
@@ -38,18 +38,24 @@ class BenchConfig:
     rounds: int = 3
     """Rounds of the three measurements; each keeps its fastest."""
 
+    threads: int | None = None
+    """torch intra-op threads (default: torch's choice). 1 is steadier on a machine shared with others."""
+
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
 
 
-def timed(run) -> float:
-    start = time.perf_counter()
+def timed(run) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     run()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main(cfg: BenchConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     model, tokenizer = load_base_model(cfg.base)
     hook = resolve_hook_module(model, cfg.base.hook_module)
     contexts = list(packed_contexts(tokenizer, cfg.data, count=cfg.contexts))  # also materialises the corpus
@@ -73,7 +79,7 @@ def main(cfg: BenchConfig) -> None:
 
     methods = {"harvest (cached)": harvest, "truncated forward": truncated_forward, "full forward": full_forward}
     truncated_forward()  # warm-up
-    best = dict.fromkeys(methods, float("inf"))
+    best = {name: (float("inf"), float("inf")) for name in methods}
     for _ in range(cfg.rounds):
         for name, run in methods.items():
             best[name] = min(best[name], timed(run))
@@ -83,11 +89,11 @@ def main(cfg: BenchConfig) -> None:
         f"{cfg.contexts} contexts x {cfg.data.context_length} tokens, batch {cfg.harvest.batch_size} contexts, "
         f"storage {cfg.harvest.storage_dtype}, {torch.get_num_threads()} threads, best of {cfg.rounds}\n"
     )
-    print(f"| {'method':<18} | {'tokens/s':>9} | {'vs truncated forward':>20} |")
-    print(f"|{'-' * 20}|{'-' * 11}:|{'-' * 21}:|")
-    for name, seconds in best.items():
-        ratio = best["truncated forward"] / seconds
-        print(f"| {name:<18} | {tokens / seconds:>9.0f} | {ratio:>19.2f}x |")
+    print(f"| {'method':<18} | {'tokens/s':>9} | {'vs truncated forward':>20} | {'tokens/CPU-s':>12} |")
+    print(f"|{'-' * 20}|{'-' * 10}:|{'-' * 21}:|{'-' * 13}:|")
+    for name, (wall, cpu) in best.items():
+        ratio = best["truncated forward"][0] / wall
+        print(f"| {name:<18} | {tokens / wall:>9.0f} | {ratio:>19.2f}x | {tokens / cpu:>12.0f} |")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ against dictionary_learning on the same weights and batch (``bench.peers``).
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -62,6 +64,10 @@ class BenchConfig:
     """Untimed steps per process (the first step also initialises b_dec)."""
     threads: int = 2
     """torch intra-op threads of every contender."""
+    omp_wait_policy: str = "PASSIVE"
+    """OMP_WAIT_POLICY of every contender. PASSIVE: idle OpenMP threads sleep instead of spinning.
+    On a machine shared with other jobs, spinning threads wait whole scheduler slices for a
+    descheduled partner, which turns a 16 ms sort into 280 ms; ACTIVE suits a dedicated machine."""
     dead_fraction: float = 0.0
     """Fraction of latents marked dead, so that every contender also runs its AuxK loss."""
     numerics_batch: int = 1024
@@ -167,11 +173,31 @@ def sae_lens_step(config: BenchConfig, batch: torch.Tensor) -> Callable[[], None
     return step
 
 
+# What each contender imports, loaded before the baseline memory reading.
+CONTENDER_MODULES = {
+    "gemm": [],
+    "dmsae": ["modeling_dmsae", "trainer.sae_training"],
+    "dmsae-c0": ["modeling_dmsae", "trainer.sae_training"],
+    "dictionary_learning": ["bench.peers", "modeling_dmsae.configuration_dmsae"],
+    "sae_lens": ["sae_lens.saes.matryoshka_batchtopk_sae", "modeling_dmsae.configuration_dmsae"],
+}
+
+
+def memory_baseline_mb(contender: str) -> float:
+    """Resident memory once the contender's code is imported and torch's kernels are loaded:
+    what the step itself adds comes on top of this."""
+    for module in CONTENDER_MODULES[contender]:
+        importlib.import_module(module)
+    weight = torch.randn(64, 64, requires_grad=True)
+    (torch.randn(64, 64) @ weight).relu().sum().backward()
+    return resident_mb()
+
+
 def run_worker(config: BenchConfig) -> dict:
     torch.set_num_threads(config.threads)
+    baseline_mb = memory_baseline_mb(config.worker)
     torch.manual_seed(0)
     batch = torch.randn(config.batch_size, config.d_in)
-    baseline_mb = resident_mb()
     builders = {
         "gemm": lambda: gemm_step(config, batch),
         "dmsae": lambda: dmsae_step(config, batch, config.core_size),
@@ -200,7 +226,10 @@ def run_in_fresh_process(config: BenchConfig, contender: str) -> dict:
         if name in ("worker", "contenders", "output"):
             continue
         arguments += [f"--{name}", str(value)]
-    result = subprocess.run(arguments + ["--worker", contender], capture_output=True, text=True, cwd=ROOT)
+    environment = {**os.environ, "OMP_WAIT_POLICY": config.omp_wait_policy}
+    result = subprocess.run(
+        arguments + ["--worker", contender], capture_output=True, text=True, cwd=ROOT, env=environment
+    )
     if result.returncode != 0:
         raise RuntimeError(f"contender {contender} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -275,7 +304,7 @@ def main() -> None:
         raise SystemExit(f"unknown contenders {unknown}; choose from {list(CONTENDERS)}")
     print(
         f"d={config.d_in} K={config.num_latents} k={config.k} N={config.batch_size} c={config.core_size} "
-        f"threads={config.threads} torch={torch.__version__}",
+        f"threads={config.threads} OMP_WAIT_POLICY={config.omp_wait_policy} torch={torch.__version__}",
         flush=True,
     )
     if config.numerics_batch:

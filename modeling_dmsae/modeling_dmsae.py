@@ -130,45 +130,76 @@ def sampled_row_dots(
     return torch.sparse.sampled_addmm(pattern, left, right.T, beta=0.0).values()
 
 
+def _scatter_dense(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    return values.new_zeros(shape).index_put_((rows, cols), values)
+
+
+def _core_and_rest(cols: torch.Tensor, core_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the entries in the core columns and of the others, each in their given order.
+
+    The core columns go through small dense products ([N, c] x [c, d]) instead of row gathers: the
+    dense core is ReLU-only, so about half of its entries are active, and the product costs only
+    c / K of the encoder GEMM whatever their number."""
+    in_core = cols < core_size
+    return in_core.nonzero().squeeze(1), (~in_core).nonzero().squeeze(1)
+
+
 class _SparseDecodePrefixes(torch.autograd.Function):
     """Prefix reconstructions from sparse latents (Eq. 2 for every prefix at once):
 
         x^_{m_i}[u] = b_dec + sum_{blocks b <= i} sum_{entries e of token u in block b} v_e W_dec[j_e]
 
-    Forward: one gather of the active decoder rows binned by (block, token), then a running sum over
-    blocks. Backward: each block's gradient is the sum over the prefixes that contain it, G_b; then
+    Forward: the core columns (all in block 0) as one dense product; every other entry through one
+    gather of the active decoder rows binned by (block, token); then a running sum over blocks.
+    Backward: a block's gradient G_b is the sum over the prefixes that contain it; then
     d v_e = G_{b_e}[u_e] . W_dec[j_e] and d W_dec[j] = sum_{e: j_e = j} v_e G_{b_e}[u_e].
+    ``b_dec`` may be None: a plain sparse product (AuxK's reconstruction, one block).
     """
 
     @staticmethod
-    def forward(ctx, values, W_dec, b_dec, bags, cols, num_blocks, num_tokens):
-        # Bags (block, token) sorted once; the decoder rows are gathered per bag, never materialised.
-        order = torch.argsort(bags, stable=True)
-        bags, cols, values = bags[order], cols[order], values[order]
-        contributions = gather_rows_weighted(cols, bags, values, W_dec, num_blocks * num_tokens, bags_sorted=True)
+    def forward(ctx, values, W_dec, b_dec, rows, cols, blocks, core_size, num_blocks, num_tokens):
+        core, rest = _core_and_rest(cols, core_size)
+        core_acts = _scatter_dense(rows[core], cols[core], values[core].to(W_dec.dtype), (num_tokens, core_size))
+        # Non-core entries sorted by bag (block, token) once; rows are gathered per bag, never materialised.
+        bags = blocks[rest] * num_tokens + rows[rest]
+        bag_order = torch.argsort(bags, stable=True)
+        rest, bags = rest[bag_order], bags[bag_order]
+        contributions = gather_rows_weighted(
+            cols[rest], bags, values[rest], W_dec, num_blocks * num_tokens, bags_sorted=True
+        )
         prefixes = contributions.view(num_blocks, num_tokens, -1)
-        prefixes[0] += b_dec
+        if core_size:
+            prefixes[0].addmm_(core_acts, W_dec[:core_size])
+        if b_dec is not None:
+            prefixes[0] += b_dec
         for block in range(1, num_blocks):
             prefixes[block] += prefixes[block - 1]
-        ctx.save_for_backward(order, bags, cols, values, W_dec)
+        ctx.save_for_backward(values, rows, cols, core, core_acts, rest, bags, W_dec)
         return prefixes
 
     @staticmethod
     def backward(ctx, grad_prefixes):
-        order, bags, cols, values, W_dec = ctx.saved_tensors
+        values, rows, cols, core, core_acts, rest, bags, W_dec = ctx.saved_tensors
         num_blocks, num_tokens, d = grad_prefixes.shape
+        core_size = core_acts.shape[1]
         grad_blocks = torch.empty_like(grad_prefixes)  # reverse running sum over the prefixes
         grad_blocks[-1] = grad_prefixes[-1]
         for block in range(num_blocks - 2, -1, -1):
             torch.add(grad_prefixes[block], grad_blocks[block + 1], out=grad_blocks[block])
         grad_bags = grad_blocks.view(num_blocks * num_tokens, d)
-        grad_values = grad_W_dec = None
+        grad_values = grad_W_dec = grad_b_dec = None
         if ctx.needs_input_grad[0]:
-            grad_values = torch.empty_like(values).index_copy_(0, order, sampled_row_dots(grad_bags, bags, W_dec, cols))
+            grad_values = torch.empty_like(values)
+            grad_values[rest] = sampled_row_dots(grad_bags, bags, W_dec, cols[rest]).to(values.dtype)
+            if core_size:
+                grad_values[core] = (grad_blocks[0] @ W_dec[:core_size].T)[rows[core], cols[core]].to(values.dtype)
         if ctx.needs_input_grad[1]:
-            grad_W_dec = gather_rows_weighted(bags, cols, values, grad_bags, W_dec.shape[0])
-        grad_b_dec = grad_blocks[0].sum(0) if ctx.needs_input_grad[2] else None
-        return grad_values, grad_W_dec, grad_b_dec, None, None, None, None
+            grad_W_dec = gather_rows_weighted(bags, cols[rest], values[rest], grad_bags, W_dec.shape[0])
+            if core_size:
+                torch.mm(core_acts.T, grad_blocks[0], out=grad_W_dec[:core_size])
+        if ctx.needs_input_grad[2]:
+            grad_b_dec = grad_blocks[0].sum(0)
+        return grad_values, grad_W_dec, grad_b_dec, None, None, None, None, None, None
 
 
 class _SparseEncoderValues(torch.autograd.Function):
@@ -176,7 +207,8 @@ class _SparseEncoderValues(torch.autograd.Function):
 
     The values were already computed by the dense no-grad GEMM; this function only routes the
     gradient through the kept entries: d x = sum_j g_j W_enc[j], d W_enc[j] = sum_u g_uj x_u,
-    d b_enc[j] = sum_u g_uj. The frozen core rows receive no gradient.
+    d b_enc[j] = sum_u g_uj. The frozen core rows receive no gradient; their share of d x is one
+    dense [N, c] x [c, d] product (see ``_core_and_rest``).
     """
 
     @staticmethod
@@ -189,13 +221,21 @@ class _SparseEncoderValues(torch.autograd.Function):
     def backward(ctx, grad_values):
         centered, encoder_weight, rows, cols = ctx.saved_tensors
         num_tokens, num_latents, core_size = centered.shape[0], encoder_weight.shape[0], ctx.core_size
+        core, rest = _core_and_rest(cols, core_size)
         grad_centered = grad_noncore = grad_b_enc = None
         if ctx.needs_input_grad[0]:
-            grad_centered = gather_rows_weighted(cols, rows, grad_values, encoder_weight, num_tokens, bags_sorted=True)
+            # Entries keep their token order, so the bags (tokens) are already sorted.
+            grad_centered = gather_rows_weighted(
+                cols[rest], rows[rest], grad_values[rest], encoder_weight, num_tokens, bags_sorted=True
+            )
+            if core_size:
+                grad_core = _scatter_dense(
+                    rows[core], cols[core], grad_values[core].to(encoder_weight.dtype), (num_tokens, core_size)
+                )
+                grad_centered.addmm_(grad_core, encoder_weight[:core_size])
         if ctx.needs_input_grad[1]:
-            noncore = cols >= core_size
             grad_noncore = gather_rows_weighted(
-                rows[noncore], cols[noncore] - core_size, grad_values[noncore], centered, num_latents - core_size
+                rows[rest], cols[rest] - core_size, grad_values[rest], centered, num_latents - core_size
             )
         if ctx.needs_input_grad[2]:
             grad_b_enc = grad_values.new_zeros(num_latents).index_add_(0, cols, grad_values)
@@ -399,8 +439,8 @@ class DMSAEModel(DMSAEPreTrainedModel):
         """
         blocks = self._block_of_latent()[latents.cols]
         return _SparseDecodePrefixes.apply(
-            latents.values, self.W_dec, self.b_dec, blocks * num_tokens + latents.rows, latents.cols,
-            len(self.config.group_sizes), num_tokens,
+            latents.values, self.W_dec, self.b_dec, latents.rows, latents.cols, blocks,
+            self.config.core_size, len(self.config.group_sizes), num_tokens,
         )
 
     def decode(self, latents: torch.Tensor, num_groups: int | None = None) -> torch.Tensor:
@@ -422,15 +462,18 @@ class DMSAEModel(DMSAEPreTrainedModel):
         zero = residual.new_zeros(())
         if dead_latents is None or not bool(dead_latents.any()):
             return zero
-        k_aux = min(self.config.aux_k, int(dead_latents.sum()))
-        dead_acts = relu_pre.masked_fill(~dead_latents[None], -1.0)
-        top = dead_acts.topk(k_aux, dim=-1, sorted=False)
-        rows = torch.arange(relu_pre.shape[0], device=relu_pre.device).repeat_interleave(k_aux)
-        cols, values = top.indices.flatten(), top.values.flatten()
+        num_tokens = relu_pre.shape[0]
+        dead = dead_latents.nonzero().squeeze(1)
+        k_aux = min(self.config.aux_k, dead.numel())
+        top = relu_pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)  # only dead latents compete
+        rows = torch.arange(num_tokens, device=relu_pre.device).repeat_interleave(k_aux)
+        cols, values = dead[top.indices.flatten()], top.values.flatten()
         alive = values > 0
         rows, cols = rows[alive], cols[alive]
         values = self._sparse_values(centered, self.encoder_weight.detach(), relu_pre, rows, cols)
-        aux_reconstruction = gather_rows_weighted(cols, rows, values, self.W_dec, relu_pre.shape[0])
+        aux_reconstruction = _SparseDecodePrefixes.apply(
+            values, self.W_dec, None, rows, cols, torch.zeros_like(cols), self.config.core_size, 1, num_tokens
+        )[0]
         error = (residual - aux_reconstruction).pow(2).sum(-1).mean()
         variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
         return (error / variance).nan_to_num(0.0)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate import PartialState, debug_launcher
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_base_model import random_batch, tiny_model, tiny_tokenizer
+from tiny_models import tiny_model, tiny_tokenizer
 from test_text_corpus import DOCUMENTS, write_jsonl
 
 from trainer.activations import (
@@ -25,6 +31,7 @@ from trainer.activations import (
 from trainer.base_model import BaseModelConfig, capture_activations, next_token_gradients, resolve_hook_module
 from trainer.text_corpus import ContextSharding, DataConfig, context_batches, packed_contexts, process_state
 
+TESTS = Path(__file__).parent
 BASE = BaseModelConfig(model="tiny-random", hook_module="model.layers.1")
 CONTEXT_LENGTH = 16
 
@@ -93,40 +100,50 @@ def test_cache_round_trip(tmp_path, data):
 def test_16_bit_cache(tmp_path, data):
     model = tiny_model()
     full = harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path, "fp32"))
-    half = harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path, "bf16", storage_dtype="bfloat16"))
+    half_cfg = harvest_config(tmp_path, "bf16", storage_dtype="bfloat16")
+    half = harvest_activations(model, tiny_tokenizer(), BASE, data, half_cfg)
     assert load_file(half.shards[0])["x"].dtype == torch.bfloat16
     assert half.shards[0].stat().st_size < 0.6 * full.shards[0].stat().st_size
     torch.testing.assert_close(half.tensors(), full.tensors(), rtol=1e-2, atol=1e-2)
 
 
-class SimulatedKill(BaseException):
-    """Stands for SIGKILL: nothing after it runs."""
+# A harvest in its own process, slowed down so that it can be killed halfway.
+SLOW_HARVEST = """
+import sys, time
+from tiny_models import tiny_model, tiny_tokenizer
+from test_activations import BASE, CONTEXT_LENGTH, harvest_config
+from trainer.activations import harvest_activations
+from trainer.text_corpus import DataConfig
+
+model = tiny_model()
+model.model.layers[1].register_forward_hook(lambda *args: time.sleep(0.3))
+data = DataConfig(dataset=sys.argv[1], context_length=CONTEXT_LENGTH)
+harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(None, cache_dir=sys.argv[2]))
+"""
 
 
 def test_killed_harvest_resumes_to_the_same_cache(tmp_path, data):
     model, tokenizer = tiny_model(), tiny_tokenizer()
     reference = harvest_activations(model, tokenizer, BASE, data, harvest_config(tmp_path, "reference"))
 
-    cfg = harvest_config(tmp_path, "resumed")
-    forward_calls = []
-
-    def kill_on_fifth_batch(module, args, output):
-        forward_calls.append(args[0].shape)
-        if len(forward_calls) == 6:  # a probe, then shards 0 and 1 took two batches each; die in shard 2
-            raise SimulatedKill
-
-    handle = model.model.layers[1].register_forward_hook(kill_on_fifth_batch)
-    with pytest.raises(SimulatedKill):
-        harvest_activations(model, tokenizer, BASE, data, cfg)
-    handle.remove()
     directory = tmp_path / "resumed" / "activations"
-    assert sorted(p.name for p in directory.glob("shard_*")) == ["shard_000000.safetensors", "shard_000001.safetensors"]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", SLOW_HARVEST, data.dataset, str(tmp_path / "resumed")]
+    harvest = subprocess.Popen(command, env=environment)
+    deadline = time.monotonic() + 120
+    while not (directory / "shard_000001.safetensors").exists():
+        assert harvest.poll() is None, "the harvest process ended before it could be killed"
+        assert time.monotonic() < deadline, "the harvest process wrote no second shard in 2 minutes"
+        time.sleep(0.02)
+    harvest.send_signal(signal.SIGKILL)
+    harvest.wait()
+    assert not json.loads((directory / "manifest.json").read_text()).get("complete")
     with pytest.raises(IncompleteCacheError, match="resumes"):
         ActivationCache(directory)
     # What a kill during a write leaves behind: a temporary file, never read, later overwritten.
-    (directory / "shard_000002.safetensors.tmp999").write_bytes(b"half a shard")
+    (directory / "shard_000003.safetensors.tmp999").write_bytes(b"half a shard")
 
-    resumed = harvest_activations(model, tokenizer, BASE, data, cfg)
+    resumed = harvest_activations(model, tokenizer, BASE, data, harvest_config(tmp_path, "resumed"))
     assert resumed.manifest == reference.manifest
     expected, actual = shard_contents(reference.directory), shard_contents(resumed.directory)
     assert expected.keys() == actual.keys()
@@ -139,7 +156,8 @@ def test_cache_of_another_model_or_hook_is_refused(tmp_path, data):
     cfg = harvest_config(tmp_path, train_tokens=6 * CONTEXT_LENGTH)
     harvest_activations(tiny_model(), tokenizer, BASE, data, cfg)
     other_hook = BaseModelConfig(model=BASE.model, hook_module="model.layers.2")
-    with pytest.raises(CacheMismatchError, match=r"hook_module: cache has 'model.layers.1', this run has 'model.layers.2'.*--cache_dir"):
+    hook_change = r"hook_module: cache has 'model.layers.1', this run has 'model.layers.2'.*--cache_dir"
+    with pytest.raises(CacheMismatchError, match=hook_change):
         harvest_activations(tiny_model(), tokenizer, other_hook, data, cfg)
     with pytest.raises(CacheMismatchError, match="model_fingerprint"):
         harvest_activations(tiny_model(seed=1), tokenizer, BASE, data, cfg)
@@ -151,7 +169,8 @@ def test_cache_of_another_model_or_hook_is_refused(tmp_path, data):
 def test_nan_activations_are_refused(tmp_path, data):
     model = tiny_model()
     model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    with pytest.raises(NonFiniteActivationsError, match=r"NaN/Inf values in the activations of contexts 0\.\.3.*float32"):
+    message = r"NaN/Inf values in the activations of contexts 0\.\.3.*--dtype float32"
+    with pytest.raises(NonFiniteActivationsError, match=message):
         harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path))
 
 

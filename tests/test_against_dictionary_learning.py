@@ -98,3 +98,41 @@ def test_trainer_module_loads_without_nnsight():
     dictionary_learning_twin(make_model())
     assert "dictionary_learning.trainers.matryoshka_batch_top_k" in sys.modules
     assert "nnsight" not in sys.modules
+
+
+# ---- BatchTopK's cut, as dictionary_learning takes it: flat.topk(k * N) -----------------------
+
+
+def reference_batch_topk(acts: torch.Tensor, k: int) -> torch.Tensor:
+    """dictionary_learning's BatchTopK: the k * N largest positive entries of the flattened batch,
+    as sorted flat indices."""
+    flat = acts.flatten().topk(k * acts.shape[0]).indices
+    return flat[acts.flatten()[flat] > 0].sort().values
+
+
+def test_batch_topk_cut_when_the_sample_misses_the_largest_entries():
+    """The cut is estimated from a strided sample; when the sample over-estimates it (here the
+    sampled grid holds larger values than the rest), the bound is lowered until every kept entry
+    is a candidate, and the result is still exactly BatchTopK's."""
+    from modeling_dmsae.modeling_dmsae import batch_topk_entries
+
+    generator = torch.Generator().manual_seed(0)
+    acts = torch.rand(1024, 4096, generator=generator) * 0.1
+    acts[::2, ::2] += 0.5 + 0.5 * torch.rand(512, 2048, generator=generator)  # the sampled grid
+    rows, cols, smallest = batch_topk_entries(acts, k_per_token=512)
+    assert torch.equal(rows * 4096 + cols, reference_batch_topk(acts, 512))  # also sorted by token
+    assert smallest == acts[rows, cols].min()
+
+
+def test_batch_topk_keeps_every_positive_entry_below_the_budget_and_the_whole_core():
+    from modeling_dmsae.modeling_dmsae import batch_topk_entries
+
+    acts = torch.zeros(64, 128)
+    acts[3, 70], acts[9, 100], acts[9, 101] = 1.0, 2.0, 3.0  # 3 positive entries, budget 2 * 64
+    acts[:, :16] = torch.rand(64, 16) + 0.1  # a dense core, never masked
+    rows, cols, smallest = batch_topk_entries(acts, k_per_token=2, unmasked_columns=16)
+    expected = torch.zeros(64, 128, dtype=torch.bool)
+    expected[:, :16] = True
+    expected[3, 70] = expected[9, 100] = expected[9, 101] = True
+    assert torch.equal(rows * 128 + cols, expected.flatten().nonzero().squeeze(1))
+    assert smallest == 1.0

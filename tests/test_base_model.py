@@ -1,19 +1,18 @@
 """Base model loading, hook resolution, activation capture, next-token loss and gradients.
 
-Tiny random Llama and Gemma 2 models (built here, also used by the other harvest tests) check the
-maths against transformers' own outputs; the embedded SmolLM2 is loaded once, with the network
+Tiny random Llama and Gemma 2 models (``tests/tiny_models.py``) check the maths against
+transformers' own outputs; the embedded SmolLM2 is loaded once, with the network
 blocked, to check the offline default end to end.
 """
 
 from __future__ import annotations
 
-import functools
 import socket
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import random_batch, tiny_model, tiny_tokenizer
+from transformers import LlamaForCausalLM
 
 from trainer import base_model
 from trainer.base_model import (
@@ -29,53 +28,6 @@ from trainer.base_model import (
     next_token_targets,
     resolve_hook_module,
 )
-
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "def add(a, b):\n    return a + b\n",
-    "Sparse autoencoders read the residual stream of a language model.",
-    "A Matryoshka dictionary nests its prefixes; the core is shared by all of them.",
-]
-
-
-@functools.cache
-def tiny_tokenizer(adds_bos: bool = False) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a few sentences: any text, no network."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<bos>", "<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(SENTENCES, trainer)
-    if adds_bos:  # like Gemma's tokenizer
-        tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-
-
-def tiny_model(architecture: str = "llama", seed: int = 0, layers: int = 4):
-    """A random 4-layer model with hidden size 32 and the tiny tokenizer's vocabulary."""
-    torch.manual_seed(seed)
-    sizes = dict(
-        vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=0.2,
-    )  # fmt: skip
-    if architecture == "gemma2":  # softcapped attention and logits, alternating sliding windows
-        config = Gemma2Config(**sizes, sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
-        return Gemma2ForCausalLM(config).eval().requires_grad_(False)
-    return LlamaForCausalLM(LlamaConfig(**sizes)).eval().requires_grad_(False)
-
-
-def random_batch(batch: int = 3, length: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and a mask that drops BOS at position 0 and pads the tail of the last row."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, len(tiny_tokenizer()), (batch, length), generator=generator)
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    mask[:, 0] = False
-    mask[-1, -5:] = False
-    return input_ids, mask
-
 
 ARCHITECTURES = ["llama", "gemma2"]
 
@@ -94,7 +46,9 @@ def test_hook_captures_exactly_the_layer_output(architecture):
 def test_forward_stops_after_the_hooked_layer():
     model = tiny_model()
     calls = []
-    handles = [layer.register_forward_hook(lambda *args, i=i: calls.append(i)) for i, layer in enumerate(model.model.layers)]
+    handles = [
+        layer.register_forward_hook(lambda *args, i=i: calls.append(i)) for i, layer in enumerate(model.model.layers)
+    ]
     handles.append(model.lm_head.register_forward_hook(lambda *args: calls.append("lm_head")))
     try:
         capture_activations(model, model.model.layers[1], random_batch()[0])
@@ -194,7 +148,8 @@ def test_missing_embedded_model_says_how_to_install(monkeypatch):
 def test_load_from_local_directory_with_dtype(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
-    model, tokenizer = load_base_model(BaseModelConfig(model=str(tmp_path), dtype="bfloat16", hook_module="model.layers.3"))
+    cfg = BaseModelConfig(model=str(tmp_path), dtype="bfloat16", hook_module="model.layers.3")
+    model, tokenizer = load_base_model(cfg)
     assert isinstance(model, LlamaForCausalLM) and model.dtype == torch.bfloat16
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     assert tokenizer("def add").input_ids == tiny_tokenizer()("def add").input_ids
@@ -203,7 +158,7 @@ def test_load_from_local_directory_with_dtype(tmp_path):
     # A local GGUF file is split into its directory and file name for from_pretrained.
     gguf = tmp_path / "model.Q8_0.gguf"
     gguf.touch()
-    assert base_model._pretrained_source(BaseModelConfig(model=str(gguf))) == (str(tmp_path), {"gguf_file": gguf.name})
+    assert base_model.pretrained_source(BaseModelConfig(model=str(gguf))) == (str(tmp_path), {"gguf_file": gguf.name})
     assert base_model.resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert base_model.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
 

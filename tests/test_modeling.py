@@ -369,3 +369,34 @@ def test_saebench_interface():
     assert model.b_enc.shape == (160,) and model.b_dec.shape == (24,)
     assert model.device.type == "cpu" and model.dtype == torch.float32
     assert torch.equal(model.W_enc[:, :12], model.core_encoder.T)
+
+
+def test_bf16_mixed_precision_training_step():
+    """Under Accelerate's bf16 autocast the sparse paths mix bf16 activations with fp32 weights."""
+    from accelerate import Accelerator
+
+    model = make_model()
+    core = model.core_encoder.clone()
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    trainer = SAETrainer(model, OptimizerConfig(lr=1e-3, warmup_steps=2, threshold_start_step=3), total_steps=8, accelerator=accelerator)
+    losses = [float(trainer.step(torch.randn(128, 24)).loss) for _ in range(8)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert trainer.sae.W_dec.dtype == torch.float32 and torch.equal(trainer.sae.core_encoder, core)
+
+
+def test_gradient_accumulation_steps_the_optimizer_every_nth_batch():
+    from accelerate import Accelerator
+
+    model = make_model()
+    trainer = SAETrainer(
+        model, OptimizerConfig(lr=1e-3, warmup_steps=1), total_steps=2, accelerator=Accelerator(cpu=True, gradient_accumulation_steps=2)
+    )
+    initial = model.encoder.detach().clone()
+    snapshots = []
+    for _ in range(4):
+        trainer.step(torch.randn(64, 24))
+        snapshots.append(trainer.sae.encoder.detach().clone())
+    assert torch.equal(snapshots[0], initial), "no optimiser step after the first of two accumulated batches"
+    assert trainer.scheduler.last_epoch == 2
+    assert torch.equal(snapshots[1], snapshots[2]) and not torch.equal(snapshots[0], snapshots[1])
+    assert not torch.equal(snapshots[2], snapshots[3])

@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_base_model import SENTENCES, tiny_tokenizer
+from tiny_models import SENTENCES, tiny_tokenizer
 
 from trainer.text_corpus import (
     ContextSharding,
@@ -91,7 +91,7 @@ def test_ranges_and_sharding_partition_the_stream(tmp_path):
     assert list(packed_contexts(tokenizer, cfg, start=5, count=7)) == everything[5:12]
     for num_processes, block_size in [(2, 1), (3, 4)]:
         shards = [
-            list(packed_contexts(tokenizer, cfg, start=3, count=17, sharding=ContextSharding(p, num_processes, block_size)))
+            list(packed_contexts(tokenizer, cfg, 3, 17, ContextSharding(p, num_processes, block_size)))
             for p in range(num_processes)
         ]
         indices = sorted(c.index for shard in shards for c in shard)

@@ -311,7 +311,8 @@ def _attribution_shard(
         for row in range(len(batch.index)):
             # Positions whose own prediction counts: the last position (g = 0) and BOS never do.
             positions = counted[row].nonzero().squeeze(1)
-            picked = positions[torch.randperm(len(positions), generator=generator)[: cfg.positions_per_context]].sort().values
+            order = torch.randperm(len(positions), generator=generator)
+            picked = positions[order[: cfg.positions_per_context]].sort().values
             xs.append(x[row, picked.to(x.device)])
             gs.append(g[row, picked.to(g.device)])
     indices = [c.index for c in contexts]

@@ -179,7 +179,9 @@ class DistillationRun:
         sae.eval()
         metrics = reconstruction_metrics(sae, data.held_out_batches(self.config.cycles.batch_size))
         metrics.update(
-            downstream_loss_metrics(sae, data.base_model, data.hook_module, data.ce_input_ids, data.ce_loss_mask)
+            downstream_loss_metrics(
+                sae, data.base_model, data.hook_module, data.ce_input_ids, data.ce_loss_mask, data.ce_clean, data.ce_zero_ablated
+            )
         )
         sae.train()
         return metrics

@@ -19,6 +19,7 @@ from trainer.activations import ActivationCache, ActivationStream, harvest_activ
 from trainer.base_model import capture_activations, hook_layer_index, load_base_model, resolve_hook_module
 from trainer.distill_config import DistillConfig
 from trainer.run_directory import RunDirectory
+from trainer.sae_metrics import mean_next_token_loss
 from trainer.text_corpus import EmptyDatasetError, context_batches, packed_contexts
 
 
@@ -35,6 +36,10 @@ class RunData:
     """[N, d] float32 held-out activations (masked positions dropped)."""
     ce_input_ids: torch.Tensor
     ce_loss_mask: torch.Tensor
+    ce_clean: float
+    """Mean next-token loss of the held-out contexts, untouched."""
+    ce_zero_ablated: float
+    """The same with the hooked activations zeroed."""
     normalization_factor: float
     """sqrt(E ||x||^2) over the attribution sample (dictionary_learning's activation normalisation)."""
 
@@ -109,5 +114,7 @@ def prepare_run_data(config: DistillConfig, accelerator: Accelerator, paths: Run
         held_out=held_out,
         ce_input_ids=ce_input_ids,
         ce_loss_mask=ce_loss_mask,
+        ce_clean=mean_next_token_loss(base_model, hook, ce_input_ids, ce_loss_mask),
+        ce_zero_ablated=mean_next_token_loss(base_model, hook, ce_input_ids, ce_loss_mask, torch.zeros_like),
         normalization_factor=float(attribution.x.pow(2).sum(-1).mean().sqrt()),
     )

@@ -19,7 +19,7 @@ model-index through huggingface_hub's ``EvalResult`` directly.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -67,35 +67,47 @@ def reconstruction_metrics(sae: DMSAEModel, batches: Iterable[torch.Tensor]) -> 
 
 
 @torch.no_grad()
+def mean_next_token_loss(
+    base_model: PreTrainedModel,
+    hook_module: nn.Module,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = 8,
+) -> float:
+    """Mean next-token loss over every counted prediction of the contexts, the hooked activations
+    optionally replaced (None: the clean model; ``torch.zeros_like``: zero-ablated)."""
+    device = next(base_model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size].to(device)
+        mask = loss_mask[start : start + batch_size].to(device)
+        predictions = int((next_token_targets(ids, mask) != IGNORE_INDEX).sum())  # what the mean counts
+        total += float(next_token_loss(base_model, ids, mask, hook_module, replace)) * predictions
+        count += predictions
+    return total / count
+
+
 def downstream_loss_metrics(
     sae: DMSAEModel,
     base_model: PreTrainedModel,
     hook_module: nn.Module,
     input_ids: torch.Tensor,
     loss_mask: torch.Tensor,
-    batch_size: int = 8,
+    clean: float,
+    zero_ablated: float,
 ) -> dict[str, float]:
-    """Clean, spliced and zero-ablated next-token loss on held-out contexts, and loss recovered."""
-    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-    replacements = {
-        "clean": None,
-        "spliced": lambda hidden: sae(hidden, use_threshold=_uses_threshold(sae), output_dense_latents=False)
-        .reconstruction.to(hidden.dtype),
-        "zero": torch.zeros_like,
-    }
-    weights = 0
-    device = next(base_model.parameters()).device
-    for start in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[start : start + batch_size].to(device)
-        mask = loss_mask[start : start + batch_size].to(device)
-        weight = int((next_token_targets(ids, mask) != IGNORE_INDEX).sum())  # predictions the mean counts
-        for name, replace in replacements.items():
-            sums[name] += float(next_token_loss(base_model, ids, mask, hook_module, replace)) * weight
-        weights += weight
-    clean, spliced, zero = (sums[name] / weights for name in ("clean", "spliced", "zero"))
+    """Next-token loss with the SAE's reconstruction spliced in, against the clean and the
+    zero-ablated losses (the same for every SAE of a run, so computed once by the caller)."""
+
+    def splice(hidden: torch.Tensor) -> torch.Tensor:
+        output = sae(hidden, use_threshold=_uses_threshold(sae), output_dense_latents=False)
+        return output.reconstruction.to(hidden.dtype)
+
+    spliced = mean_next_token_loss(base_model, hook_module, input_ids, loss_mask, splice)
     return {
         "ce_loss_clean": clean,
         "ce_loss_spliced": spliced,
-        "ce_loss_zero_ablated": zero,
-        "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
+        "ce_loss_zero_ablated": zero_ablated,
+        "loss_recovered": (zero_ablated - spliced) / (zero_ablated - clean) if zero_ablated != clean else float("nan"),
     }

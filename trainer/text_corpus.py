@@ -9,7 +9,7 @@ Public API:
   tokens, so ``start`` / ``count`` pick disjoint ranges (training, attribution, held-out).
 - :class:`ContextSharding`: which contexts a process owns under Accelerate: blocks of
   ``block_size`` consecutive contexts dealt round-robin to the processes, so no context is seen
-  twice and none is missed.
+  twice and none is missed. :func:`process_state` is Accelerate's view of the processes.
 - :func:`context_batches` ``(contexts, batch_size)``: stacks contexts into :class:`ContextBatch`.
 - :func:`materialize_embedded_corpus` ``(directory=None) -> Path``: writes the embedded corpus.
 
@@ -49,7 +49,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-TOKENIZE_BATCH_DOCUMENTS = 64  # documents per tokenizer call (the fast tokenizer batches in Rust)
+TOKENIZE_BATCH_DOCUMENTS = 16  # documents per tokenizer call (the fast tokenizer batches in Rust)
 
 
 @dataclass
@@ -261,10 +261,11 @@ def _pack(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, documents: Iterab
             if cfg.append_eos:
                 tokens.append(eos)
                 kept.append(not cfg.mask_eos)
-            while len(tokens) >= body:
-                yield context(tokens[:body], kept[:body])
-                del tokens[:body], kept[:body]
+            complete = len(tokens) // body * body
+            for start in range(0, complete, body):
+                yield context(tokens[start : start + body], kept[start : start + body])
                 index += 1
+            del tokens[:complete], kept[:complete]  # once per document: long documents stay linear
     if cfg.pad_last_context and tokens:
         padding = body - len(tokens)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
