@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from modeling_dmsae import DMSAEModel
+
 DICTIONARY_LEARNING_INSTALL = "pip install --no-deps dictionary-learning==0.1.0 einops"
 
 
@@ -46,11 +48,11 @@ def load_dictionary_learning_matryoshka() -> types.ModuleType:
     return importlib.import_module(module_name)
 
 
-def dictionary_learning_twin(model, total_steps: int = 100_000):
+def dictionary_learning_twin(model: DMSAEModel, total_steps: int = 100_000):
     """dictionary_learning's ``MatryoshkaBatchTopKTrainer`` for ``model``'s shape, its SAE holding
     ``model``'s weights. Only for c = 0: dictionary_learning has no core."""
     config = model.config
-    if config.core_size != 0 or config.variant != "dense_core":
+    if config.core_size != 0:
         raise ValueError(f"dictionary_learning has no core: compare a c = 0 model, got core_size={config.core_size}")
     matryoshka = load_dictionary_learning_matryoshka()
     trainer = matryoshka.MatryoshkaBatchTopKTrainer(
@@ -91,7 +93,7 @@ class Comparison(NamedTuple):
     dictionary_learning_aux_loss: float
 
 
-def dictionary_learning_dead_mask(model, activations: torch.Tensor, dead_candidates: torch.Tensor) -> torch.Tensor:
+def dictionary_learning_dead_mask(model: DMSAEModel, activations: torch.Tensor, dead_candidates: torch.Tensor) -> torch.Tensor:
     """The dead latents dictionary_learning's AuxK uses when ``dead_candidates`` had gone long
     enough without firing: those that do not fire on this batch either."""
     with torch.no_grad():
@@ -105,7 +107,11 @@ def mark_dead(trainer, dead_candidates: torch.Tensor) -> None:
 
 
 def compare_with_dictionary_learning(
-    model, activations: torch.Tensor, dead_candidates: torch.Tensor | None = None, rtol: float = 1e-4, atol: float = 1e-5
+    model: DMSAEModel,
+    activations: torch.Tensor,
+    dead_candidates: torch.Tensor | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
 ) -> Comparison:
     """Our BatchTopK encode, prefix reconstructions and losses against dictionary_learning's on the
     same weights and batch (c = 0). Raises AssertionError beyond fp32 tolerance.

@@ -12,10 +12,12 @@ non-core latents split into Matryoshka groups with cumulative sizes m_0 < ... < 
 
 Every formula has one implementation here; the trainer and the attribution step call it.
 
-Speed: only the encoder GEMM is dense. Latents are kept as a sparse list of (token, latent,
-value) entries; the decoder gathers the active rows (``embedding_bag``) once for all prefixes,
-and the encoder backward runs through the kept entries only (``_SparseEncoderValues``). The
-core encoder rows are a buffer: no gradient, no optimizer state, bitwise frozen.
+Speed: only the encoder GEMM is dense. BatchTopK finds its cut without a full sort
+(``batch_topk_entries``). Latents are kept as a sparse list of (token, latent, value) entries;
+the decoder gathers the active rows (``embedding_bag``) once for all prefixes, and the backward
+runs through the kept entries only (``_SparseDecodePrefixes``, ``_SparseEncoderValues``); the
+ReLU-only core columns use small dense products instead. The core encoder rows are a buffer: no
+gradient, no optimizer state, bitwise frozen.
 """
 
 from __future__ import annotations
@@ -243,7 +245,7 @@ class _SparseEncoderValues(torch.autograd.Function):
 
 
 # Size of the strided sample that estimates where BatchTopK's cut falls.
-_BATCHTOPK_SAMPLE_SIZE = 2**20
+_BATCHTOPK_SAMPLE_SIZE = 2**18
 
 
 def _entries_above(acts: torch.Tensor, bound: torch.Tensor | float, unmasked_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +258,7 @@ def _entries_above(acts: torch.Tensor, bound: torch.Tensor | float, unmasked_col
 
 def _sampled_rank_value(acts: torch.Tensor, rank: int, slack: float) -> torch.Tensor:
     """A value that about ``slack * rank`` entries of ``acts`` [N, n] exceed, read off a strided grid
-    sample of ~2^20 entries (0 once that rank covers the whole sample)."""
+    sample of ~2^18 entries (0 once that rank covers the whole sample)."""
     stride = max(1, math.isqrt(acts.numel() // _BATCHTOPK_SAMPLE_SIZE))
     sample = acts[::stride, ::stride].flatten()
     expected = rank * sample.numel() / acts.numel()
@@ -435,7 +437,8 @@ class DMSAEModel(DMSAEPreTrainedModel):
         """[L+1, N, d] normalised reconstructions x^_{m_0}, ..., x^_{m_L} (core always included).
 
         One gather of the active decoder rows, binned by (prefix block, token), then a cumulative
-        sum over blocks: each group's contribution is added once, never re-decoded per prefix.
+        sum over blocks: each group's contribution is added once, never re-decoded per prefix
+        (``_SparseDecodePrefixes``, which also decodes the core columns as one dense product).
         """
         blocks = self._block_of_latent()[latents.cols]
         return _SparseDecodePrefixes.apply(

@@ -374,14 +374,17 @@ def test_saebench_interface():
 def test_bf16_mixed_precision_training_step():
     """Under Accelerate's bf16 autocast the sparse paths mix bf16 activations with fp32 weights."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     model = make_model()
     core = model.core_encoder.clone()
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests fixed the precision to fp32
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     trainer = SAETrainer(model, OptimizerConfig(lr=1e-3, warmup_steps=2, threshold_start_step=3), total_steps=8, accelerator=accelerator)
     losses = [float(trainer.step(torch.randn(128, 24)).loss) for _ in range(8)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert trainer.sae.W_dec.dtype == torch.float32 and torch.equal(trainer.sae.core_encoder, core)
+    AcceleratorState._reset_state(reset_partial_state=True)  # leave fp32 to the tests that follow
 
 
 def test_gradient_accumulation_steps_the_optimizer_every_nth_batch():
