@@ -365,6 +365,8 @@ class DMSAEModel(DMSAEPreTrainedModel):
     @property
     def encoder_weight(self) -> torch.Tensor:
         """[K, d] encoder rows, core first (the paper's W_enc[j, :])."""
+        if self.config.core_size == 0:  # no copy of the whole encoder when there is no core
+            return self.encoder
         return torch.cat([self.core_encoder, self.encoder], dim=0)
 
     @property
@@ -502,7 +504,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
         num_tokens, c = x.shape[0], self.config.core_size
         latents, centered, relu_pre, smallest_kept = self.encode_sparse(x, use_threshold)
         prefixes = self.decode_prefixes(latents, num_tokens)
-        prefix_losses = (x - prefixes).pow(2).sum(-1).mean(-1)
+        prefix_losses = F.mse_loss(prefixes, x.expand_as(prefixes), reduction="none").sum(-1).mean(-1)
         reconstruction_loss = prefix_losses.sum()
         aux_loss = self.auxk_loss(centered, relu_pre, (x - prefixes[-1]).detach(), dead_latents)
         core_entries = (latents.cols < c).sum()
@@ -539,15 +541,14 @@ class DMSAEModel(DMSAEPreTrainedModel):
         step moves directions, not norms."""
         if self.W_dec.grad is None:
             return
-        directions = F.normalize(self.W_dec.float(), dim=-1)
-        grad = self.W_dec.grad.float()
-        grad -= (grad * directions).sum(-1, keepdim=True) * directions
-        self.W_dec.grad.copy_(grad)
+        directions = F.normalize(self.W_dec, dim=-1)
+        grad = self.W_dec.grad
+        grad.addcmul_(directions, torch.linalg.vecdot(grad, directions).unsqueeze(-1), value=-1)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row to unit norm."""
-        self.W_dec.copy_(F.normalize(self.W_dec.float(), dim=-1))
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=-1, keepdim=True).clamp_min(1e-12))
 
     # ---- Cycles and lineage --------------------------------------------------------------
 

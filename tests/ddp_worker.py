@@ -38,6 +38,7 @@ def train_two_replicas() -> None:
     replicas = accelerator.gather(state[None])
     assert torch.equal(replicas[0], replicas[1]), "replicas diverged"
     accelerator.print("replicas identical")
+    accelerator.wait_for_everyone()  # both ranks done before the process group goes
     accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
 
 

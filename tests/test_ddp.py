@@ -21,7 +21,7 @@ def accelerate_launch(*args: str) -> str:
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), *args,
     ]  # fmt: skip
     environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
 

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(config.run.seed)
     accelerator.init_trackers("dmsae", config=flat_hyperparameters(config))
     DistillationRun(config, accelerator).run()
+    accelerator.wait_for_everyone()  # every process done before the process group goes
     accelerator.end_training()
     return 0
 

@@ -84,7 +84,7 @@ class SAETrainer:
         self.total_steps = total_steps
         sae_config = model.config
         optimizer = torch.optim.Adam(
-            model.parameters(), lr=config.learning_rate(sae_config.num_latents), betas=(config.beta1, config.beta2)
+            model.parameters(), lr=config.learning_rate(sae_config.num_latents), betas=(config.beta1, config.beta2), fused=True
         )
         warmup = min(config.warmup_steps, max(total_steps // 10, 1))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
