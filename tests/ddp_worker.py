@@ -16,7 +16,7 @@ from trainer import distill
 from trainer.sae_training import OptimizerConfig, SAETrainer
 
 
-def train_two_replicas() -> None:
+def train_two_replicas() -> Accelerator:
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2, accelerator.num_processes
     torch.manual_seed(0)  # the same initialisation on both processes
@@ -38,12 +38,12 @@ def train_two_replicas() -> None:
     replicas = accelerator.gather(state[None])
     assert torch.equal(replicas[0], replicas[1]), "replicas diverged"
     accelerator.print("replicas identical")
-    accelerator.wait_for_everyone()  # both ranks done before the process group goes
-    accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
+    return accelerator
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "replicas":
-        train_two_replicas()
+        distill.shut_down(train_two_replicas())
     else:
         sys.exit(distill.main(sys.argv[2:]))
+

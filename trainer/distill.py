@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -40,6 +41,18 @@ def flat_hyperparameters(config: DistillConfig) -> dict[str, int | float | str |
         for name, value in fields.items():
             flat[f"{section}.{name}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def shut_down(accelerator: Accelerator) -> None:
+    """Finish the trackers and destroy the process group, once every process is done.
+
+    The sleep releases the GIL: gloo's worker thread still has to free the last collectives'
+    tensors, which needs the GIL; destroying the group while it waits deadlocks (torch 2.13).
+    """
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        time.sleep(0.5)
+    accelerator.end_training()
 
 
 def push_only(run_dir: str, argv: list[str]) -> int:
@@ -70,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(config.run.seed)
     accelerator.init_trackers("dmsae", config=flat_hyperparameters(config))
     DistillationRun(config, accelerator).run()
-    accelerator.wait_for_everyone()  # every process done before the process group goes
-    accelerator.end_training()
+    shut_down(accelerator)
     return 0
 
 
