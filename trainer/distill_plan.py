@@ -96,7 +96,10 @@ def describe_plan(config: DistillConfig, d_in: int | None = None) -> str:
         ]
     lines.append(f"  transfer        {len(finals)} final SAE(s) {finals}, {transfer_steps} steps each")
     if config.transfer.random_core_control:
-        lines.append(f"  control         random core of |C*| latents at k = {config.cycles.k}, {transfer_steps} steps")
+        lines.append(
+            f"  control         random core of |C*| latents against the distilled core, both dense at k = {config.cycles.k} "
+            f"(Figure 3), {transfer_steps} steps each"
+        )
     memory = sae_training_bytes(sae, config.cycles.batch_size)
     lines.append(f"  memory          SAE training ~{memory / GIB:.2f} GiB per process (fp32 weights, grads, Adam, batch)")
     if config.hub.repo_id:
