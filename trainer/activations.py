@@ -58,6 +58,7 @@ from trainer.base_model import (
     next_token_targets,
     resolve_hook_module,
 )
+from trainer.run_directory import write_json
 from trainer.text_corpus import (
     ContextSharding,
     DataConfig,
@@ -379,12 +380,6 @@ def _check_manifest(directory: Path, expected: dict) -> dict | None:
     return existing
 
 
-def _write_json(path: Path, content: dict) -> None:
-    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(content, indent=2))
-    os.replace(temporary, path)
-
-
 def _shard_path(directory: Path, shard: int) -> Path:
     return directory / f"shard_{shard:06d}.safetensors"
 
@@ -414,7 +409,7 @@ def _harvest_to_cache(
         return
     if state.is_main_process and existing is None:
         directory.mkdir(parents=True, exist_ok=True)
-        _write_json(directory / MANIFEST, manifest)
+        write_json(directory / MANIFEST, manifest)
     state.wait_for_everyone()
     process = ContextSharding(state.process_index, state.num_processes, cfg.contexts_per_shard)
     for shard, shard_contexts in _contexts_by_shard(tokenizer, data, cfg, contexts, process):
@@ -450,7 +445,7 @@ def _finish_cache(directory: Path, manifest: dict, contexts: range) -> None:
     for path in shards:
         with safe_open(path, "pt") as file:
             num_rows += file.get_slice("x").get_shape()[0]
-    _write_json(directory / MANIFEST, {**manifest, "complete": True, "num_shards": len(shards), "num_rows": num_rows})
+    write_json(directory / MANIFEST, {**manifest, "complete": True, "num_shards": len(shards), "num_rows": num_rows})
 
 
 def _harvest_setup(

@@ -155,18 +155,6 @@ class DistillConfig:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Human-readable list of the fields that differ between two nested config dicts."""
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"  {prefix}{key}: {a!r} -> {b!r}")
-    return lines
-
-
 # Short spellings of the most used options.
 ALIASES = {"--push-to-hub": "--hub.repo_id", "--core": "--transfer.core", "--resume": "--run.resume", "--dry-run": "--run.dry_run"}
 FLAGS = {"--resume", "--dry-run"}  # aliases that take no value

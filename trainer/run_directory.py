@@ -12,22 +12,35 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
 
-from trainer.distill_config import DistillConfig, config_differences
+if TYPE_CHECKING:  # run_directory is imported by the harvest, which distill_config imports
+    from trainer.distill_config import DistillConfig
 
 # Fields that say how to run, not what to compute: changing them never invalidates a run.
 _NOT_PART_OF_THE_RUN = {("run", "resume"), ("run", "dry_run"), ("run", "log_with"), ("hub", "repo_id"), ("hub", "private"), ("hub", "max_attempts"), ("hub", "retry_wait_s")}
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Atomically write JSON (temporary file, then rename)."""
+    """Atomically write JSON (a temporary file of this process, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     temporary.write_text(json.dumps(payload, indent=2))
     os.replace(temporary, path)
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of the fields that differ between two nested config dicts."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"  {prefix}{key}: {a!r} -> {b!r}")
+    return lines
 
 
 def read_json(path: Path) -> Any:
