@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from tiny_models import SENTENCES, tiny_model, tiny_tokenizer
 from transformers import AutoModel
@@ -191,7 +190,11 @@ def test_hub_failure_never_stops_the_run_and_push_only_finishes_it(tiny_setup, t
     repo = f"{hub.org}/flaky"
     output = tmp_path / "flaky"
     hub.server.fail("commit", after=1, times=10_000, mode="drop")  # cycle 0 arrives, then the network dies
-    args = tiny_args(tiny_setup, output, "--push-to-hub", repo, "--transfer.random_core_control", "false", "--hub.max_attempts", "1")
+    args = tiny_args(
+        tiny_setup, output, "--push-to-hub", repo, "--transfer.random_core_control", "false", "--hub.max_attempts", "1",
+        # repo names of their own: the client caches resolved revisions by repo id across test servers
+        "--hub.sae_repo_pattern", "{org}/flaky-{model}-l{layer}-k{k}{suffix}",
+    )
     assert distill.main(args) == 0
     assert (output / "transfer" / "k-0016-dense_core" / "model.safetensors").exists()
     assert "--push-only" in caplog.text
@@ -199,4 +202,4 @@ def test_hub_failure_never_stops_the_run_and_push_only_finishes_it(tiny_setup, t
     hub.server.faults.clear()
     assert distill.main(["--push-only", str(output), "--push-to-hub", repo]) == 0
     assert set(hub.server.repo(repo).tags) == {"cycle-0", "cycle-1", "cycle-2", "distilled"}
-    assert AutoModel.from_pretrained(f"{hub.org}/dmsae-gemma2-l2-k4").config.k == 4
+    assert AutoModel.from_pretrained(f"{hub.org}/flaky-gemma2-l2-k4").config.k == 4
