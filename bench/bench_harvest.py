@@ -2,6 +2,8 @@
 
     python bench/bench_harvest.py                      # embedded SmolLM2-135M, layer 12, CPU
     python bench/bench_harvest.py --contexts 256 --rounds 5
+    python bench/random_gemma2_2b.py /tmp/gemma2-2b           # a GPU, without Gemma-2-2B's weights:
+    python bench/bench_harvest.py --model /tmp/gemma2-2b --contexts 512 --batch_size 32
 
 Three measurements over the same contexts of the embedded corpus, in tokens (context positions)
 per second:
@@ -46,10 +48,12 @@ class BenchConfig:
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
 
 
-def timed(run) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process)."""
+def timed(run, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process), the queued GPU work included."""
     wall, cpu = time.perf_counter(), time.process_time()
     run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -82,7 +86,7 @@ def main(cfg: BenchConfig) -> None:
     best = {name: (float("inf"), float("inf")) for name in methods}
     for _ in range(cfg.rounds):
         for name, run in methods.items():
-            best[name] = min(best[name], timed(run))
+            best[name] = min(best[name], timed(run, model.device))
 
     print(
         f"\n{cfg.base.model_id}, hook {cfg.base.hook_module}, {model.device}, {model.dtype}; "

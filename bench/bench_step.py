@@ -3,6 +3,8 @@
     bash bench/setup_peers.sh                                # once: .bench-venv with both peers
     .bench-venv/bin/python bench/bench_step.py               # SmolLM2 shapes: d=576, K=8192, k=64, N=4096
     .bench-venv/bin/python bench/bench_step.py --d_in 2304 --num_latents 65536 --k 320 --batch_size 1024
+    .bench-venv/bin/python bench/bench_step.py --allocator thp          # every contender on huge pages
+    .bench-venv/bin/python bench/bench_step.py --device cuda --profile  # on a GPU, with a per-operator profile
 
 Contenders, each a full optimisation step (forward, backward, optimizer) on the same random batch:
 - ``gemm``: the dense encoder GEMM [N, d] x [d, K] alone, the floor of any step;
@@ -38,6 +40,12 @@ if str(ROOT) not in sys.path:  # run as a script: make `bench` and the project i
     sys.path.insert(0, str(ROOT))
 
 CONTENDERS = ("gemm", "dmsae", "dmsae-c0", "dictionary_learning", "sae_lens")
+# glibc and PyTorch read these when a process starts: each contender's process gets them from the driver.
+ALLOCATOR_ENVIRONMENT = {
+    "glibc": {},
+    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "retain": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30)},
+}
 
 
 @dataclass
@@ -60,10 +68,22 @@ class BenchConfig:
     """Rounds; each contender runs once per round, in a fresh process, in rotating order."""
     steps: int = 3
     """Timed steps per process, after the warm-up steps."""
-    warmup_steps: int = 1
-    """Untimed steps per process (the first step also initialises b_dec)."""
+    warmup_steps: int = 2
+    """Untimed steps per process (the first step also initialises b_dec). Two, because with
+    ``--allocator retain`` the heap only reaches its steady size over the first two steps."""
     threads: int = 2
     """torch intra-op threads of every contender."""
+    device: str = "cpu"
+    """cpu, or cuda: every contender on the GPU (the step times then synchronise the device, and
+    memory is torch's peak CUDA allocation instead of the process's resident memory)."""
+    allocator: str = "glibc"
+    """CPU memory allocator settings of every contender. glibc: its defaults, which unmap each
+    block above 32 MiB when it is freed and page-fault it back in, 4 KiB at a time, on the next
+    step (gradients and [N, K] tensors are such blocks at the paper's shape). thp: PyTorch's
+    THP_MEM_ALLOC_ENABLE=1, so blocks of 2 MiB and more ask for transparent huge pages (512x
+    fewer faults; needs /sys/kernel/mm/transparent_hugepage/enabled at madvise or always).
+    retain: MALLOC_MMAP_MAX_=0 and a 16 GiB MALLOC_TRIM_THRESHOLD_, so freed blocks stay in
+    the heap and are reused without faults, at the price of a heap that holds on to its peak."""
     omp_wait_policy: str = "PASSIVE"
     """OMP_WAIT_POLICY of every contender. PASSIVE: idle OpenMP threads sleep instead of spinning.
     On a machine shared with other jobs, spinning threads wait whole scheduler slices for a
@@ -74,6 +94,9 @@ class BenchConfig:
     """Tokens of the c = 0 numerics check against dictionary_learning (0 skips it)."""
     output: str = ""
     """Optional JSON file for the raw timings and the table."""
+    profile: bool = False
+    """Also profile one more step of every contender after its timed steps (torch.profiler) and
+    print, after the table, where its time goes, operator by operator."""
     worker: str = ""
     """Internal: run this one contender and print its measurements as JSON."""
 
@@ -89,20 +112,31 @@ def resident_mb() -> float:
 
 def dead_mask(config: BenchConfig) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
-    return torch.rand(config.num_latents, generator=generator) < config.dead_fraction
+    return (torch.rand(config.num_latents, generator=generator) < config.dead_fraction).to(config.device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the queued kernels, so that a step's time is the step's work."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def gemm_step(config: BenchConfig, batch: torch.Tensor) -> Callable[[], None]:
-    weight = torch.randn(config.d_in, config.num_latents) / config.d_in**0.5
-    return lambda: batch @ weight
+    """The floor: the GEMM alone, into a preallocated output (no allocation, no page faults)."""
+    weight = torch.randn(config.d_in, config.num_latents, device=config.device) / config.d_in**0.5
+    output = batch.new_empty(config.batch_size, config.num_latents)
+    return lambda: torch.mm(batch, weight, out=output)
 
 
 def dmsae_step(config: BenchConfig, batch: torch.Tensor, core_size: int) -> Callable[[], None]:
+    from accelerate import Accelerator
+
     from modeling_dmsae import DMSAEConfig, DMSAEModel
     from trainer.sae_training import OptimizerConfig, SAETrainer
 
     sae_config = DMSAEConfig(d_in=config.d_in, num_latents=config.num_latents, k=config.k, core_size=core_size)
-    trainer = SAETrainer(DMSAEModel(sae_config), OptimizerConfig(), total_steps=100_000)
+    accelerator = Accelerator(cpu=config.device == "cpu")
+    trainer = SAETrainer(DMSAEModel(sae_config), OptimizerConfig(), total_steps=100_000, accelerator=accelerator)
     dead = dead_mask(config)
 
     def step() -> None:
@@ -118,7 +152,7 @@ def dictionary_learning_step(config: BenchConfig, batch: torch.Tensor) -> Callab
 
     trainer = load_dictionary_learning_matryoshka().MatryoshkaBatchTopKTrainer(
         steps=100_000, activation_dim=config.d_in, dict_size=config.num_latents, k=config.k,
-        layer=0, lm_name="bench", group_fractions=list(SAEBENCH_GROUP_FRACTIONS), device="cpu",
+        layer=0, lm_name="bench", group_fractions=list(SAEBENCH_GROUP_FRACTIONS), device=config.device,
     )
     dead = dead_mask(config)
     steps_taken = 0
@@ -145,12 +179,12 @@ def sae_lens_step(config: BenchConfig, batch: torch.Tensor) -> Callable[[], None
     widths = torch.tensor(matryoshka_group_sizes(config.num_latents)).cumsum(0).tolist()
     sae = MatryoshkaBatchTopKTrainingSAE(
         MatryoshkaBatchTopKTrainingSAEConfig(
-            d_in=config.d_in, d_sae=config.num_latents, k=config.k, matryoshka_widths=widths, device="cpu"
+            d_in=config.d_in, d_sae=config.num_latents, k=config.k, matryoshka_widths=widths, device=config.device
         )
     )
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.999))
     dead = dead_mask(config)
-    passes_since_fired = torch.zeros(config.num_latents)
+    passes_since_fired = torch.zeros(config.num_latents, device=config.device)
     steps_taken = 0
 
     def step() -> None:
@@ -183,21 +217,40 @@ CONTENDER_MODULES = {
 }
 
 
-def memory_baseline_mb(contender: str) -> float:
-    """Resident memory once the contender's code is imported and torch's kernels are loaded:
-    what the step itself adds comes on top of this."""
+def memory_baseline_mb(contender: str, device: str) -> float:
+    """Memory once the contender's code is imported and torch's kernels are loaded: what the
+    step itself adds comes on top of this (resident memory on CPU, allocated memory on CUDA)."""
     for module in CONTENDER_MODULES[contender]:
         importlib.import_module(module)
-    weight = torch.randn(64, 64, requires_grad=True)
-    (torch.randn(64, 64) @ weight).relu().sum().backward()
-    return resident_mb()
+    weight = torch.randn(64, 64, requires_grad=True, device=device)
+    (torch.randn(64, 64, device=device) @ weight).relu().sum().backward()
+    return torch.cuda.memory_allocated() / 2**20 if device == "cuda" else resident_mb()
+
+
+def peak_memory_mb(device: str) -> float:
+    """The process's peak: resident memory on CPU, torch's peak allocation on CUDA."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def profile_one_step(step: Callable[[], None], device: str) -> str:
+    """torch.profiler's operator table for one step, by self time on the step's device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        step()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=20)
 
 
 def run_worker(config: BenchConfig) -> dict:
     torch.set_num_threads(config.threads)
-    baseline_mb = memory_baseline_mb(config.worker)
+    baseline_mb = memory_baseline_mb(config.worker, config.device)
     torch.manual_seed(0)
-    batch = torch.randn(config.batch_size, config.d_in)
+    batch = torch.randn(config.batch_size, config.d_in, device=config.device)
     builders = {
         "gemm": lambda: gemm_step(config, batch),
         "dmsae": lambda: dmsae_step(config, batch, config.core_size),
@@ -208,13 +261,17 @@ def run_worker(config: BenchConfig) -> dict:
     step = builders[config.worker]()
     for _ in range(config.warmup_steps):
         step()
+    synchronize(config.device)
     seconds = []
     for _ in range(config.steps):
         start = time.perf_counter()
         step()
+        synchronize(config.device)
         seconds.append(time.perf_counter() - start)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "peak_rss_mb": peak_mb, "baseline_rss_mb": baseline_mb}
+    measured = {"seconds": seconds, "peak_mb": peak_memory_mb(config.device), "baseline_mb": baseline_mb}
+    if config.profile:
+        measured["profile"] = profile_one_step(step, config.device)
+    return measured
 
 
 # ---- The driver ---------------------------------------------------------------------------
@@ -226,7 +283,7 @@ def run_in_fresh_process(config: BenchConfig, contender: str) -> dict:
         if name in ("worker", "contenders", "output"):
             continue
         arguments += [f"--{name}", str(value)]
-    environment = {**os.environ, "OMP_WAIT_POLICY": config.omp_wait_policy}
+    environment = {**os.environ, "OMP_WAIT_POLICY": config.omp_wait_policy, **ALLOCATOR_ENVIRONMENT[config.allocator]}
     result = subprocess.run(
         arguments + ["--worker", contender], capture_output=True, text=True, cwd=ROOT, env=environment
     )
@@ -265,8 +322,8 @@ def summarize(config: BenchConfig, results: dict[str, list[dict]]) -> list[dict]
             "contender": name,
             "step_ms": 1000 * seconds,
             "tokens_per_s": config.batch_size / seconds,
-            "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
-            "step_memory_mb": max(run["peak_rss_mb"] - run["baseline_rss_mb"] for run in runs),
+            "peak_mb": max(run["peak_mb"] for run in runs),
+            "step_memory_mb": max(run["peak_mb"] - run["baseline_mb"] for run in runs),
         }
         if "gemm" in medians:
             row["x_gemm"] = seconds / medians["gemm"]
@@ -283,7 +340,7 @@ def markdown_table(rows: list[dict]) -> str:
         ("tokens_per_s", "tokens/s", "{:,.0f}"),
         ("x_gemm", "x encoder GEMM", "{:.2f}"),
         ("speedup_vs_dictionary_learning", "speed-up vs dictionary_learning", "{:.2f}"),
-        ("peak_rss_mb", "peak RSS (MiB)", "{:,.0f}"),
+        ("peak_mb", "peak memory (MiB)", "{:,.0f}"),
         ("step_memory_mb", "above baseline (MiB)", "{:,.0f}"),
     ]
     columns = [column for column in columns if any(column[0] in row for row in rows)]
@@ -299,12 +356,19 @@ def main() -> None:
     if config.worker:
         print(json.dumps(run_worker(config)))
         return
+    if config.allocator not in ALLOCATOR_ENVIRONMENT:
+        raise SystemExit(f"--allocator must be one of {list(ALLOCATOR_ENVIRONMENT)}, got {config.allocator!r}")
+    if config.device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda, got {config.device!r}")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here; run on a GPU machine or use --device cpu")
     unknown = sorted(set(config.contenders) - set(CONTENDERS))
     if unknown:
         raise SystemExit(f"unknown contenders {unknown}; choose from {list(CONTENDERS)}")
+    device = torch.cuda.get_device_name() if config.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(
-        f"d={config.d_in} K={config.num_latents} k={config.k} N={config.batch_size} c={config.core_size} "
-        f"threads={config.threads} OMP_WAIT_POLICY={config.omp_wait_policy} torch={torch.__version__}",
+        f"{device}: d={config.d_in} K={config.num_latents} k={config.k} N={config.batch_size} c={config.core_size} "
+        f"threads={config.threads} allocator={config.allocator} OMP_WAIT_POLICY={config.omp_wait_policy} torch={torch.__version__}",
         flush=True,
     )
     if config.numerics_batch:
@@ -317,10 +381,13 @@ def main() -> None:
             run = run_in_fresh_process(config, contender)
             results[contender].append(run)
             times = ", ".join(f"{1000 * s:.0f}" for s in run["seconds"])
-            print(f"round {round_index + 1} {contender:>20}: {times} ms, peak RSS {run['peak_rss_mb']:.0f} MiB", flush=True)
+            print(f"round {round_index + 1} {contender:>20}: {times} ms, peak memory {run['peak_mb']:.0f} MiB", flush=True)
     rows = summarize(config, results)
     table = markdown_table(rows)
     print(table)
+    for contender, runs in results.items():
+        if "profile" in runs[0]:
+            print(f"\nProfile of one {contender} step (round 1):\n{runs[0]['profile']}")
     if config.output:
         Path(config.output).write_text(json.dumps({"config": asdict(config), "runs": results, "table": rows}, indent=2))
 

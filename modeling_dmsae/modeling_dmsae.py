@@ -207,41 +207,45 @@ class _SparseDecodePrefixes(torch.autograd.Function):
 class _SparseEncoderValues(torch.autograd.Function):
     """Differentiable values of the kept entries of relu((x - b_dec) W_enc + b_enc).
 
-    The values were already computed by the dense no-grad GEMM; this function only routes the
-    gradient through the kept entries: d x = sum_j g_j W_enc[j], d W_enc[j] = sum_u g_uj x_u,
-    d b_enc[j] = sum_u g_uj. The frozen core rows receive no gradient; their share of d x is one
-    dense [N, c] x [c, d] product (see ``_core_and_rest``).
+    The values were already computed by the dense no-grad GEMM (from ``centered`` = x - b_dec);
+    this function only routes the gradient through the kept entries, with g_j = sum_u g_uj:
+    d W_enc[j] = sum_u g_uj (x_u - b_dec), d b_enc[j] = g_j, d x_u = sum_j g_uj W_enc[j] and
+    d b_dec = -sum_u d x_u = -sum_j g_j W_enc[j]. The last one is a single [K] x [K, d] product,
+    so the per-token d x is only gathered when the input itself needs a gradient. The frozen core
+    rows receive no gradient; their share of d x is one dense [N, c] x [c, d] product (see
+    ``_core_and_rest``).
     """
 
     @staticmethod
-    def forward(ctx, centered, noncore_weight, b_enc, encoder_weight, rows, cols, values):
-        ctx.save_for_backward(centered, encoder_weight, rows, cols)
-        ctx.core_size = encoder_weight.shape[0] - noncore_weight.shape[0]
+    def forward(ctx, normalized, b_dec, centered, encoder, b_enc, core_encoder, rows, cols, values):
+        ctx.save_for_backward(centered, encoder, core_encoder, rows, cols)
         return values
 
     @staticmethod
     def backward(ctx, grad_values):
-        centered, encoder_weight, rows, cols = ctx.saved_tensors
-        num_tokens, num_latents, core_size = centered.shape[0], encoder_weight.shape[0], ctx.core_size
+        centered, encoder, core_encoder, rows, cols = ctx.saved_tensors
+        core_size = core_encoder.shape[0]
         core, rest = _core_and_rest(cols, core_size)
-        grad_centered = grad_noncore = grad_b_enc = None
-        if ctx.needs_input_grad[0]:
+        noncore_cols, noncore_grads = cols[rest] - core_size, grad_values[rest]
+        needs_input, needs_b_dec, needs_encoder, needs_b_enc = (ctx.needs_input_grad[i] for i in (0, 1, 3, 4))
+        grad_input = grad_b_dec = grad_encoder = grad_b_enc = None
+        if needs_input:
+            num_tokens = centered.shape[0]
             # Entries keep their token order, so the bags (tokens) are already sorted.
-            grad_centered = gather_rows_weighted(
-                cols[rest], rows[rest], grad_values[rest], encoder_weight, num_tokens, bags_sorted=True
-            )
+            grad_input = gather_rows_weighted(noncore_cols, rows[rest], noncore_grads, encoder, num_tokens, bags_sorted=True)
             if core_size:
-                grad_core = _scatter_dense(
-                    rows[core], cols[core], grad_values[core].to(encoder_weight.dtype), (num_tokens, core_size)
-                )
-                grad_centered.addmm_(grad_core, encoder_weight[:core_size])
-        if ctx.needs_input_grad[1]:
-            grad_noncore = gather_rows_weighted(
-                rows[rest], cols[rest] - core_size, grad_values[rest], centered, num_latents - core_size
-            )
-        if ctx.needs_input_grad[2]:
-            grad_b_enc = grad_values.new_zeros(num_latents).index_add_(0, cols, grad_values)
-        return grad_centered, grad_noncore, grad_b_enc, None, None, None, None
+                grad_core = _scatter_dense(rows[core], cols[core], grad_values[core].to(encoder.dtype), (num_tokens, core_size))
+                grad_input.addmm_(grad_core, core_encoder)
+            grad_b_dec = -grad_input.sum(0) if needs_b_dec else None
+        if needs_b_enc or needs_b_dec:
+            per_latent = grad_values.new_zeros(core_size + encoder.shape[0]).index_add_(0, cols, grad_values)
+            grad_b_enc = per_latent if needs_b_enc else None
+            if needs_b_dec and grad_b_dec is None:
+                per_latent = per_latent.to(encoder.dtype)
+                grad_b_dec = -(per_latent[core_size:] @ encoder + per_latent[:core_size] @ core_encoder)
+        if needs_encoder:
+            grad_encoder = gather_rows_weighted(rows[rest], noncore_cols, noncore_grads, centered, encoder.shape[0])
+        return grad_input, grad_b_dec, None, grad_encoder, grad_b_enc, None, None, None, None
 
 
 # Size of the strided sample that estimates where BatchTopK's cut falls.
@@ -404,24 +408,39 @@ class DMSAEModel(DMSAEPreTrainedModel):
 
     def encode_sparse(
         self, normalized: torch.Tensor, use_threshold: bool
-    ) -> tuple[SparseLatents, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[SparseLatents, torch.Tensor, torch.Tensor]:
         """f~(x) for normalised inputs [N, d] as sparse entries.
 
-        Returns (latents, centered inputs, dense no-grad ReLU pre-activations [N, K], smallest
-        BatchTopK value). Gradients reach ``encoder``, ``b_enc`` and ``b_dec`` through the kept
+        Returns (latents, dense no-grad ReLU pre-activations [N, K], smallest BatchTopK value). Gradients reach ``encoder``, ``b_enc`` and ``b_dec`` through the kept
         entries only.
         """
-        centered = normalized - self.b_dec
-        encoder_weight = self.encoder_weight.detach()
-        with torch.no_grad():
-            relu_pre = torch.addmm(self.b_enc, centered, encoder_weight.T).relu_()
+        relu_pre = self._relu_preactivations(self._centered(normalized))
         rows, cols, smallest_kept = self._select(relu_pre, use_threshold)
-        values = self._sparse_values(centered, encoder_weight, relu_pre, rows, cols)
-        return SparseLatents(rows, cols, values), centered, relu_pre, smallest_kept
+        values = self._sparse_values(normalized, relu_pre, rows, cols)
+        return SparseLatents(rows, cols, values), relu_pre, smallest_kept
 
-    def _sparse_values(self, centered, encoder_weight, relu_pre, rows, cols) -> torch.Tensor:
+    def _centered(self, normalized: torch.Tensor) -> torch.Tensor:
+        """x - b_dec, detached: the encoder's input (its gradient flows through _SparseEncoderValues)."""
+        return normalized.detach() - self.b_dec.detach()
+
+    @torch.no_grad()
+    def _relu_preactivations(self, centered: torch.Tensor) -> torch.Tensor:
+        """f(x) = ReLU(centered W_enc + b_enc) as a dense no-grad [N, K] (Eq. 1): the encoder GEMM.
+
+        The core and non-core rows are multiplied into their column ranges of one output, so the
+        [K, d] encoder is never concatenated (a copy as large as the weights, every step)."""
+        c = self.config.core_size
+        relu_pre = centered.new_empty(centered.shape[0], self.config.num_latents)
+        if c:
+            torch.addmm(self.b_enc[:c], centered, self.core_encoder.T, out=relu_pre[:, :c])
+        torch.addmm(self.b_enc[c:], centered, self.encoder.T, out=relu_pre[:, c:])
+        return relu_pre.relu_()
+
+    def _sparse_values(self, normalized, relu_pre, rows, cols) -> torch.Tensor:
+        """The kept entries' values, differentiable through the kept entries only."""
         return _SparseEncoderValues.apply(
-            centered, self.encoder, self.b_enc, encoder_weight, rows, cols, relu_pre[rows, cols]
+            normalized, self.b_dec, self._centered(normalized),
+            self.encoder, self.b_enc, self.core_encoder, rows, cols, relu_pre[rows, cols],
         )
 
     def encode(self, activations: torch.Tensor, use_threshold: bool | None = None) -> torch.Tensor:
@@ -460,7 +479,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
     # ---- Losses --------------------------------------------------------------------------
 
     def auxk_loss(
-        self, centered: torch.Tensor, relu_pre: torch.Tensor, residual: torch.Tensor, dead_latents: torch.Tensor | None
+        self, normalized: torch.Tensor, relu_pre: torch.Tensor, residual: torch.Tensor, dead_latents: torch.Tensor | None
     ) -> torch.Tensor:
         """AuxK: the top-``aux_k`` dead latents of each token reconstruct the (detached) residual,
         normalised by the residual's variance (dictionary_learning / OpenAI)."""
@@ -475,7 +494,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
         cols, values = dead[top.indices.flatten()], top.values.flatten()
         alive = values > 0
         rows, cols = rows[alive], cols[alive]
-        values = self._sparse_values(centered, self.encoder_weight.detach(), relu_pre, rows, cols)
+        values = self._sparse_values(normalized, relu_pre, rows, cols)
         aux_reconstruction = _SparseDecodePrefixes.apply(
             values, self.W_dec, None, rows, cols, torch.zeros_like(cols), self.config.core_size, 1, num_tokens
         )[0]
@@ -502,11 +521,11 @@ class DMSAEModel(DMSAEPreTrainedModel):
         use_threshold = (not self.training) if use_threshold is None else use_threshold
         x = self.normalize_activations(activations)
         num_tokens, c = x.shape[0], self.config.core_size
-        latents, centered, relu_pre, smallest_kept = self.encode_sparse(x, use_threshold)
+        latents, relu_pre, smallest_kept = self.encode_sparse(x, use_threshold)
         prefixes = self.decode_prefixes(latents, num_tokens)
         prefix_losses = F.mse_loss(prefixes, x.expand_as(prefixes), reduction="none").sum(-1).mean(-1)
         reconstruction_loss = prefix_losses.sum()
-        aux_loss = self.auxk_loss(centered, relu_pre, (x - prefixes[-1]).detach(), dead_latents)
+        aux_loss = self.auxk_loss(x, relu_pre, (x - prefixes[-1]).detach(), dead_latents)
         core_entries = (latents.cols < c).sum()
         output = DMSAEOutput(
             loss=reconstruction_loss + self.config.aux_alpha * aux_loss,
@@ -536,14 +555,17 @@ class DMSAEModel(DMSAEPreTrainedModel):
         self.b_dec.copy_(geometric_median(self.normalize_activations(activations)).to(self.b_dec.dtype))
 
     @torch.no_grad()
-    def remove_decoder_parallel_gradient_(self) -> None:
-        """Project out of W_dec's gradient the component along each (unit) decoder row, so the
-        step moves directions, not norms."""
+    def remove_decoder_parallel_gradient_(self, rows_per_block: int = 2048) -> None:
+        """Project out of W_dec's gradient the component along each decoder row, so the step
+        moves directions, not norms:  g_j <- g_j - (g_j . w_j / |w_j|^2) w_j.
+
+        Row blocks keep the temporaries cache-sized; the whole-matrix expression allocates two
+        [K, d] temporaries, which cost more than the projection itself."""
         if self.W_dec.grad is None:
             return
-        directions = F.normalize(self.W_dec, dim=-1)
-        grad = self.W_dec.grad
-        grad.addcmul_(directions, torch.linalg.vecdot(grad, directions).unsqueeze(-1), value=-1)
+        for grad, rows in zip(self.W_dec.grad.split(rows_per_block), self.W_dec.detach().split(rows_per_block)):
+            parallel = torch.linalg.vecdot(grad, rows) / torch.linalg.vecdot(rows, rows).clamp_min(1e-24)
+            grad.addcmul_(rows, parallel.unsqueeze(-1), value=-1)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

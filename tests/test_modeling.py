@@ -74,16 +74,21 @@ def reference_loss(model: DMSAEModel, x: torch.Tensor, dead: torch.Tensor | None
 @pytest.mark.parametrize("variant", ["dense_core", "sparse_core"])
 @pytest.mark.parametrize("core_size", [0, 12])
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_loss_and_gradients_match_dense_reference(variant, core_size, with_dead):
+@pytest.mark.parametrize("input_gradient", [False, True], ids=["params-only", "with-input-grad"])
+def test_loss_and_gradients_match_dense_reference(variant, core_size, with_dead, input_gradient):
+    """Loss, latents and every gradient against Eq. 1-5 written densely. Without an input
+    gradient, b_dec's gradient takes its own route (one [K] x [K, d] product)."""
     groups = [12, 24, 48, 76 - core_size]
     model = make_model(variant=variant, core_size=core_size, group_sizes=groups)
-    x = torch.randn(64, 24) * 2
+    x = (torch.randn(64, 24) * 2).requires_grad_(input_gradient)
     dead = (torch.arange(160) % 3 == 0) if with_dead else None
 
     output = model(x, dead_latents=dead, use_threshold=False)
     output.loss.backward()
     ours = {name: p.grad.clone() for name, p in model.named_parameters()}
+    our_input_gradient = x.grad.clone() if input_gradient else None
     model.zero_grad()
+    x.grad = None
 
     loss, prefix_losses, x_hat, f = reference_loss(model, x, dead)
     loss.backward()
@@ -95,6 +100,8 @@ def test_loss_and_gradients_match_dense_reference(variant, core_size, with_dead)
         assert output.aux_loss > 0
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+    if input_gradient:
+        torch.testing.assert_close(our_input_gradient, x.grad, rtol=1e-4, atol=1e-5, msg="gradient of the input")
 
 
 def test_normalization_factor_is_transparent():
@@ -197,10 +204,15 @@ def test_core_rows_stay_bitwise_frozen_while_everything_else_trains():
 
 def test_decoder_gradient_projection_removes_parallel_component():
     model = make_model()
+    with torch.no_grad():  # rows of assorted norms: the projection must not assume unit rows
+        model.W_dec.mul_(torch.rand(model.W_dec.shape[0], 1) + 0.5)
     model(torch.randn(32, 24), use_threshold=False).loss.backward()
-    model.remove_decoder_parallel_gradient_()
-    parallel = (model.W_dec.grad * model.W_dec).sum(-1)
-    assert parallel.abs().max() < 1e-5
+    gradient = model.W_dec.grad.clone()
+    model.remove_decoder_parallel_gradient_(rows_per_block=7)  # blocks that do not divide K
+    directions = torch.nn.functional.normalize(model.W_dec.detach(), dim=-1)
+    expected = gradient - (gradient * directions).sum(-1, keepdim=True) * directions
+    torch.testing.assert_close(model.W_dec.grad, expected)
+    assert (model.W_dec.grad * model.W_dec).sum(-1).abs().max() < 1e-5
 
 
 # ---- AuxK ------------------------------------------------------------------------------------
