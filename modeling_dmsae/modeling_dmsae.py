@@ -414,9 +414,10 @@ class DMSAEModel(DMSAEPreTrainedModel):
         Returns (latents, dense no-grad ReLU pre-activations [N, K], smallest BatchTopK value). Gradients reach ``encoder``, ``b_enc`` and ``b_dec`` through the kept
         entries only.
         """
-        relu_pre = self._relu_preactivations(self._centered(normalized))
+        centered = self._centered(normalized)
+        relu_pre = self._relu_preactivations(centered)
         rows, cols, smallest_kept = self._select(relu_pre, use_threshold)
-        values = self._sparse_values(normalized, relu_pre, rows, cols)
+        values = self._sparse_values(normalized, centered, relu_pre, rows, cols)
         return SparseLatents(rows, cols, values), relu_pre, smallest_kept
 
     def _centered(self, normalized: torch.Tensor) -> torch.Tensor:
@@ -436,10 +437,10 @@ class DMSAEModel(DMSAEPreTrainedModel):
         torch.addmm(self.b_enc[c:], centered, self.encoder.T, out=relu_pre[:, c:])
         return relu_pre.relu_()
 
-    def _sparse_values(self, normalized, relu_pre, rows, cols) -> torch.Tensor:
+    def _sparse_values(self, normalized, centered, relu_pre, rows, cols) -> torch.Tensor:
         """The kept entries' values, differentiable through the kept entries only."""
         return _SparseEncoderValues.apply(
-            normalized, self.b_dec, self._centered(normalized),
+            normalized, self.b_dec, centered,
             self.encoder, self.b_enc, self.core_encoder, rows, cols, relu_pre[rows, cols],
         )
 
@@ -494,7 +495,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
         cols, values = dead[top.indices.flatten()], top.values.flatten()
         alive = values > 0
         rows, cols = rows[alive], cols[alive]
-        values = self._sparse_values(normalized, relu_pre, rows, cols)
+        values = self._sparse_values(normalized, self._centered(normalized), relu_pre, rows, cols)
         aux_reconstruction = _SparseDecodePrefixes.apply(
             values, self.W_dec, None, rows, cols, torch.zeros_like(cols), self.config.core_size, 1, num_tokens
         )[0]
