@@ -186,8 +186,9 @@ def short_model_name(base_model_id: str) -> str:
 
 
 def sae_repo_id(sae_dir: Path, config: DMSAEConfig, run_repo_id: str, settings: HubSettings) -> str:
-    random_core = sae_dir.name.startswith("random-core")
-    suffix = ("-sparse-core" if config.variant == "sparse_core" else "") + ("-random-core" if random_core else "")
+    # The comparison SAEs (trainer.distill_plan.final_runs) get repos of their own.
+    comparison = next((f"-{prefix}" for prefix in ("random-core", "baseline") if sae_dir.name.startswith(prefix)), "")
+    suffix = ("-sparse-core" if config.variant == "sparse_core" else "") + comparison
     org, name = run_repo_id.split("/")
     try:
         repo_id = settings.sae_repo_pattern.format(

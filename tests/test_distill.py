@@ -68,7 +68,14 @@ def test_every_stage_leaves_its_artifacts(finished_run):
             previous = load_file(run / "cycles" / f"cycle-{t - 1:03d}" / "core_directions.safetensors")["core_directions"]
             assert torch.equal(model.core_encoder, previous)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["transfer"]) == {"k-0004-dense_core", "k-0016-dense_core", "k-0008-dense_core", "random-core-k-0008"}
+    assert set(metrics["transfer"]) == {
+        "k-0004-dense_core", "k-0016-dense_core", "k-0008-dense_core", "k-0008-sparse_core", "random-core-k-0008",
+        "baseline-k-0004", "baseline-k-0008", "baseline-k-0016",
+    }  # fmt: skip
+    for k in (4, 8, 16):  # the plain Matryoshka baselines: no core, the DMSAEs' K and groups
+        baseline = AutoModel.from_pretrained(run / "transfer" / f"baseline-k-{k:04d}")
+        assert baseline.config.core_size == 0 and baseline.config.k == k
+        assert sum(baseline.config.group_sizes) == baseline.config.num_latents == 256
     for name in ("fve", "mse", "l0_core", "l0_noncore", "l0", "dead_fraction", "loss_recovered", "ce_loss_spliced"):
         assert all(name in m for m in metrics["cycles"].values()), name
     for figure in ("core_lineage.png", "l0_core_distilled_vs_random.png", "coverage_curve.png"):

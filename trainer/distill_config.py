@@ -77,6 +77,10 @@ class TransferConfig:
     """Training tokens of each final SAE."""
     random_core_control: bool = True
     """Also train the Figure-3 control: a random core of the same size at the distillation k."""
+    sparsity_matched: bool = True
+    """Also train the sparse-core variant at the distillation k (global BatchTopK: L0 = k, as the baseline's)."""
+    baseline: bool = True
+    """Also train a plain Matryoshka SAE (c = 0) at every k above: same K, groups, tokens and seed policy."""
     core: str | None = None
     """Skip distillation and start from a saved core: a local distilled_core/ or cycle folder, or ORG/NAME@cycle-7 on the Hub."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 from modeling_dmsae import DMSAEConfig
 from modeling_dmsae.configuration_dmsae import matryoshka_group_sizes
@@ -23,6 +24,44 @@ def steps_for(tokens: int, config: DistillConfig) -> int:
     accumulation = config.run.gradient_accumulation_steps
     per_step = config.cycles.batch_size * world_size() * accumulation
     return max(1, math.ceil(tokens / per_step)) * accumulation
+
+
+class FinalRun(NamedTuple):
+    """One SAE of the transfer stage: its folder under ``transfer/``, sparsity k, masking variant,
+    and which core it starts from: ``distilled`` (C*, Algorithm 3), ``random`` (the Figure-3
+    control: random unit directions, frozen, of |C*| latents) or ``none`` (the plain Matryoshka
+    baseline, c = 0)."""
+
+    name: str
+    k: int
+    variant: str
+    core: str
+
+    @property
+    def stage(self) -> str:
+        """Name of its training stage (checkpoints and logs)."""
+        return f"transfer-{self.name}"
+
+
+def final_runs(config: DistillConfig) -> list[FinalRun]:
+    """Every SAE the transfer stage trains, in training order.
+
+    The DMSAEs at each k in transfer.ks and variant; with transfer.random_core_control, the
+    dense distilled core against a random core at the distillation k (Figure 3); with
+    transfer.sparsity_matched, the sparse-core variant at the distillation k (global L0 = k, as the
+    baseline's); with transfer.baseline, a plain Matryoshka SAE (c = 0) at every k trained above.
+    """
+    transfer, k = config.transfer, config.cycles.k
+    runs = [FinalRun(f"k-{kk:04d}-{variant}", kk, variant, "distilled") for kk in transfer.ks for variant in transfer.variants]
+    comparisons = [(k, "dense_core")] * transfer.random_core_control + [(k, "sparse_core")] * transfer.sparsity_matched
+    for kk, variant in comparisons:
+        if (kk, variant) not in {(r.k, r.variant) for r in runs}:
+            runs.append(FinalRun(f"k-{kk:04d}-{variant}", kk, variant, "distilled"))
+    if transfer.random_core_control:
+        runs.append(FinalRun(f"random-core-k-{k:04d}", k, "dense_core", "random"))
+    if transfer.baseline:
+        runs += [FinalRun(f"baseline-k-{kk:04d}", kk, "dense_core", "none") for kk in sorted({r.k for r in runs})]
+    return runs
 
 
 def cycle0_sae_config(config: DistillConfig, d_in: int, hook_layer: int | None = None) -> DMSAEConfig:
@@ -75,7 +114,7 @@ def describe_plan(config: DistillConfig, d_in: int | None = None) -> str:
     sae = cycle0_sae_config(config, d_in)
     cycle_steps = steps_for(config.cycles.tokens_per_cycle, config)
     transfer_steps = steps_for(config.transfer.tokens, config)
-    finals = [(k, v) for k in config.transfer.ks for v in config.transfer.variants]
+    finals = final_runs(config)
     cycle0 = config.cycles.cycle0_checkpoint or f"train from scratch ({cycle_steps} steps)"
     lines = [
         f"DMSAE distillation plan ({world_size()} process(es), batch {config.cycles.batch_size} tokens per process)",
@@ -94,12 +133,8 @@ def describe_plan(config: DistillConfig, d_in: int | None = None) -> str:
             f"select with tau = {config.cycles.tau}, q = {config.cycles.quantile}",
             f"  distilled core  C* = C({config.cycles.num_cycles}) ∩ C({config.cycles.num_cycles - 1})",
         ]
-    lines.append(f"  transfer        {len(finals)} final SAE(s) {finals}, {transfer_steps} steps each")
-    if config.transfer.random_core_control:
-        lines.append(
-            f"  control         random core of |C*| latents against the distilled core, both dense at k = {config.cycles.k} "
-            f"(Figure 3), {transfer_steps} steps each"
-        )
+    lines.append(f"  transfer        {len(finals)} SAE(s), {transfer_steps} steps each:")
+    lines += [f"                    {run.name} (k = {run.k}, {run.variant}, core: {run.core})" for run in finals]
     memory = sae_training_bytes(sae, config.cycles.batch_size)
     lines.append(f"  memory          SAE training ~{memory / GIB:.2f} GiB per process (fp32 weights, grads, Adam, batch)")
     if config.hub.repo_id:

@@ -27,7 +27,7 @@ from hub_cards.publish import HubPushError, build_hub_folders, push_cycle, push_
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from modeling_dmsae.convert_checkpoints import from_checkpoint
 from trainer.distill_config import DistillConfig
-from trainer.distill_plan import cycle0_sae_config, steps_for
+from trainer.distill_plan import cycle0_sae_config, final_runs, steps_for
 from trainer.run_data import RunData, prepare_run_data
 from trainer.run_directory import RunDirectory, atomic_folder, read_json, write_json
 from trainer.run_report import write_report
@@ -279,40 +279,29 @@ class DistillationRun:
 
     # ---- Algorithm 3 ------------------------------------------------------------------------------
 
-    def _final_runs(self) -> list[tuple[str, int, str, bool]]:
-        """(folder name, k, variant, random core) of every transfer-stage SAE; the Figure-3 pair
-        (distilled and random core, dense, at the distillation k) is always included when the
-        control is on."""
-        transfer, k = self.config.transfer, self.config.cycles.k
-        runs = [(f"k-{kk:04d}-{variant}", kk, variant, False) for kk in transfer.ks for variant in transfer.variants]
-        if transfer.random_core_control:
-            if (k, "dense_core") not in {(kk, v) for _, kk, v, _ in runs}:
-                runs.append((f"k-{k:04d}-dense_core", k, "dense_core", False))
-            runs.append((f"random-core-k-{k:04d}", k, "dense_core", True))
-        return runs
-
     def transfer_stage(self, core: Core, data: RunData) -> None:
-        """Fresh DMSAEs from the distilled core (Algorithm 3) and the random-core control."""
+        """Fresh DMSAEs from the distilled core (Algorithm 3) and the comparison SAEs: the
+        random-core control, the sparse-core variant and the plain Matryoshka baselines."""
         base = cycle0_sae_config(self.config, data.d_in, data.hook_layer)
         cycle = self.config.cycles.num_cycles + 1
-        for index, (name, k, variant, random_core) in enumerate(self._final_runs()):
-            folder = self.paths.transfer(name)
+        for index, run in enumerate(final_runs(self.config)):
+            folder = self.paths.transfer(run.name)
             if folder.exists():
                 continue
             set_seed(self.config.run.seed + 1000 + index)
-            lineage = [[cycle, j] for j in range(len(core.lineage))] if random_core else core.lineage
+            lineage = {"distilled": core.lineage, "random": [[cycle, j] for j in range(len(core.lineage))], "none": []}[run.core]
             sae_config = base.with_core(
-                lineage, cycle=cycle, k=k, variant=variant, normalization_factor=data.normalization_factor
+                lineage, cycle=cycle, k=run.k, variant=run.variant, normalization_factor=data.normalization_factor
             )
-            # The control keeps the random unit directions DMSAEModel initialises its core with.
-            model = DMSAEModel(sae_config) if random_core else DMSAEModel.from_core(sae_config, core.directions)
+            # The random control keeps the random unit directions DMSAEModel initialises its core with.
+            model = DMSAEModel.from_core(sae_config, core.directions) if run.core == "distilled" else DMSAEModel(sae_config)
             with self._timed("transfer training"):
-                model = self.train(f"transfer-{name}", model.to(self.accelerator.device), self.config.transfer.tokens, data)
+                model = self.train(run.stage, model.to(self.accelerator.device), self.config.transfer.tokens, data)
             with self._timed("evaluation"):
                 metrics = self.evaluate(model, data) if self.accelerator.is_main_process else {}
-            metrics.update(core_size=sae_config.core_size, k=k, k_noncore=sae_config.k_noncore, random_core=random_core)
+            metrics.update(core_size=sae_config.core_size, k=run.k, k_noncore=sae_config.k_noncore, core=run.core, variant=run.variant)
             self._save_stage(folder, model, metrics)
-            self._finish_stage(f"transfer-{name}")
+            self._finish_stage(run.stage)
 
     # ---- the whole run --------------------------------------------------------------------------
 
@@ -325,6 +314,6 @@ class DistillationRun:
         else:
             core = self.distill(data)
         self.transfer_stage(core, data)
-        self._on_main(lambda: write_report(self.config, self.paths, self._final_runs()))
+        self._on_main(lambda: write_report(self.config, self.paths))
         self._on_main(lambda: build_hub_folders(self.paths.root, self.config.hub))
         self._publish(lambda: push_run(self.paths.root, self.config.hub))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from trainer.distill_config import DistillConfig
+from trainer.distill_plan import FinalRun, final_runs
 from trainer.figures import core_lineage_figure, coverage_figure, l0_core_figure
 from trainer.run_directory import RunDirectory, read_json, write_json
 
@@ -19,15 +20,15 @@ def _cycle_folders(paths: RunDirectory) -> list[Path]:
     return sorted((paths.root / "cycles").glob("cycle-*")) if (paths.root / "cycles").exists() else []
 
 
-def collect_metrics(paths: RunDirectory, final_runs: list[tuple[str, int, str, bool]]) -> dict:
+def collect_metrics(paths: RunDirectory, runs: list[FinalRun]) -> dict:
     """{"cycles": {name: metrics}, "transfer": {name: metrics}}."""
     metrics = {"cycles": {}, "transfer": {}}
     for folder in _cycle_folders(paths):
         metrics["cycles"][folder.name] = read_json(folder / "metrics.json")
-    for name, *_ in final_runs:
-        folder = paths.transfer(name)
+    for run in runs:
+        folder = paths.transfer(run.name)
         if folder.exists():
-            metrics["transfer"][name] = read_json(folder / "metrics.json")
+            metrics["transfer"][run.name] = read_json(folder / "metrics.json")
     return metrics
 
 
@@ -76,7 +77,7 @@ and loss recovered, core size and carry-over (the fraction of a cycle's core it 
 """
 
 
-def write_report(config: DistillConfig, paths: RunDirectory, final_runs: list[tuple[str, int, str, bool]]) -> None:
-    write_json(paths.root / "metrics.json", collect_metrics(paths, final_runs))
+def write_report(config: DistillConfig, paths: RunDirectory) -> None:
+    write_json(paths.root / "metrics.json", collect_metrics(paths, final_runs(config)))
     draw_figures(config, paths)
     (paths.root / "SUMMARY.md").write_text(SUMMARY)
