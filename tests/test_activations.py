@@ -249,3 +249,41 @@ def test_two_processes_harvest_disjoint_shards(tmp_path, data):
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0)
+
+
+def test_massive_norm_positions_are_excluded_and_counted(tmp_path, data):
+    """Positions 3 and 9 of every context get a vector 100x the typical norm added at the hooked
+    layer (an injected attention sink): they must reach neither the cache nor the attribution
+    sample, and the manifest must count them and show them in the norm profile."""
+    model = tiny_model()
+    hook = resolve_hook_module(model, BASE.hook_module)
+    with torch.no_grad():
+        typical = capture_activations(model, hook, torch.tensor([[5, 6, 7, 8]])).norm(dim=-1).median()
+    spike = torch.zeros(CONTEXT_LENGTH, 32)
+    spike[[3, 9], 0] = 100 * typical
+
+    def inject(module, args, output):
+        return output + spike[: output.shape[1]]
+
+    clean = harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path, "clean"))
+    handle = hook.register_forward_hook(inject)
+    try:
+        cache = harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path))
+        sample = harvest_attribution_sample(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path))
+    finally:
+        handle.remove()
+    census = cache.manifest["positions"]
+    assert clean.manifest["positions"]["excluded"]["massive_norm"] == 0
+    assert census["excluded"]["massive_norm"] == 2 * 20  # two per training context
+    assert census["kept"] == cache.num_rows == clean.num_rows - 40
+    assert census["positions"] == 20 * CONTEXT_LENGTH
+    assert census["excluded"]["special_tokens"] == census["positions"] - clean.num_rows  # BOS
+    profile = census["mean_norm_at_position"]
+    assert profile[3] > 50 * census["median_norm"] and profile[2] < 2 * census["median_norm"]
+    rows = cache.tensors()
+    assert rows.norm(dim=-1).max() < 10 * census["median_norm"]
+    assert sample.x.norm(dim=-1).max() < 10 * census["median_norm"]
+    unfiltered = harvest_activations(
+        model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path, "unfiltered", max_norm_ratio=0)
+    )
+    assert unfiltered.num_rows == clean.num_rows  # max_norm_ratio 0 keeps every position

@@ -37,15 +37,15 @@ def stream_tokens(tokenizer, documents, eos=True):
 
 def test_packing_follows_the_token_stream(tmp_path):
     tokenizer = tiny_tokenizer()
-    cfg = DataConfig(dataset=str(write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)), context_length=16)
+    cfg = DataConfig(dataset=str(write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)), context_length=16, prepend_bos=False)
     contexts = list(packed_contexts(tokenizer, cfg))
     stream = stream_tokens(tokenizer, DOCUMENTS)
     assert [c.index for c in contexts] == list(range(len(stream) // 16))  # the incomplete tail is dropped
     assert sum((c.input_ids for c in contexts), []) == stream[: len(contexts) * 16]
     eos = tokenizer.eos_token_id
-    # No BOS (this tokenizer adds none): every position counts, EOS separators included.
+    # No BOS: every position counts, EOS separators included.
     assert all(all(c.mask) for c in contexts) and any(eos in c.input_ids for c in contexts)
-    masked_eos = DataConfig(dataset=cfg.dataset, context_length=16, mask_eos=True)
+    masked_eos = DataConfig(dataset=cfg.dataset, context_length=16, mask_eos=True, prepend_bos=False)
     for context in packed_contexts(tokenizer, masked_eos):
         assert [not kept for kept in context.mask] == [token == eos for token in context.input_ids]
 
@@ -63,15 +63,16 @@ def test_local_files_of_each_format(tmp_path, file_format):
     else:
         dataset = str(write_jsonl(tmp_path / "docs.json", DOCUMENTS[:4], column="body"))
     column = "text" if file_format == "txt" else "body"
-    cfg = DataConfig(dataset=dataset, text_column=column, context_length=8, pad_last_context=True)
+    cfg = DataConfig(dataset=dataset, text_column=column, context_length=8, pad_last_context=True, prepend_bos=False)
     contexts = list(packed_contexts(tokenizer, cfg))
     tokens = [t for c in contexts for t, kept in zip(c.input_ids, c.mask) if kept]
     assert tokens == stream_tokens(tokenizer, DOCUMENTS[:4])  # padding positions are masked out
     assert contexts[-1].input_ids[-1] == tokenizer.pad_token_id and not contexts[-1].mask[-1]
 
 
-def test_bos_is_prepended_and_masked_by_default(tmp_path):
-    tokenizer = tiny_tokenizer(adds_bos=True)  # like Gemma: the tokenizer adds BOS itself
+@pytest.mark.parametrize("adds_bos", [True, False], ids=["adds-bos-like-gemma", "has-bos-adds-none-like-smollm2"])
+def test_bos_is_prepended_and_masked_by_default(tmp_path, adds_bos):
+    tokenizer = tiny_tokenizer(adds_bos=adds_bos)  # either way BOS takes the attention sink, masked
     dataset = str(write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS))
     contexts = list(packed_contexts(tokenizer, DataConfig(dataset=dataset, context_length=12)))
     bos = tokenizer.bos_token_id
@@ -81,6 +82,16 @@ def test_bos_is_prepended_and_masked_by_default(tmp_path):
     assert all(all(c.mask) for c in kept)
     plain = list(packed_contexts(tokenizer, DataConfig(dataset=dataset, context_length=12, prepend_bos=False), count=2))
     assert all(bos not in c.input_ids for c in plain)
+
+
+def test_a_tokenizer_without_bos_gets_none(tmp_path):
+    tokenizer = tiny_tokenizer()
+    tokenizer.bos_token = None  # like Qwen's: no BOS token at all (the norm cut guards these models)
+    dataset = str(write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS))
+    contexts = list(packed_contexts(tokenizer, DataConfig(dataset=dataset, context_length=12), count=3))
+    assert sum((c.input_ids for c in contexts), []) == stream_tokens(tokenizer, DOCUMENTS)[:36]
+    with pytest.raises(ValueError, match="no BOS token; set --data.prepend_bos false"):
+        list(packed_contexts(tokenizer, DataConfig(dataset=dataset, context_length=12, prepend_bos=True), count=1))
 
 
 def test_ranges_and_sharding_partition_the_stream(tmp_path):

@@ -37,7 +37,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -46,6 +46,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.base_model import (
@@ -71,9 +72,9 @@ from trainer.text_corpus import (
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MANIFEST = "manifest.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: BOS prepended by default, massive-norm positions excluded, position census
 # Manifest entries that describe a cache without deciding its content: never compared.
-INFO_KEYS = ("model_id", "compute_dtype", "complete", "num_shards", "num_rows")
+INFO_KEYS = ("model_id", "compute_dtype", "complete", "num_shards", "num_rows", "positions")
 
 
 @dataclass
@@ -110,6 +111,9 @@ class HarvestConfig:
     seed: int = 0
     """Seeds the shard shuffles and the attribution position sampling."""
 
+    max_norm_ratio: float = 10.0
+    """Exclude positions whose activation norm exceeds this multiple of the median norm of their forward batch (attention sinks, massive activations) from SAE training, attribution, calibration and every metric; 0 keeps them. The default sits in the gap measured on SmolLM2-135M layer 12: ordinary tokens stay below 3x the median, sink positions lie at 15-200x (README, "Activation hygiene")."""
+
     def context_ranges(self, context_length: int) -> ContextRanges:
         train = range(0, math.ceil(self.train_tokens / context_length))
         attribution_contexts = math.ceil(self.attribution_tokens / self.positions_per_context)
@@ -142,6 +146,78 @@ class CacheMismatchError(ValueError):
 
 class IncompleteCacheError(FileNotFoundError):
     """The cache is missing or still being written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Which positions reach the SAE
+
+PROFILED_POSITIONS = 4  # the norm profile reports the first positions of every context
+
+
+def kept_positions(hidden: Tensor, token_mask: Tensor, max_norm_ratio: float) -> Tensor:
+    """[B, T] positions the SAE sees: ``token_mask`` (no BOS, no padding) less the positions whose
+    activation norm exceeds ``max_norm_ratio`` x the median norm of the batch's masked-in
+    positions. A batch median, not a running statistic: it needs no pass of its own, and it is
+    the same for a shard whether it is cached, streamed or harvested by any process."""
+    if max_norm_ratio <= 0 or not token_mask.any():
+        return token_mask
+    norms = hidden.float().norm(dim=-1)
+    # "not above", so that NaN rows stay in and meet the finiteness check instead of vanishing.
+    return token_mask & ~(norms > max_norm_ratio * norms[token_mask].median())
+
+
+@dataclass
+class PositionCensus:
+    """What the harvest did with the context positions it read, and their activation-norm profile."""
+
+    positions: int = 0
+    special_tokens: int = 0
+    """Excluded by the data settings: BOS, padding (and EOS with data.mask_eos)."""
+    massive_norm: int = 0
+    """Excluded by harvest.max_norm_ratio."""
+    median_norm_sum: float = 0.0
+    batches: int = 0
+    position_norm_sums: list[float] = field(default_factory=lambda: [0.0] * PROFILED_POSITIONS)
+    position_counts: list[int] = field(default_factory=lambda: [0] * PROFILED_POSITIONS)
+
+    def add(self, hidden: Tensor, token_mask: Tensor, kept: Tensor) -> None:
+        norms = hidden.float().norm(dim=-1)
+        self.positions += token_mask.numel()
+        self.special_tokens += int((~token_mask).sum())
+        self.massive_norm += int((token_mask & ~kept).sum())
+        if token_mask.any():
+            self.median_norm_sum += float(norms[token_mask].median())
+            self.batches += 1
+        for position in range(min(PROFILED_POSITIONS, norms.shape[1])):
+            self.position_norm_sums[position] += float(norms[:, position].sum())
+            self.position_counts[position] += norms.shape[0]
+
+    def merge(self, other: PositionCensus) -> PositionCensus:
+        pairs = zip(self.position_norm_sums, other.position_norm_sums)
+        return PositionCensus(
+            self.positions + other.positions,
+            self.special_tokens + other.special_tokens,
+            self.massive_norm + other.massive_norm,
+            self.median_norm_sum + other.median_norm_sum,
+            self.batches + other.batches,
+            [a + b for a, b in pairs],
+            [a + b for a, b in zip(self.position_counts, other.position_counts)],
+        )
+
+    def report(self) -> dict:
+        """What the manifest and the run summary show."""
+        return {
+            "positions": self.positions,
+            "kept": self.positions - self.special_tokens - self.massive_norm,
+            "excluded": {"special_tokens": self.special_tokens, "massive_norm": self.massive_norm},
+            "median_norm": self.median_norm_sum / max(self.batches, 1),
+            "mean_norm_at_position": [s / max(n, 1) for s, n in zip(self.position_norm_sums, self.position_counts)],
+        }
+
+
+class HarvestedShard(NamedTuple):
+    tensors: dict[str, Tensor]
+    census: PositionCensus
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +303,7 @@ class ActivationStream:
 
     def __init__(
         self,
-        harvest_shard: Callable[[list[PackedContext], int], dict[str, Tensor]],
+        harvest_shard: Callable[[list[PackedContext], int], HarvestedShard],
         shards: Callable[[ContextSharding], Iterator[tuple[int, list[PackedContext]]]],
         d_model: int,
     ):
@@ -238,7 +314,7 @@ class ActivationStream:
     def batches(self, batch_size: int, seed: int = 0, process: ContextSharding | None = None) -> Iterator[Tensor]:
         """[batch_size, d] float32 batches of this process's contexts, shuffled within each shard."""
         shards = self._shards(process or ContextSharding.current())
-        chunks = (self._harvest_shard(contexts, _shard_seed(seed, shard))["x"].float() for shard, contexts in shards)
+        chunks = (self._harvest_shard(contexts, _shard_seed(seed, shard)).tensors["x"].float() for shard, contexts in shards)
         for rows in _rebatch(chunks, batch_size):
             if len(rows) == batch_size:
                 yield rows
@@ -286,31 +362,36 @@ def _store(tensor: Tensor, cfg: HarvestConfig, what: str, contexts: list[int]) -
 
 def _activation_shard(
     model: PreTrainedModel, hook: torch.nn.Module, cfg: HarvestConfig, contexts: list[PackedContext], seed: int
-) -> dict[str, Tensor]:
-    """Unmasked activations of ``contexts``, shuffled together: {"x": [n, d]}."""
-    rows = []
+) -> HarvestedShard:
+    """Kept activations of ``contexts``, shuffled together: {"x": [n, d]}, and their census."""
+    rows, census = [], PositionCensus()
     for batch in context_batches(contexts, cfg.batch_size):
         with torch.inference_mode():
             hidden = capture_activations(model, hook, batch.input_ids.to(model.device))
-            kept = hidden[batch.mask.to(hidden.device)]
-        _check_finite(kept, "activations", batch.index.tolist(), NONFINITE_FIX)
-        rows.append(_store(kept, cfg, "activations", batch.index.tolist()))
+            token_mask = batch.mask.to(hidden.device)
+            kept = kept_positions(hidden, token_mask, cfg.max_norm_ratio)
+            census.add(hidden, token_mask, kept)
+            rows_kept = hidden[kept]
+        _check_finite(rows_kept, "activations", batch.index.tolist(), NONFINITE_FIX)
+        rows.append(_store(rows_kept, cfg, "activations", batch.index.tolist()))
     x = torch.cat(rows)  # a normal tensor again, usable by autograd outside inference mode
-    return {"x": x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]}
+    return HarvestedShard({"x": x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]}, census)
 
 
 def _attribution_shard(
     model: PreTrainedModel, hook: torch.nn.Module, cfg: HarvestConfig, contexts: list[PackedContext], seed: int
-) -> dict[str, Tensor]:
+) -> HarvestedShard:
     """x and g at up to ``positions_per_context`` sampled positions of each context."""
     generator = torch.Generator().manual_seed(seed)
-    xs, gs = [], []
+    xs, gs, census = [], [], PositionCensus()
     for batch in context_batches(contexts, cfg.attribution_batch_size):
         input_ids, mask = batch.input_ids.to(model.device), batch.mask.to(model.device)
         x, g = next_token_gradients(model, hook, input_ids, mask, cfg.loss_chunk_tokens)
-        counted = (next_token_targets(input_ids, mask) != IGNORE_INDEX).cpu()
+        kept = kept_positions(x, mask, cfg.max_norm_ratio)
+        census.add(x, mask, kept)
+        counted = ((next_token_targets(input_ids, mask) != IGNORE_INDEX) & kept).cpu()
         for row in range(len(batch.index)):
-            # Positions whose own prediction counts: the last position (g = 0) and BOS never do.
+            # Kept positions whose own prediction counts: the last position (g = 0) and BOS never do.
             positions = counted[row].nonzero().squeeze(1)
             order = torch.randperm(len(positions), generator=generator)
             picked = positions[order[: cfg.positions_per_context]].sort().values
@@ -320,7 +401,7 @@ def _attribution_shard(
     x, g = torch.cat(xs), torch.cat(gs)
     _check_finite(x, "activations", indices, NONFINITE_FIX)
     _check_finite(g, "next-token gradients", indices, NONFINITE_FIX)
-    return {"x": _store(x, cfg, "activations", indices), "g": _store(g, cfg, "gradients", indices)}
+    return HarvestedShard({"x": _store(x, cfg, "activations", indices), "g": _store(g, cfg, "gradients", indices)}, census)
 
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -352,6 +433,7 @@ def _manifest(
         "contexts_per_shard": cfg.contexts_per_shard,
         "storage_dtype": cfg.storage_dtype,
         "seed": cfg.seed,
+        "max_norm_ratio": cfg.max_norm_ratio,
         "compute_dtype": str(model.dtype).removeprefix("torch."),
     }
     if kind == "attribution":
@@ -396,7 +478,7 @@ def _contexts_by_shard(
 def _harvest_to_cache(
     directory: Path,
     manifest: dict,
-    shard_tensors: Callable[[list[PackedContext], int], dict[str, Tensor]],
+    shard_tensors: Callable[[list[PackedContext], int], HarvestedShard],
     tokenizer: PreTrainedTokenizerBase,
     data: DataConfig,
     cfg: HarvestConfig,
@@ -412,19 +494,28 @@ def _harvest_to_cache(
         write_json(directory / MANIFEST, manifest)
     state.wait_for_everyone()
     process = ContextSharding(state.process_index, state.num_processes, cfg.contexts_per_shard)
+    num_shards = math.ceil(len(contexts) / cfg.contexts_per_shard)
+    progress = tqdm(
+        total=len(range(state.process_index, num_shards, state.num_processes)),
+        desc=f"harvest {manifest['kind']} (shards)",
+        disable=not state.is_local_main_process,
+    )
     for shard, shard_contexts in _contexts_by_shard(tokenizer, data, cfg, contexts, process):
         path = _shard_path(directory, shard)
+        progress.update()
         if path.exists():
             continue  # written before the harvest was stopped
-        tensors = shard_tensors(shard_contexts, _shard_seed(cfg.seed, shard))
+        harvested = shard_tensors(shard_contexts, _shard_seed(cfg.seed, shard))
         metadata = {
             "first_context": str(shard_contexts[0].index),
             "num_contexts": str(len(shard_contexts)),
             "process_index": str(state.process_index),
+            "census": json.dumps(asdict(harvested.census)),
         }
         temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_file(tensors, temporary, metadata=metadata)
+        save_file(harvested.tensors, temporary, metadata=metadata)
         os.replace(temporary, path)
+    progress.close()
     state.wait_for_everyone()
     if state.is_main_process:
         _finish_cache(directory, manifest, contexts)
@@ -441,11 +532,15 @@ def _finish_cache(directory: Path, manifest: dict, contexts: range) -> None:
     expected = [_shard_path(directory, shard) for shard in range(len(shards))]
     if shards != expected:
         raise IncompleteCacheError(f"shards missing in {directory}: run the harvest again to fill them")
-    num_rows = 0
+    num_rows, census = 0, PositionCensus()
     for path in shards:
         with safe_open(path, "pt") as file:
             num_rows += file.get_slice("x").get_shape()[0]
-    write_json(directory / MANIFEST, {**manifest, "complete": True, "num_shards": len(shards), "num_rows": num_rows})
+            census = census.merge(PositionCensus(**json.loads(file.metadata()["census"])))
+    write_json(
+        directory / MANIFEST,
+        {**manifest, "complete": True, "num_shards": len(shards), "num_rows": num_rows, "positions": census.report()},
+    )
 
 
 def _harvest_setup(
@@ -477,7 +572,7 @@ def harvest_activations(
     hook, width = _harvest_setup(model, base, data, cfg)
     contexts = cfg.context_ranges(data.context_length).train
 
-    def shard_tensors(shard_contexts: list[PackedContext], seed: int) -> dict[str, Tensor]:
+    def shard_tensors(shard_contexts: list[PackedContext], seed: int) -> HarvestedShard:
         return _activation_shard(model, hook, cfg, shard_contexts, seed)
 
     if cfg.cache_dir is None:
@@ -508,12 +603,12 @@ def harvest_attribution_sample(
     hook, width = _harvest_setup(model, base, data, cfg)
     contexts = cfg.context_ranges(data.context_length).attribution
 
-    def shard_tensors(shard_contexts: list[PackedContext], seed: int) -> dict[str, Tensor]:
+    def shard_tensors(shard_contexts: list[PackedContext], seed: int) -> HarvestedShard:
         return _attribution_shard(model, hook, cfg, shard_contexts, seed)
 
     if cfg.cache_dir is None:
         shards = [
-            shard_tensors(shard_contexts, _shard_seed(cfg.seed, shard))
+            shard_tensors(shard_contexts, _shard_seed(cfg.seed, shard)).tensors
             for shard, shard_contexts in _contexts_by_shard(tokenizer, data, cfg, contexts, ContextSharding())
         ]
         if not shards:

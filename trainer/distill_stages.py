@@ -309,6 +309,7 @@ class DistillationRun:
         self._on_main(lambda: self.paths.start(self.config))
         with self._timed("harvest"):
             data = prepare_run_data(self.config, self.accelerator, self.paths)
+        self._on_main(lambda: write_json(self.paths.root / "harvest.json", data.positions))
         if self.config.transfer.core:
             core = load_core(resolve_core(self.config.transfer.core))
         else:

@@ -8,19 +8,27 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from accelerate import Accelerator
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from trainer.activations import ActivationCache, ActivationStream, harvest_activations, harvest_attribution_sample
+from trainer.activations import (
+    ActivationCache,
+    ActivationStream,
+    PositionCensus,
+    harvest_activations,
+    harvest_attribution_sample,
+    kept_positions,
+)
 from trainer.base_model import capture_activations, hook_layer_index, load_base_model, resolve_hook_module
 from trainer.distill_config import DistillConfig
 from trainer.run_directory import RunDirectory
 from trainer.sae_metrics import mean_next_token_loss
-from trainer.text_corpus import EmptyDatasetError, context_batches, packed_contexts
+from trainer.text_corpus import EmptyDatasetError, context_batches, packed_contexts, process_state
 
 
 @dataclass
@@ -42,6 +50,8 @@ class RunData:
     """The same with the hooked activations zeroed."""
     normalization_factor: float
     """sqrt(E ||x||^2) over the attribution sample (dictionary_learning's activation normalisation)."""
+    positions: dict
+    """Position census of the training cache (None when streamed) and of the held-out set (PositionCensus.report)."""
 
     def training_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         """Endless [batch_size, d] batches of this process (epochs reshuffled), from ``start_step``
@@ -77,13 +87,26 @@ def _held_out(model: PreTrainedModel, hook: nn.Module, config: DistillConfig, to
             "Use more text or lower harvest.train_tokens"
         )
     device = next(model.parameters()).device
-    rows = [
-        capture_activations(model, hook, batch.input_ids.to(device))[batch.mask.to(device)].float().cpu()
-        for batch in batches
-    ]
+    rows, masks, census = [], [], PositionCensus()
+    for batch in tqdm(batches, desc="harvest held-out", disable=not process_state().is_local_main_process):
+        hidden = capture_activations(model, hook, batch.input_ids.to(device))
+        token_mask = batch.mask.to(device)
+        kept = kept_positions(hidden, token_mask, config.harvest.max_norm_ratio)
+        census.add(hidden, token_mask, kept)
+        rows.append(hidden[kept].float().cpu())
+        masks.append(kept.cpu())
+    # The spliced-loss contexts keep the same positions: the SAE replaces (and the ablation zeroes)
+    # the activations there and nowhere else, and only predictions between kept positions count.
     input_ids = torch.cat([b.input_ids for b in batches])[: config.eval.ce_contexts]
-    mask = torch.cat([b.mask for b in batches])[: config.eval.ce_contexts]
-    return torch.cat(rows)[: config.eval.tokens], input_ids, mask
+    mask = torch.cat(masks)[: config.eval.ce_contexts]
+    return HeldOut(torch.cat(rows)[: config.eval.tokens], input_ids, mask, census)
+
+
+class HeldOut(NamedTuple):
+    activations: torch.Tensor
+    ce_input_ids: torch.Tensor
+    ce_loss_mask: torch.Tensor
+    census: PositionCensus
 
 
 def prepare_run_data(config: DistillConfig, accelerator: Accelerator, paths: RunDirectory) -> RunData:
@@ -102,7 +125,8 @@ def prepare_run_data(config: DistillConfig, accelerator: Accelerator, paths: Run
     training = harvest_activations(base_model, tokenizer, config.model, config.data, streamed)
     attribution = harvest_attribution_sample(base_model, tokenizer, config.model, config.data, harvest)
     ranges = harvest.context_ranges(config.data.context_length)
-    held_out, ce_input_ids, ce_loss_mask = _held_out(base_model, hook, config, tokenizer, ranges.heldout_start)
+    held_out = _held_out(base_model, hook, config, tokenizer, ranges.heldout_start)
+    training_census = training.manifest.get("positions") if isinstance(training, ActivationCache) else None
     return RunData(
         base_model=base_model,
         hook_module=hook,
@@ -111,10 +135,11 @@ def prepare_run_data(config: DistillConfig, accelerator: Accelerator, paths: Run
         training=training,
         attribution_x=attribution.x,
         attribution_g=attribution.g,
-        held_out=held_out,
-        ce_input_ids=ce_input_ids,
-        ce_loss_mask=ce_loss_mask,
-        ce_clean=mean_next_token_loss(base_model, hook, ce_input_ids, ce_loss_mask),
-        ce_zero_ablated=mean_next_token_loss(base_model, hook, ce_input_ids, ce_loss_mask, torch.zeros_like),
+        held_out=held_out.activations,
+        ce_input_ids=held_out.ce_input_ids,
+        ce_loss_mask=held_out.ce_loss_mask,
+        ce_clean=mean_next_token_loss(base_model, hook, held_out.ce_input_ids, held_out.ce_loss_mask),
+        ce_zero_ablated=mean_next_token_loss(base_model, hook, held_out.ce_input_ids, held_out.ce_loss_mask, torch.zeros_like),
+        positions={"training": training_census, "held_out": held_out.census.report(), "max_norm_ratio": config.harvest.max_norm_ratio},
         normalization_factor=float(attribution.x.pow(2).sum(-1).mean().sqrt()),
     )

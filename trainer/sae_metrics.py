@@ -76,14 +76,22 @@ def mean_next_token_loss(
     batch_size: int = 8,
 ) -> float:
     """Mean next-token loss over every counted prediction of the contexts, the hooked activations
-    optionally replaced (None: the clean model; ``torch.zeros_like``: zero-ablated)."""
+    optionally replaced at the positions ``loss_mask`` keeps, the others left as they are (None:
+    the clean model; ``torch.zeros_like``: zero-ablated). BOS, padding and massive-norm positions
+    are never fed to an SAE, so neither the splice nor the ablation touches them (SAEBench's
+    ``exclude_special_tokens_from_reconstruction``)."""
     device = next(base_model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start : start + batch_size].to(device)
         mask = loss_mask[start : start + batch_size].to(device)
         predictions = int((next_token_targets(ids, mask) != IGNORE_INDEX).sum())  # what the mean counts
-        total += float(next_token_loss(base_model, ids, mask, hook_module, replace)) * predictions
+
+        def at_kept_positions(hidden: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
+            return torch.where(mask.unsqueeze(-1), replace(hidden), hidden)
+
+        spliced = at_kept_positions if replace is not None else None
+        total += float(next_token_loss(base_model, ids, mask, hook_module, spliced)) * predictions
         count += predictions
     return total / count
 

@@ -15,8 +15,9 @@ Public API:
 
 Packing: documents are tokenized without special tokens, each is followed by EOS
 (``append_eos``), and the stream is cut into contexts; each context starts with BOS when
-``prepend_bos`` is on (default: when the tokenizer itself adds a BOS, as Gemma's does; SmolLM2's
-does not). The last incomplete context is dropped, or right-padded when ``pad_last_context``.
+``prepend_bos`` is on (default: whenever the tokenizer has a BOS token, whether or not it adds it
+itself: SmolLM2's does not, and without it the first text token of every context becomes the
+model's attention sink, a position of enormous norm; with it the sink sits on the masked BOS). The last incomplete context is dropped, or right-padded when ``pad_last_context``.
 
 Loss mask (which positions count for SAE training and for attribution): by default every real
 token except the BOS that starts a context; padding positions never count. ``mask_bos=False``
@@ -73,7 +74,7 @@ class DataConfig:
     """Tokens per context (the paper: 1024)."""
 
     prepend_bos: bool | None = None
-    """Start every context with BOS. None: when the tokenizer adds a BOS itself (Gemma yes, SmolLM2 no)."""
+    """Start every context with BOS. None: whenever the tokenizer has a BOS token (it then carries the attention sink, and is masked)."""
 
     append_eos: bool = True
     """Follow every document with EOS, separating documents packed into one context."""
@@ -231,10 +232,9 @@ def _documents(dataset: IterableDataset, cfg: DataConfig) -> Iterator[str]:
 def _wants_bos(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> bool:
     if cfg.prepend_bos is not None:
         if cfg.prepend_bos and tokenizer.bos_token_id is None:
-            raise ValueError("prepend_bos is set but the tokenizer has no BOS token; set --prepend_bos false")
+            raise ValueError("data.prepend_bos is set but the tokenizer has no BOS token; set --data.prepend_bos false")
         return cfg.prepend_bos
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+    return tokenizer.bos_token_id is not None
 
 
 def _pack(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, documents: Iterable[str]) -> Iterator[PackedContext]:
