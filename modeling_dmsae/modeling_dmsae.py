@@ -65,7 +65,7 @@ class DMSAEOutput(ModelOutput):
     sparse_latents: the same activations as a :class:`SparseLatents` over the flattened tokens.
     l0_core, l0_noncore, l0: mean active latents per token in the core, the rest, and in all (Eq. 9).
     fired: [K] bool, latents active on at least one token of the batch.
-    batchtopk_threshold: smallest activation BatchTopK kept (feeds the inference threshold EMA).
+    batchtopk_threshold: smallest activation BatchTopK kept (logged while training).
     """
 
     loss: torch.Tensor | None = None
@@ -304,6 +304,17 @@ def batch_topk_entries(
     return rows[keep], cols[keep], top.values.min()
 
 
+def calibrated_threshold(candidates: torch.Tensor, num_tokens: int, k_per_token: int) -> float:
+    """The inference threshold theta for which "keep entries > theta", applied one token at a time,
+    keeps what BatchTopK over all ``num_tokens`` calibration tokens at once keeps: the
+    (k * N + 1)-th largest candidate (0, i.e. ReLU, when fewer entries are positive).
+    ``candidates`` must hold at least the k * N + 1 largest entries (:meth:`DMSAEModel.threshold_candidates`)."""
+    budget = k_per_token * num_tokens + 1
+    if candidates.numel() < budget:
+        return 0.0
+    return float(candidates.topk(budget, sorted=False).values.min())
+
+
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
     """Weiszfeld iterations for the point minimising the summed distance to ``points`` [N, d]."""
     points = points.float()
@@ -395,16 +406,31 @@ class DMSAEModel(DMSAEPreTrainedModel):
         Returns rows, cols (sorted by row, then col) and the smallest value BatchTopK kept.
         """
         config = self.config
-        unmasked_columns = config.core_size if config.variant == "dense_core" else 0
+        unmasked_columns = self._unmasked_columns()
         if not use_threshold:
             return batch_topk_entries(relu_pre, config.k_noncore, unmasked_columns)
         if config.threshold < 0:
             raise ValueError(
-                "this DMSAE has no inference threshold yet (config.threshold < 0): train it past the "
-                "threshold start step, or encode with use_threshold=False (BatchTopK over the batch)"
+                "this DMSAE has no inference threshold yet (config.threshold < 0): calibrate it "
+                "(trainer.sae_training.SAETrainer.calibrate_threshold), or encode with use_threshold=False "
+                "(BatchTopK over the batch)"
             )
         rows, cols = _entries_above(relu_pre, config.threshold, unmasked_columns)
         return rows, cols, relu_pre.new_tensor(config.threshold)
+
+    def _unmasked_columns(self) -> int:
+        """Latents 0..n-1 that BatchTopK leaves alone (ReLU only): the dense core; none for a sparse core."""
+        return self.config.core_size if self.config.variant == "dense_core" else 0
+
+    @torch.no_grad()
+    def threshold_candidates(self, activations: torch.Tensor, budget: int) -> torch.Tensor:
+        """The ``budget`` largest entries BatchTopK competes over in raw activations [N, d] (the
+        non-core latents of a dense core, every latent of a sparse core; Eq. 3), fewer when fewer are
+        positive: what :func:`calibrated_threshold` reads the inference threshold off."""
+        relu_pre = self._relu_preactivations(self._centered(self.normalize_activations(activations)))
+        positive = relu_pre[:, self._unmasked_columns() :]
+        positive = positive[positive > 0]
+        return positive.topk(min(budget, positive.numel()), sorted=False).values
 
     def encode_sparse(
         self, normalized: torch.Tensor, use_threshold: bool

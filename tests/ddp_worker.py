@@ -25,15 +25,15 @@ def train_two_replicas() -> Accelerator:
     )
     model = DMSAEModel(config)
     core = model.core_encoder.clone()
-    trainer = SAETrainer(model, OptimizerConfig(lr=3e-3, warmup_steps=2, threshold_start_step=5), total_steps=25, accelerator=accelerator)
+    trainer = SAETrainer(model, OptimizerConfig(lr=3e-3, warmup_steps=2), total_steps=25, accelerator=accelerator)
     generator = torch.Generator().manual_seed(100 + accelerator.process_index)  # each process its own data
     for _ in range(25):
         trainer.step(torch.randn(64, 16, generator=generator))
-    sae = trainer.finalized_sae()
+    sae = trainer.calibrate_threshold([torch.randn(64, 16, generator=generator) for _ in range(4)])
     assert torch.equal(sae.core_encoder, core), "frozen core rows changed"
     assert not torch.equal(sae.b_dec, torch.zeros(16)), "training did not happen"
     state = torch.cat(
-        [t.flatten().float() for t in sae.state_dict().values()] + [trainer.tokens_since_fired.float(), trainer.threshold.reshape(1)]
+        [t.flatten().float() for t in sae.state_dict().values()] + [trainer.tokens_since_fired.float(), torch.tensor([sae.config.threshold])]
     )
     replicas = accelerator.gather(state[None])
     assert torch.equal(replicas[0], replicas[1]), "replicas diverged"

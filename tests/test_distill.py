@@ -37,7 +37,7 @@ def tiny_args(setup: dict[str, Path], output: Path, *extra: str) -> list[str]:
         "--harvest.train_tokens", "8192", "--harvest.attribution_tokens", "512", "--harvest.positions_per_context", "16",
         "--harvest.batch_size", "8", "--harvest.attribution_batch_size", "8", "--harvest.contexts_per_shard", "32",
         "--dictionary.num_latents", "256", "--dictionary.dead_tokens_threshold", "4096",
-        "--optimizer.warmup_steps", "2", "--optimizer.threshold_start_step", "4", "--optimizer.lr", "0.003",
+        "--optimizer.warmup_steps", "2", "--optimizer.lr", "0.003", "--optimizer.calibration_tokens", "2048",
         "--cycles.num_cycles", "2", "--cycles.k", "8", "--cycles.tau", "0.9",
         "--cycles.tokens_per_cycle", "3072", "--cycles.batch_size", "256",
         "--transfer.ks", "4", "16", "--transfer.tokens", "2048",

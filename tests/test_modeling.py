@@ -186,7 +186,7 @@ def test_decode_prefix_matches_forward_prefixes():
 def test_core_rows_stay_bitwise_frozen_while_everything_else_trains():
     model = make_model()
     before = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    trainer = SAETrainer(model, OptimizerConfig(lr=3e-3, warmup_steps=2, threshold_start_step=5), total_steps=60)
+    trainer = SAETrainer(model, OptimizerConfig(lr=3e-3, warmup_steps=2), total_steps=60)
     assert all(p is not trainer.sae.core_encoder for group in trainer.optimizer.param_groups for p in group["params"])
     for _ in range(60):
         trainer.step(torch.randn(128, 24))
@@ -227,7 +227,7 @@ def _toy_dead_latent_run(aux_alpha: float) -> float:
     model = DMSAEModel(config)
     with torch.no_grad():
         model.encoder[::3] *= 0.05
-    trainer = SAETrainer(model, OptimizerConfig(lr=5e-3, warmup_steps=1, threshold_start_step=10**6), total_steps=100)
+    trainer = SAETrainer(model, OptimizerConfig(lr=5e-3, warmup_steps=1), total_steps=100)
     truth = torch.nn.functional.normalize(torch.randn(96, 24), dim=-1)
     for _ in range(100):
         codes = (torch.rand(256, 96) < 4 / 96) * torch.rand(256, 96) * 4
@@ -392,7 +392,7 @@ def test_bf16_mixed_precision_training_step():
     core = model.core_encoder.clone()
     AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests fixed the precision to fp32
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-    trainer = SAETrainer(model, OptimizerConfig(lr=1e-3, warmup_steps=2, threshold_start_step=3), total_steps=8, accelerator=accelerator)
+    trainer = SAETrainer(model, OptimizerConfig(lr=1e-3, warmup_steps=2), total_steps=8, accelerator=accelerator)
     losses = [float(trainer.step(torch.randn(128, 24)).loss) for _ in range(8)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert trainer.sae.W_dec.dtype == torch.float32 and torch.equal(trainer.sae.core_encoder, core)

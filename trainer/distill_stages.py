@@ -14,6 +14,7 @@ import shutil
 import time
 import zlib
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -161,7 +162,11 @@ class DistillationRun:
             if (step + 1) % config.run.checkpoint_every == 0 and step + 1 < steps:
                 trainer.save_checkpoint(checkpoint)
         progress.close()
-        return trainer.finalized_sae()
+        calibration = islice(
+            data.training_batches(config.cycles.batch_size, seed=zlib.crc32(f"{config.run.seed}/{stage}/calibration".encode())),
+            max(1, config.optimizer.calibration_tokens // (config.cycles.batch_size * self.accelerator.num_processes)),
+        )
+        return trainer.calibrate_threshold(calibration)
 
     @staticmethod
     def _truncate_log(path: Path, steps_taken: int) -> None:

@@ -2,12 +2,17 @@
 
 Adam (0.9, 0.999), linear warmup then linear decay over the last fraction of the run, the
 decoder gradient's component parallel to each decoder row removed before the step, gradient
-clipping, unit-norm decoder rows after the step, dead-latent tracking for AuxK and an EMA of
-the smallest BatchTopK activation for the inference threshold (dictionary_learning's recipe;
-reference notes, section 2). The maths of the loss lives in ``modeling_dmsae``.
+clipping, unit-norm decoder rows after the step and dead-latent tracking for AuxK
+(dictionary_learning's recipe; reference notes, section 2). The maths of the loss lives in
+``modeling_dmsae``.
+
+The inference threshold is calibrated once training is done (:meth:`SAETrainer.calibrate_threshold`),
+not averaged while it runs: dictionary_learning's EMA (beta 0.999) of the smallest kept activation
+still holds 0.999^n of its first value after n updates (74% after 300), so on any run that is not
+many thousands of steps long it remembers the early, untrained SAE and the held-out L0 misses k.
 
 Under Accelerate the model is wrapped in DDP; BatchTopK runs over each process's local batch,
-and the dead-latent counts and the threshold sample are reduced across processes so every
+and the dead-latent counts and the threshold calibration are reduced across processes so every
 replica makes the same decisions.
 """
 
@@ -16,13 +21,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast
 
 from modeling_dmsae import DMSAEModel
+from modeling_dmsae.modeling_dmsae import calibrated_threshold
 
 
 @dataclass
@@ -41,10 +47,8 @@ class OptimizerConfig:
     """The learning rate decays linearly to 0 over this last fraction of the steps."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip."""
-    threshold_beta: float = 0.999
-    """EMA decay of the inference threshold estimate."""
-    threshold_start_step: int = 1000
-    """First step whose smallest BatchTopK activation feeds the threshold EMA (capped at half the run)."""
+    calibration_tokens: int = 262_144
+    """Training tokens (per run, over all processes) the inference threshold is calibrated on after training."""
 
     def learning_rate(self, num_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / (num_latents / 2**14) ** 0.5
@@ -59,6 +63,8 @@ class StepStats(NamedTuple):
     l0_core: torch.Tensor
     l0_noncore: torch.Tensor
     dead_fraction: torch.Tensor
+    smallest_kept: torch.Tensor
+    """The smallest activation BatchTopK kept in this batch (the per-batch threshold)."""
 
 
 def warmup_then_decay(total_steps: int, warmup_steps: int, decay_fraction: float):
@@ -94,10 +100,8 @@ class SAETrainer:
         # once per optimiser step, so total_steps counts optimiser steps whatever the world size.
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
-        self.threshold_start_step = min(config.threshold_start_step, total_steps // 2)
         device = self.accelerator.device
         self.tokens_since_fired = torch.zeros(sae_config.num_latents, dtype=torch.long, device=device)
-        self.threshold = torch.tensor(-1.0, device=device)
         self.steps_taken = 0
 
     @property
@@ -127,7 +131,6 @@ class SAETrainer:
                 self.scheduler.step()
                 sae.normalize_decoder_()
         self._track_dead_latents(output.fired, batch.shape[0])
-        self._update_threshold(output.batchtopk_threshold)
         self.steps_taken += 1
         return StepStats(
             loss=output.loss.detach(),
@@ -136,6 +139,7 @@ class SAETrainer:
             l0_core=output.l0_core,
             l0_noncore=output.l0_noncore,
             dead_fraction=self.dead_latents().float().mean(),
+            smallest_kept=output.batchtopk_threshold,
         )
 
     def _track_dead_latents(self, fired: torch.Tensor, num_tokens: int) -> None:
@@ -143,17 +147,29 @@ class SAETrainer:
         self.tokens_since_fired += num_tokens * self.accelerator.num_processes
         self.tokens_since_fired[fired_anywhere] = 0
 
-    def _update_threshold(self, smallest_kept: torch.Tensor) -> None:
-        if self.steps_taken < self.threshold_start_step:
-            return
-        smallest_kept = self.accelerator.reduce(smallest_kept.float().reshape(1), "mean")[0]
-        beta = self.config.threshold_beta
-        self.threshold = torch.where(self.threshold < 0, smallest_kept, beta * self.threshold + (1 - beta) * smallest_kept)
+    @torch.no_grad()
+    def calibrate_threshold(self, batches: Iterable[torch.Tensor]) -> DMSAEModel:
+        """Set the trained SAE's inference threshold from training activations and return the SAE.
 
-    def finalized_sae(self) -> DMSAEModel:
-        """The trained SAE with its inference threshold written into its config."""
+        theta is chosen so that keeping the entries above it one token at a time keeps exactly what
+        BatchTopK over all calibration tokens at once would: k_noncore per token on average (the
+        (k N + 1)-th largest masked pre-activation, :func:`modeling_dmsae.calibrated_threshold`).
+        Each process keeps its own largest candidates; their union holds the global ones, so only
+        those are gathered, never the [N, K] activations.
+        """
         sae = self.sae
-        sae.config.threshold = float(self.threshold)
+        batches = [batch.to(self.accelerator.device) for batch in batches]
+        local_tokens = torch.tensor(sum(len(batch) for batch in batches), device=self.accelerator.device)
+        num_tokens = int(self.accelerator.reduce(local_tokens, "sum"))
+        budget = sae.config.k_noncore * num_tokens + 1
+        pool = torch.zeros(0, device=self.accelerator.device)
+        for batch in batches:
+            pool = torch.cat([pool, sae.threshold_candidates(batch, budget)])
+            pool = pool.topk(min(budget, pool.numel()), sorted=False).values
+        # Zeros pad every process's pool to one size for the gather; they never pass "> theta".
+        pool = torch.cat([pool, pool.new_zeros(budget - pool.numel())])
+        candidates = self.accelerator.gather(pool)
+        sae.config.threshold = calibrated_threshold(candidates[candidates > 0], num_tokens, sae.config.k_noncore)
         return sae
 
     # ---- checkpoints: everything a resumed run needs to continue bit for bit ------------------
@@ -166,7 +182,6 @@ class SAETrainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "tokens_since_fired": self.tokens_since_fired,
-                "threshold": self.threshold,
                 "steps_taken": self.steps_taken,
             }
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,5 +196,4 @@ class SAETrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
-        self.threshold.copy_(state["threshold"])
         self.steps_taken = int(state["steps_taken"])
