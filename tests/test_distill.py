@@ -78,9 +78,18 @@ def test_every_stage_leaves_its_artifacts(finished_run):
         assert sum(baseline.config.group_sizes) == baseline.config.num_latents == 256
     for name in ("fve", "mse", "l0_core", "l0_noncore", "l0", "dead_fraction", "loss_recovered", "ce_loss_spliced"):
         assert all(name in m for m in metrics["cycles"].values()), name
-    for figure in ("core_lineage.png", "l0_core_distilled_vs_random.png", "coverage_curve.png"):
+    figures = ("core_lineage.png", "l0_core_distilled_vs_random.png", "coverage_curve.png", "sparsity_fidelity.png")
+    for figure in (*figures, "consistency_across_sparsities.png"):
         assert (run / "figures" / figure).read_bytes().startswith(b"\x89PNG")
-    assert "distilled_core/" in (run / "SUMMARY.md").read_text()
+    pairs = {(row["family"], row["k_a"], row["k_b"]) for row in metrics["consistency"]}
+    assert pairs == {(f, a, b) for f in ("DMSAE (dense core)", "Matryoshka baseline") for a, b in ((4, 8), (4, 16), (8, 16))}
+    c = metrics["transfer"]["k-0008-dense_core"]["core_size"]
+    assert all(row["core"]["latents"] == c and row["rest"]["latents"] == 256 - c for row in metrics["consistency"])
+    summary = (run / "SUMMARY.md").read_text()
+    assert "distilled_core/" in summary and metrics["figure3"] in summary
+    for name in metrics["transfer"]:  # every final SAE is a row of the results table
+        assert f"| {name} |" in summary
+    assert all(f"](figures/{figure})" in summary for figure in figures)
     assert set(json.loads((run / "timings.json").read_text())) >= {"harvest", "cycle training", "attribution", "transfer training"}
 
 

@@ -502,8 +502,8 @@ def _harvest_to_cache(
     )
     for shard, shard_contexts in _contexts_by_shard(tokenizer, data, cfg, contexts, process):
         path = _shard_path(directory, shard)
-        progress.update()
         if path.exists():
+            progress.update()
             continue  # written before the harvest was stopped
         harvested = shard_tensors(shard_contexts, _shard_seed(cfg.seed, shard))
         metadata = {
@@ -515,6 +515,7 @@ def _harvest_to_cache(
         temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
         save_file(harvested.tensors, temporary, metadata=metadata)
         os.replace(temporary, path)
+        progress.update()
     progress.close()
     state.wait_for_everyone()
     if state.is_main_process:

@@ -179,10 +179,11 @@ class DistillationRun:
 
     # ---- evaluation --------------------------------------------------------------------------
 
-    def evaluate(self, sae: DMSAEModel, data: RunData) -> dict[str, float]:
+    def evaluate(self, sae: DMSAEModel, data: RunData, name: str) -> dict[str, float]:
         """Held-out metrics of one SAE (inference mode)."""
         sae.eval()
-        metrics = reconstruction_metrics(sae, data.held_out_batches(self.config.cycles.batch_size))
+        batches = data.held_out_batches(self.config.cycles.batch_size)
+        metrics = reconstruction_metrics(sae, tqdm(batches, desc=f"evaluate {name}", total=len(data.held_out) // self.config.cycles.batch_size + 1))
         metrics.update(
             downstream_loss_metrics(
                 sae, data.base_model, data.hook_module, data.ce_input_ids, data.ce_loss_mask, data.ce_clean, data.ce_zero_ablated
@@ -249,10 +250,11 @@ class DistillationRun:
             with self._timed("attribution"):
                 selection = self._select(model, data)
             with self._timed("evaluation"):
-                metrics = self.evaluate(model, data) if self.accelerator.is_main_process else {}
+                metrics = self.evaluate(model, data, folder.name) if self.accelerator.is_main_process else {}
             c = model.config.core_size
             metrics.update(
                 core_size=c,
+                k_noncore=model.config.k_noncore,
                 selected_core_size=len(selection.selected),
                 carry_over=sum(j < c for j in selection.selected) / c if c else float("nan"),
             )
@@ -303,7 +305,7 @@ class DistillationRun:
             with self._timed("transfer training"):
                 model = self.train(run.stage, model.to(self.accelerator.device), self.config.transfer.tokens, data)
             with self._timed("evaluation"):
-                metrics = self.evaluate(model, data) if self.accelerator.is_main_process else {}
+                metrics = self.evaluate(model, data, run.name) if self.accelerator.is_main_process else {}
             metrics.update(core_size=sae_config.core_size, k=run.k, k_noncore=sae_config.k_noncore, core=run.core, variant=run.variant)
             self._save_stage(folder, model, metrics)
             self._finish_stage(run.stage)
@@ -320,6 +322,9 @@ class DistillationRun:
         else:
             core = self.distill(data)
         self.transfer_stage(core, data)
-        self._on_main(lambda: write_report(self.config, self.paths))
+        with self._timed("report"):
+            summary = [None]
+            self._on_main(lambda: summary.__setitem__(0, write_report(self.config, self.paths)))
+        self.accelerator.print(summary[0])
         self._on_main(lambda: build_hub_folders(self.paths.root, self.config.hub))
         self._publish(lambda: push_run(self.paths.root, self.config.hub))

@@ -1,10 +1,11 @@
-"""The PNG figures of a run: the paper's Figures 2 and 3 and the attribution coverage curves."""
+"""The PNG figures of a run: the paper's Figures 2, 3 and (an analogue of) 4, the attribution
+coverage curves and feature consistency across sparsities."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import matplotlib
 
@@ -66,4 +67,65 @@ def coverage_figure(curves: dict[str, Sequence[float]], tau: float, path: Path) 
     axis.set_ylabel("fraction of total attribution")
     axis.set_title("Attribution coverage curves")
     axis.legend(fontsize=7)
+    return _save(figure, path)
+
+
+class SparsityPoint(NamedTuple):
+    """One evaluated SAE on the sparsity-fidelity plane."""
+
+    family: str  # e.g. "DMSAE (dense core)", "Matryoshka baseline"
+    k: int
+    l0: float
+    l0_noncore: float
+    loss_recovered: float
+    fve: float
+
+
+FAMILY_STYLES = {
+    "DMSAE (dense core)": ("tab:blue", "o"),
+    "DMSAE (sparse core)": ("tab:purple", "s"),
+    "Matryoshka baseline": ("tab:gray", "^"),
+    "random core": ("tab:red", "x"),
+}
+
+
+def sparsity_fidelity_figure(points: Sequence[SparsityPoint], path: Path) -> Path:
+    """Figure-4 analogue: loss recovered and FVE against measured held-out L0, global and non-core,
+    one series per family (points labelled with their target k)."""
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
+    panels = [("loss_recovered", "loss recovered"), ("fve", "fraction of variance explained")]
+    for row, (metric, metric_label) in enumerate(panels):
+        for col, (x_name, x_label) in enumerate([("l0", "L0 (global, Eq. 9)"), ("l0_noncore", "L0 non-core")]):
+            axis = axes[row][col]
+            for family, (color, marker) in FAMILY_STYLES.items():
+                series = sorted((p for p in points if p.family == family), key=lambda p: getattr(p, x_name))
+                if not series:
+                    continue
+                xs, ys = [getattr(p, x_name) for p in series], [getattr(p, metric) for p in series]
+                axis.plot(xs, ys, marker=marker, color=color, label=family)
+                for p, x, y in zip(series, xs, ys):
+                    axis.annotate(f"k={p.k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+            axis.set_xscale("log")
+            axis.set_xlabel(f"measured {x_label}, held-out tokens")
+            axis.set_ylabel(metric_label)
+            axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle("Sparsity-fidelity trade-off (held-out, inference threshold)")
+    return _save(figure, path)
+
+
+def consistency_figure(rows: Sequence[tuple[str, str, float, float]], path: Path) -> Path:
+    """Feature consistency across sparsities: for each (family, pair of k), the fraction of the
+    smaller-k SAE's core latents and other latents whose decoder direction has a match (cos >= 0.9)
+    in the other SAE. ``rows``: (family, "k=a vs k=b", core fraction, rest fraction)."""
+    figure, axis = plt.subplots(figsize=(8, 4))
+    labels = [f"{family}\n{pair}" for family, pair, _, _ in rows]
+    positions = range(len(rows))
+    axis.bar([p - 0.2 for p in positions], [r[2] for r in rows], width=0.4, label="core (baseline: its first |C*| latents)")
+    axis.bar([p + 0.2 for p in positions], [r[3] for r in rows], width=0.4, label="rest")
+    axis.set_xticks(list(positions), labels, fontsize=7)
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("fraction with a decoder match, cos >= 0.9")
+    axis.set_title("Feature consistency across sparsities")
+    axis.legend(fontsize=8)
     return _save(figure, path)

@@ -1,14 +1,34 @@
-"""The end of a run: all metrics in one file, the figures, and SUMMARY.md saying what each file is."""
+"""The end of a run: every metric in one file, the figures, and SUMMARY.md with the results.
+
+SUMMARY.md answers what a reviewer checks first: which positions reached the SAEs, each cycle's
+core and health, each final SAE against the plain Matryoshka baseline at the same k, the
+paper's Figure 3 stated in words, the sparsity-fidelity plane (Figure 4's analogue) and feature
+consistency across sparsities. The terminal gets the same tables.
+"""
 
 from __future__ import annotations
 
 import json
+from itertools import combinations
 from pathlib import Path
+from typing import NamedTuple
 
+from modeling_dmsae import DMSAEModel
 from trainer.distill_config import DistillConfig
 from trainer.distill_plan import FinalRun, final_runs
-from trainer.figures import core_lineage_figure, coverage_figure, l0_core_figure
+from trainer.figures import (
+    SparsityPoint,
+    consistency_figure,
+    core_lineage_figure,
+    coverage_figure,
+    l0_core_figure,
+    sparsity_fidelity_figure,
+)
 from trainer.run_directory import RunDirectory, read_json, write_json
+from trainer.sae_metrics import MATCH_COSINE, decoder_consistency
+
+FAMILIES = {("distilled", "dense_core"): "DMSAE (dense core)", ("distilled", "sparse_core"): "DMSAE (sparse core)"}
+FAMILIES.update({("none", "dense_core"): "Matryoshka baseline", ("random", "dense_core"): "random core"})
 
 
 def _log_curve(path: Path, name: str) -> tuple[list[int], list[float]]:
@@ -18,6 +38,17 @@ def _log_curve(path: Path, name: str) -> tuple[list[int], list[float]]:
 
 def _cycle_folders(paths: RunDirectory) -> list[Path]:
     return sorted((paths.root / "cycles").glob("cycle-*")) if (paths.root / "cycles").exists() else []
+
+
+def family(metrics: dict) -> str:
+    return FAMILIES[(metrics["core"], metrics["variant"])]
+
+
+def batchtopk_l0(metrics: dict) -> float:
+    """The measured L0 of the latents BatchTopK budgets (non-core for a dense core, all otherwise),
+    to hold against its target ``k_noncore``."""
+    dense_core = metrics.get("variant", "dense_core") == "dense_core" and metrics.get("core_size", 0) > 0
+    return metrics["l0_noncore"] if dense_core else metrics["l0"]
 
 
 def collect_metrics(paths: RunDirectory, runs: list[FinalRun]) -> dict:
@@ -32,7 +63,68 @@ def collect_metrics(paths: RunDirectory, runs: list[FinalRun]) -> dict:
     return metrics
 
 
-def draw_figures(config: DistillConfig, paths: RunDirectory) -> list[Path]:
+# ---- feature consistency across sparsities --------------------------------------------------
+
+
+def consistency_across_sparsities(paths: RunDirectory, runs: list[FinalRun], core_size: int) -> list[dict]:
+    """Decoder-direction matches for every pair of final SAEs of one family at different k: the
+    DMSAEs (dense core) and the baselines, whose first |C*| latents stand in for a core (the start
+    of the most nested prefix, where a Matryoshka SAE keeps its most general features)."""
+    results = []
+    for core in ("distilled", "none"):
+        members = sorted((r for r in runs if r.core == core and r.variant == "dense_core"), key=lambda r: r.k)
+        members = [r for r in members if paths.transfer(r.name).exists()]
+        models = {r.name: DMSAEModel.from_pretrained(paths.transfer(r.name)) for r in members}
+        for a, b in combinations(members, 2):
+            match = decoder_consistency(models[a.name], models[b.name], core_size)
+            results.append({"family": FAMILIES[(core, "dense_core")], "k_a": a.k, "k_b": b.k, **match})
+    return results
+
+
+# ---- the Figure-3 outcome ----------------------------------------------------------------------
+
+
+class CoreUsage(NamedTuple):
+    start: float  # mean L0_core over the first tenth of the logged steps
+    end: float  # mean L0_core over the last tenth
+    held_out: float  # L0_core on held-out tokens, inference threshold
+
+
+def _core_usage(paths: RunDirectory, name: str, metrics: dict) -> CoreUsage | None:
+    _, curve = _log_curve(paths.logs / f"transfer-{name}.jsonl", "l0_core")
+    if not curve or name not in metrics:
+        return None
+    tenth = max(1, len(curve) // 10)
+    return CoreUsage(sum(curve[:tenth]) / tenth, sum(curve[-tenth:]) / tenth, metrics[name]["l0_core"])
+
+
+def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics: dict) -> str | None:
+    """Figure 3 in words: did the random core's L0_core fall during training, and did the distilled
+    core end above it? Measured, never tuned for."""
+    k = config.cycles.k
+    distilled = _core_usage(paths, f"k-{k:04d}-dense_core", transfer_metrics)
+    random = _core_usage(paths, f"random-core-k-{k:04d}", transfer_metrics)
+    if distilled is None or random is None:
+        return None
+    c = transfer_metrics[f"random-core-k-{k:04d}"]["core_size"]
+    fell = random.end < 0.9 * random.start
+    above = distilled.end > random.end
+    agrees = fell and above
+    return (
+        f"At k = {k}, both cores of {c} latents: the random core's L0_core went from {random.start:.1f} "
+        f"(first tenth of training) to {random.end:.1f} (last tenth): it "
+        f"{'fell' if fell else 'did not fall'} ({(random.end / random.start - 1) * 100:+.0f}%). "
+        f"The distilled core went from {distilled.start:.1f} to {distilled.end:.1f} and ended "
+        f"{'above' if above else 'below'} the random core. On held-out tokens L0_core is {distilled.held_out:.1f} "
+        f"(distilled) against {random.held_out:.1f} (random). The paper reports a random core driven toward "
+        f"0 while a distilled core keeps firing: this run {'agrees' if agrees else 'does not reproduce that'}."
+    )
+
+
+# ---- figures -----------------------------------------------------------------------------------
+
+
+def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: dict, consistency: list[dict]) -> list[Path]:
     figures = []
     cores = [read_json(folder / "core.json") for folder in _cycle_folders(paths)]
     if cores:
@@ -49,35 +141,161 @@ def draw_figures(config: DistillConfig, paths: RunDirectory) -> list[Path]:
             "random core": _log_curve(random_core, "l0_core"),
         }
         figures.append(l0_core_figure(curves, paths.figures / "l0_core_distilled_vs_random.png"))
+    points = [
+        SparsityPoint(family(m), m["k"], m["l0"], m["l0_noncore"], m["loss_recovered"], m["fve"])
+        for m in metrics["transfer"].values()
+    ]
+    if points:
+        figures.append(sparsity_fidelity_figure(points, paths.figures / "sparsity_fidelity.png"))
+    if consistency:
+        rows = [
+            (row["family"], f"k={row['k_a']} vs k={row['k_b']}", _fraction(row["core"]), _fraction(row["rest"]))
+            for row in consistency
+        ]
+        figures.append(consistency_figure(rows, paths.figures / "consistency_across_sparsities.png"))
     return figures
 
 
-SUMMARY = """# DMSAE distillation run
+def _fraction(part: dict) -> float:
+    return part["matched"] / part["latents"] if part["latents"] else float("nan")
 
-Configuration: `run_config.yaml` (resume with `--config run_config.yaml --run.resume true`).
 
-| path | what it is |
+# ---- tables ------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def cycles_table(cycles: dict) -> str:
+    rows = [
+        [
+            name, str(m["core_size"]), str(m["selected_core_size"]),
+            "" if m["core_size"] == 0 else f"{m['carry_over']:.2f}",
+            f"{m['fve']:.3f}", f"{m['l0_core']:.1f}", f"{batchtopk_l0(m):.1f} / {m['k_noncore']}",
+            f"{m['dead_fraction']:.1%}", f"{m['loss_recovered']:.3f}",
+        ]
+        for name, m in cycles.items()
+    ]  # fmt: skip
+    header = ["cycle", "frozen core c", "selected C(t)", "carry-over", "FVE", "L0 core", "BatchTopK L0 / target", "dead", "loss recovered"]
+    return _table(header, rows)
+
+
+def finals_table(transfer: dict) -> str:
+    baselines = {m["k"]: m for m in transfer.values() if m["core"] == "none"}
+    rows = []
+    for name, m in transfer.items():
+        base = baselines.get(m["k"]) if m["core"] != "none" else None
+        versus = f"{m['loss_recovered'] - base['loss_recovered']:+.3f} / {m['fve'] - base['fve']:+.3f}" if base else ""
+        rows.append([
+            name, family(m), str(m["k"]), str(m["core_size"]), f"{m['l0_core']:.1f}",
+            f"{batchtopk_l0(m):.1f} / {m['k_noncore']}", f"{m['l0']:.1f}", f"{m['fve']:.3f}",
+            f"{m['dead_fraction']:.1%}", f"{m['loss_recovered']:.3f}", versus,
+        ])  # fmt: skip
+    header = ["SAE", "family", "k", "c", "L0 core", "BatchTopK L0 / target", "L0", "FVE", "dead", "loss recovered", "vs baseline: loss rec. / FVE"]
+    return _table(header, rows)
+
+
+def consistency_table(consistency: list[dict]) -> str:
+    rows = [
+        [
+            row["family"], f"{row['k_a']} vs {row['k_b']}",
+            f"{row['core']['matched']} / {row['core']['latents']}", f"{row['core']['mean_max_cosine']:.3f}",
+            f"{row['rest']['matched']} / {row['rest']['latents']}", f"{row['rest']['mean_max_cosine']:.3f}",
+        ]
+        for row in consistency
+    ]  # fmt: skip
+    header = ["family", "k pair", "core matched", "core mean max-cos", "rest matched", "rest mean max-cos"]
+    return _table(header, rows)
+
+
+def positions_section(harvest: dict) -> str:
+    lines = []
+    for name, census in (("training cache", harvest.get("training")), ("held-out set", harvest.get("held_out"))):
+        if census is None:
+            lines.append(f"- {name}: streamed, not counted")
+            continue
+        excluded = census["excluded"]
+        profile = ", ".join(f"{norm:,.0f}" for norm in census["mean_norm_at_position"])
+        lines.append(
+            f"- {name}: {census['positions']:,} positions read, {census['kept']:,} kept; excluded "
+            f"{excluded['special_tokens']:,} special-token positions (BOS, padding) and {excluded['massive_norm']:,} "
+            f"massive-norm positions (> {harvest['max_norm_ratio']} x the batch median). Median norm "
+            f"{census['median_norm']:,.1f}; mean norm at positions 0-3: {profile}."
+        )
+    return "\n".join(lines)
+
+
+FILES = """| path | what it is |
 |---|---|
-| `cycles/cycle-NNN/` | cycle t's SAE (`AutoModel.from_pretrained`), `core.json` (the selected core C(t): latent indices by descending attribution, their scores, lineage `[origin_cycle, origin_index]`, coverage curve), `core_directions.safetensors` (the selected encoder rows, the next cycle's frozen core) and `metrics.json` (held-out metrics) |
-| `distilled_core/` | C* = C(T) ∩ C(T-1): `core.json` and `core_directions.safetensors`, the input of the transfer stage (`--transfer.core`) |
-| `transfer/k-KKKK-VARIANT/` | the final SAEs: fresh DMSAEs trained from C* at sparsity k (Algorithm 3), with `metrics.json` |
-| `transfer/random-core-k-KKKK/` | the Figure-3 control: a random core of the same size |
-| `metrics.json` | every metric of every SAE above |
-| `figures/core_lineage.png` | Figure 2: size of C(t) per cycle, coloured by the cycle each latent first appeared in |
-| `figures/l0_core_distilled_vs_random.png` | Figure 3: L0 of the core during training, distilled vs random core |
-| `figures/coverage_curve.png` | attribution coverage curve of each cycle's selection, with tau |
-| `logs/STAGE.jsonl` | training curves (loss, L0 core / non-core, dead fraction) every `run.log_every` steps; tensorboard events beside |
+| `cycles/cycle-NNN/` | cycle t's SAE (`AutoModel.from_pretrained`), `core.json` (C(t): latent indices by descending attribution, scores, lineage `[origin_cycle, origin_index]`, coverage curve), `core_directions.safetensors` (the next cycle's frozen core), `metrics.json` |
+| `distilled_core/` | C* = C(T) ∩ C(T-1) (`core.json`, `core_directions.safetensors`): the transfer stage's input (`--transfer.core`) |
+| `transfer/k-KKKK-VARIANT/` | the final DMSAEs from C* at sparsity k (Algorithm 3), with `metrics.json` |
+| `transfer/random-core-k-KKKK/` | the Figure-3 control: a random frozen core of |C*| latents |
+| `transfer/baseline-k-KKKK/` | the plain Matryoshka baseline (c = 0) at k: same K, groups, tokens, seed policy |
+| `metrics.json` | every metric of every SAE, and feature consistency across sparsities |
+| `harvest.json` | which positions reached the SAEs and why others did not; the activation-norm profile |
+| `figures/` | the figures above |
+| `logs/STAGE.jsonl` | training curves (loss, L0 core / non-core, dead fraction, BatchTopK's cut) every `run.log_every` steps |
 | `hub/` | the exact folders pushed to the Hub, with their model cards |
 | `cache/` | harvested activations and the (x, g) attribution sample (reused by every cycle and by a resumed run) |
 | `checkpoints/` | training checkpoints of unfinished stages (`--run.resume true` continues from them) |
+| `timings.json` | wall time per kind of work |"""
 
-Metrics (held-out tokens, inference mode): FVE, MSE (per element), L0 core / non-core / all,
-dead fraction (never firing on held-out tokens), next-token loss clean / spliced / zero-ablated
-and loss recovered, core size and carry-over (the fraction of a cycle's core it selects again).
-"""
+DEFINITIONS = f"""All metrics on held-out tokens (never trained on), in inference mode: the calibrated threshold,
+one token at a time, as users run the SAEs. FVE = 1 - SSE / total variance around the mean; L0
+counts active latents per token (core + non-core = global, Eq. 9); "BatchTopK L0 / target" holds
+the latents BatchTopK budgets (non-core for a dense core, all otherwise) against k_noncore (Eq. 4);
+dead = fires on none of the held-out tokens; loss recovered = (CE_zero - CE_spliced) / (CE_zero -
+CE_clean), with the SAE spliced in (or zeros) at the kept positions only; carry-over = the fraction
+of a cycle's frozen core it selects again. Consistency: a latent is matched when another SAE has a
+decoder direction with cosine >= {MATCH_COSINE}."""
 
 
-def write_report(config: DistillConfig, paths: RunDirectory) -> None:
-    write_json(paths.root / "metrics.json", collect_metrics(paths, final_runs(config)))
-    draw_figures(config, paths)
-    (paths.root / "SUMMARY.md").write_text(SUMMARY)
+def summary_markdown(config: DistillConfig, paths: RunDirectory, metrics: dict, harvest: dict) -> str:
+    sections = [
+        "# DMSAE distillation run",
+        f"`{paths.root}`; configuration `run_config.yaml` (resume with `--config run_config.yaml --run.resume true`).",
+        "## Positions that reached the SAEs\n\n" + positions_section(harvest),
+    ]
+    if metrics["cycles"]:
+        sections.append("## Distillation cycles\n\n" + cycles_table(metrics["cycles"]))
+        sections.append("![Figure 2](figures/core_lineage.png)\n\n![coverage](figures/coverage_curve.png)")
+    if metrics["transfer"]:
+        sections.append("## Final SAEs against the Matryoshka baseline\n\n" + finals_table(metrics["transfer"]))
+        sections.append("![Figure 4 analogue](figures/sparsity_fidelity.png)")
+    if metrics.get("figure3"):
+        sections.append("## Figure 3: distilled against random core\n\n" + metrics["figure3"])
+        sections.append("![Figure 3](figures/l0_core_distilled_vs_random.png)")
+    if metrics.get("consistency"):
+        sections.append("## Feature consistency across sparsities\n\n" + consistency_table(metrics["consistency"]))
+        sections.append("![consistency](figures/consistency_across_sparsities.png)")
+    sections += ["## Definitions\n\n" + DEFINITIONS, "## Files\n\n" + FILES]
+    return "\n\n".join(sections) + "\n"
+
+
+def terminal_summary(paths: RunDirectory, metrics: dict) -> str:
+    parts = [f"Run finished: {paths.root.resolve()}"]
+    if metrics["cycles"]:
+        parts.append("Distillation cycles (held-out):\n" + cycles_table(metrics["cycles"]))
+    if metrics["transfer"]:
+        parts.append("Final SAEs (held-out):\n" + finals_table(metrics["transfer"]))
+    if metrics.get("figure3"):
+        parts.append(metrics["figure3"])
+    parts.append(f"Tables, figures and definitions: {paths.root / 'SUMMARY.md'}")
+    return "\n\n".join(parts)
+
+
+def write_report(config: DistillConfig, paths: RunDirectory) -> str:
+    """metrics.json, the figures and SUMMARY.md; returns the terminal summary."""
+    runs = final_runs(config)
+    metrics = collect_metrics(paths, runs)
+    core_sizes = {m["core_size"] for m in metrics["transfer"].values() if m["core"] == "distilled"}
+    metrics["consistency"] = consistency_across_sparsities(paths, runs, core_sizes.pop()) if core_sizes else []
+    metrics["figure3"] = figure3_outcome(paths, config, metrics["transfer"])
+    write_json(paths.root / "metrics.json", metrics)
+    draw_figures(config, paths, metrics, metrics["consistency"])
+    harvest = read_json(paths.root / "harvest.json")
+    (paths.root / "SUMMARY.md").write_text(summary_markdown(config, paths, metrics, harvest))
+    return terminal_summary(paths, metrics)

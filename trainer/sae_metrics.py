@@ -6,10 +6,17 @@ over the evaluation batch when a short run estimated no threshold).
     FVE            = 1 - sum_u ||x_u - x^_u||^2 / sum_u ||x_u - mean(x)||^2
     MSE            = mean over tokens and dimensions of (x - x^)^2
     L0_core / L0_noncore / L0 = mean active latents per token (Eq. 9)
-    dead_fraction  = latents that never fire on the held-out tokens / K
+    dead_fraction  = latents that never fire on the held-out tokens / K (eval.tokens sizes the
+                     held-out set: with 32,768 tokens a latent that fires once in 10,000 tokens
+                     is counted dead by chance with probability (1 - 1e-4)^32768 = 4%)
     loss_recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean), CE = mean next-token loss
                      with the hooked activations left alone (clean), replaced by the SAE
                      reconstruction (spliced) or by zeros (zero-ablated)
+
+Feature consistency across two SAEs (the paper's second contribution), on decoder directions:
+
+    max_cos_j      = max over latents i of SAE B of cos(W_dec_A[j], W_dec_B[i]), for latent j of A
+    matched        = latents j with max_cos_j >= 0.9, reported for j < c (the core) and j >= c
 
 ``evaluate`` is not used for these: its metrics collect predictions and references into Arrow
 tables, which for [tokens, d] float activations means copying every activation off the
@@ -118,4 +125,30 @@ def downstream_loss_metrics(
         "ce_loss_spliced": spliced,
         "ce_loss_zero_ablated": zero_ablated,
         "loss_recovered": (zero_ablated - spliced) / (zero_ablated - clean) if zero_ablated != clean else float("nan"),
+    }
+
+
+MATCH_COSINE = 0.9
+
+
+@torch.no_grad()
+def decoder_consistency(sae_a: DMSAEModel, sae_b: DMSAEModel, core_size: int, rows_per_block: int = 4096) -> dict[str, dict]:
+    """For every decoder direction of ``sae_a``, its best cosine match among ``sae_b``'s, summarised
+    for latents [0, core_size) ("core") and the rest: how many reach MATCH_COSINE, and the mean
+    max-cosine. Blocks of rows bound the [block, K] similarity matrix (65k x 65k at paper scale)."""
+    directions_b = nn.functional.normalize(sae_b.W_dec.detach().float(), dim=-1)
+    best = torch.cat(
+        [
+            (nn.functional.normalize(block.float(), dim=-1) @ directions_b.T).max(dim=1).values
+            for block in sae_a.W_dec.detach().split(rows_per_block)
+        ]
+    )
+    parts = {"core": best[:core_size], "rest": best[core_size:]}
+    return {
+        name: {
+            "latents": part.numel(),
+            "matched": int((part >= MATCH_COSINE).sum()),
+            "mean_max_cosine": float(part.mean()) if part.numel() else float("nan"),
+        }
+        for name, part in parts.items()
     }
