@@ -126,8 +126,16 @@ def test_empty_dataset(tmp_path, documents):
 
 
 def test_embedded_corpus_is_real_text_and_code(tmp_path):
-    documents = list(embedded_corpus_documents())
-    assert len(documents) > 200 and "assert" in documents[0] and "import " in documents[1]
+    documents = embedded_corpus_documents()
+    assert documents == embedded_corpus_documents()  # the same seeded order every time
+    from pydoc_data.topics import topics
+
+    assert {"assert", "import"} <= {t for t in topics if topics[t] in documents}
+    code = [d for d in documents if d not in topics.values()]
+    assert len(code) > 1000 and sum("import " in d for d in code) > 100
+    positions = [i for i, d in enumerate(documents) if d in topics.values()]
+    # Topics are spread over the whole stream, not bunched: every tenth of it holds some.
+    assert {10 * i // len(documents) for i in positions} == set(range(10))
     cfg = DataConfig(context_length=32, corpus_dir=str(tmp_path), embedded_code=False)
     contexts = list(packed_contexts(tiny_tokenizer(), cfg, count=3))
     assert [c.index for c in contexts] == [0, 1, 2]

@@ -26,15 +26,18 @@ BOS activations are excluded by default because they are huge outliers that carr
 about the text and would dominate the reconstruction loss.
 
 The embedded default corpus is real text that ships with CPython, so the default run needs no
-download: the documentation topics of ``pydoc_data.topics`` (~465k characters), interleaved with
-the standard library's top-level modules as code (~4.7M characters) unless ``embedded_code=False``.
-It is written once to a JSON-lines file and read through ``datasets`` like any local dataset.
+download: the documentation topics of ``pydoc_data.topics`` (~465k characters) and the standard
+library's top-level modules as code (~4.7M characters, in ~100-line chunks) unless
+``embedded_code=False``, in one seeded random order so that every range of the stream (training,
+attribution, held-out) holds the same mix. It is written once to a JSON-lines file and read
+through ``datasets`` like any local dataset.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import sysconfig
 from dataclasses import asdict, dataclass
@@ -89,7 +92,7 @@ class DataConfig:
     """Keep the last, incomplete context, right-padded (padding is always masked); default: drop it."""
 
     embedded_code: bool = True
-    """Embedded corpus only: interleave the standard library's source code with the documentation."""
+    """Embedded corpus only: mix the standard library's source code (in chunks) into the documentation."""
 
     corpus_dir: str | None = None
     """Embedded corpus only: where to write it (default ~/.cache/dmsae/embedded-corpus)."""
@@ -102,6 +105,7 @@ class DataConfig:
             del fields["embedded_code"]
         else:
             fields["python"] = sys.version.split()[0]  # the embedded text comes with the interpreter
+            fields["embedded_layout"] = EMBEDDED_LAYOUT
         return fields
 
 
@@ -151,24 +155,44 @@ def process_state() -> PartialState:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def embedded_corpus_documents(include_code: bool = True) -> Iterator[str]:
-    """Python's documentation topics, interleaved with standard-library modules when asked."""
+CODE_CHUNK_LINES = 100
+EMBEDDED_LAYOUT = f"topics and {CODE_CHUNK_LINES}-line code chunks, shuffled (seed 0)"
+
+
+def _code_chunks(source: str) -> Iterator[str]:
+    """A module cut into pieces of at least CODE_CHUNK_LINES lines, each ending at a blank line."""
+    chunk: list[str] = []
+    for line in source.splitlines(keepends=True):
+        chunk.append(line)
+        if len(chunk) >= CODE_CHUNK_LINES and not line.strip():
+            yield "".join(chunk)
+            chunk = []
+    if chunk:
+        yield "".join(chunk)
+
+
+def embedded_corpus_documents(include_code: bool = True) -> list[str]:
+    """Python's documentation topics and, when asked, the standard library's modules in chunks of
+    about CODE_CHUNK_LINES lines, in a seeded random order. Shuffled so that the training,
+    attribution and held-out ranges of the packed stream (consecutive contexts) draw from the same
+    mix: in file order, held-out metrics would be measured on other modules than the SAEs were
+    trained on (the held-out L0 of a calibrated SAE was 33% above k that way)."""
     from pydoc_data.topics import topics
 
-    docs = list(topics.values())
-    code = []
+    documents = list(topics.values())
     if include_code:
         stdlib = Path(sysconfig.get_paths()["stdlib"])
-        code = [path.read_text(encoding="utf-8", errors="replace") for path in sorted(stdlib.glob("*.py"))]
-    for i in range(max(len(docs), len(code))):
-        yield from (part[i] for part in (docs, code) if i < len(part))
+        for path in sorted(stdlib.glob("*.py")):
+            documents += _code_chunks(path.read_text(encoding="utf-8", errors="replace"))
+    random.Random(0).shuffle(documents)
+    return documents
 
 
 def materialize_embedded_corpus(directory: str | os.PathLike | None = None, include_code: bool = True) -> Path:
     """Write the embedded corpus once as JSON lines (atomically) and return the file."""
     directory = Path(directory or Path.home() / ".cache" / "dmsae" / "embedded-corpus")
     version = "{}.{}".format(*sys.version_info[:2])
-    path = directory / f"python{version}-{'docs-code' if include_code else 'docs'}.jsonl"
+    path = directory / f"python{version}-{'docs-code' if include_code else 'docs'}-shuffled.jsonl"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".tmp{os.getpid()}")
