@@ -1,7 +1,7 @@
 """Held-out metrics of an SAE: reconstruction, sparsity, dead latents and spliced next-token loss.
 
-All in inference mode (the estimated threshold, one token at a time as users run it; BatchTopK
-over the evaluation batch when a short run estimated no threshold).
+All in inference mode (the calibrated threshold, one token at a time as users run it; BatchTopK
+over the evaluation batch for an SAE that has no threshold, e.g. an imported checkpoint without one).
 
     FVE            = 1 - sum_u ||x_u - x^_u||^2 / sum_u ||x_u - mean(x)||^2
     MSE            = mean over tokens and dimensions of (x - x^)^2
