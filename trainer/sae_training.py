@@ -152,24 +152,26 @@ class SAETrainer:
         """Set the trained SAE's inference threshold from training activations and return the SAE.
 
         theta is chosen so that keeping the entries above it one token at a time keeps exactly what
-        BatchTopK over all calibration tokens at once would: k_noncore per token on average (the
-        (k N + 1)-th largest masked pre-activation, :func:`modeling_dmsae.calibrated_threshold`).
-        Each process keeps its own largest candidates; their union holds the global ones, so only
-        those are gathered, never the [N, K] activations.
+        BatchTopK over all calibration tokens (of every process) at once would: k_noncore per token
+        on average (:func:`modeling_dmsae.calibrated_threshold`). Each process keeps only its own
+        largest candidates; the bisection's counts are summed over processes, so neither the
+        [N, K] activations nor the candidates are gathered.
         """
-        sae = self.sae
-        batches = [batch.to(self.accelerator.device) for batch in batches]
-        local_tokens = torch.tensor(sum(len(batch) for batch in batches), device=self.accelerator.device)
-        num_tokens = int(self.accelerator.reduce(local_tokens, "sum"))
+        sae, device = self.sae, self.accelerator.device
+        batches = [batch.to(device) for batch in batches]
+        num_tokens = int(self.accelerator.reduce(torch.tensor(sum(map(len, batches)), device=device), "sum"))
         budget = sae.config.k_noncore * num_tokens + 1
-        pool = torch.zeros(0, device=self.accelerator.device)
+        pool = torch.zeros(0, device=device)
         for batch in batches:
             pool = torch.cat([pool, sae.threshold_candidates(batch, budget)])
             pool = pool.topk(min(budget, pool.numel()), sorted=False).values
-        # Zeros pad every process's pool to one size for the gather; they never pass "> theta".
-        pool = torch.cat([pool, pool.new_zeros(budget - pool.numel())])
-        candidates = self.accelerator.gather(pool)
-        sae.config.threshold = calibrated_threshold(candidates[candidates > 0], num_tokens, sae.config.k_noncore)
+
+        def count_above(value: float) -> int:
+            return int(self.accelerator.reduce((pool > value).sum(), "sum"))
+
+        local_largest = pool.max() if pool.numel() else pool.new_zeros(())
+        largest = float(self.accelerator.gather(local_largest.reshape(1)).max())
+        sae.config.threshold = calibrated_threshold(pool, num_tokens, sae.config.k_noncore, count_above, largest)
         return sae
 
     # ---- checkpoints: everything a resumed run needs to continue bit for bit ------------------
