@@ -114,18 +114,32 @@ def sparsity_fidelity_figure(points: Sequence[SparsityPoint], path: Path) -> Pat
     return _save(figure, path)
 
 
-def consistency_figure(rows: Sequence[tuple[str, str, float, float]], path: Path) -> Path:
-    """Feature consistency across sparsities: for each (family, pair of k), the fraction of the
-    smaller-k SAE's core latents and other latents whose decoder direction has a match (cos >= 0.9)
-    in the other SAE. ``rows``: (family, "k=a vs k=b", core fraction, rest fraction)."""
-    figure, axis = plt.subplots(figsize=(8, 4))
-    labels = [f"{family}\n{pair}" for family, pair, _, _ in rows]
-    positions = range(len(rows))
-    axis.bar([p - 0.2 for p in positions], [r[2] for r in rows], width=0.4, label="core (baseline: its first |C*| latents)")
-    axis.bar([p + 0.2 for p in positions], [r[3] for r in rows], width=0.4, label="rest")
-    axis.set_xticks(list(positions), labels, fontsize=7)
-    axis.set_ylim(0, 1.05)
-    axis.set_ylabel("fraction with a decoder match, cos >= 0.9")
-    axis.set_title("Feature consistency across sparsities")
-    axis.legend(fontsize=8)
+class ConsistencyBar(NamedTuple):
+    """One pair of final SAEs of one family at different k."""
+
+    label: str  # e.g. "DMSAE k=16 vs 32"
+    core_matched: float  # fraction of core latents with a decoder match (cos >= 0.9)
+    rest_matched: float
+    core_mean_max_cosine: float
+    rest_mean_max_cosine: float
+
+
+def consistency_figure(bars: Sequence[ConsistencyBar], path: Path) -> Path:
+    """Feature consistency across sparsities: per pair of SAEs, the fraction of the smaller-k SAE's
+    core and other latents whose decoder direction has a match in the other SAE (cos >= 0.9), and
+    their mean max-cosine."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    positions = list(range(len(bars)))
+    panels = [
+        ("core_matched", "rest_matched", "fraction matched (cos >= 0.9)"),
+        ("core_mean_max_cosine", "rest_mean_max_cosine", "mean max-cosine"),
+    ]
+    for axis, (core_field, rest_field, label) in zip(axes, panels):
+        axis.bar([p - 0.2 for p in positions], [getattr(b, core_field) for b in bars], width=0.4, label="core (baseline: first |C*| latents)")
+        axis.bar([p + 0.2 for p in positions], [getattr(b, rest_field) for b in bars], width=0.4, label="rest")
+        axis.set_xticks(positions, [b.label for b in bars], rotation=30, ha="right", fontsize=8)
+        axis.set_ylim(0, 1.05)
+        axis.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("Feature consistency across sparsities (decoder directions)")
     return _save(figure, path)

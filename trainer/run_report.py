@@ -17,6 +17,7 @@ from modeling_dmsae import DMSAEModel
 from trainer.distill_config import DistillConfig
 from trainer.distill_plan import FinalRun, final_runs
 from trainer.figures import (
+    ConsistencyBar,
     SparsityPoint,
     consistency_figure,
     core_lineage_figure,
@@ -148,11 +149,14 @@ def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: dict, cons
     if points:
         figures.append(sparsity_fidelity_figure(points, paths.figures / "sparsity_fidelity.png"))
     if consistency:
-        rows = [
-            (row["family"], f"k={row['k_a']} vs k={row['k_b']}", _fraction(row["core"]), _fraction(row["rest"]))
+        bars = [
+            ConsistencyBar(
+                f"{row['family'].split(' (')[0]} k={row['k_a']} vs {row['k_b']}",
+                _fraction(row["core"]), _fraction(row["rest"]), row["core"]["mean_max_cosine"], row["rest"]["mean_max_cosine"],
+            )
             for row in consistency
-        ]
-        figures.append(consistency_figure(rows, paths.figures / "consistency_across_sparsities.png"))
+        ]  # fmt: skip
+        figures.append(consistency_figure(bars, paths.figures / "consistency_across_sparsities.png"))
     return figures
 
 
@@ -164,7 +168,7 @@ def _fraction(part: dict) -> float:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join("---:" for _ in header[1:]) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
