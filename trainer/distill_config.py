@@ -25,6 +25,10 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
+class ConfigError(ValueError):
+    """An impossible setting: the message names the field, the value and the fix, in one line."""
+
+
 @dataclass
 class DictionaryConfig:
     """Shape of every SAE of the run."""
@@ -153,7 +157,7 @@ class DistillConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -186,7 +190,7 @@ def parse_config(argv: list[str]) -> DistillConfig:
     preparser.add_argument("--config", default=str(DEFAULT_CONFIG))
     known, overrides = preparser.parse_known_args(expand_aliases(argv))
     if not Path(known.config).is_file():
-        raise FileNotFoundError(f"--config {known.config}: no such file (shipped configs: {sorted(p.name for p in CONFIG_DIR.glob('*.yaml'))})")
+        raise ConfigError(f"--config {known.config}: no such file (shipped configs: {sorted(p.name for p in CONFIG_DIR.glob('*.yaml'))})")
     config = simple_parsing.parse(
         DistillConfig,
         config_path=known.config,

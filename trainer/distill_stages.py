@@ -24,16 +24,16 @@ from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hub_cards.publish import HubPushError, build_hub_folders, push_cycle, push_run, resolve_core
+from hub_cards.publish import CORE_FILES, HubPushError, build_hub_folders, push_cycle, push_run, resolve_core
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from modeling_dmsae.convert_checkpoints import from_checkpoint
 from trainer.distill_config import DistillConfig
 from trainer.distill_plan import cycle0_sae_config, final_runs, steps_for
 from trainer.run_data import RunData, prepare_run_data
-from trainer.run_directory import RunDirectory, atomic_folder, read_json, write_json
+from trainer.run_directory import CorruptRunFileError, RunDirectory, atomic_folder, read_json, require_files, write_json
 from trainer.run_report import write_report
 from trainer.sae_metrics import downstream_loss_metrics, reconstruction_metrics
-from trainer.sae_training import SAETrainer
+from trainer.sae_training import SAETrainer, check_finite_weights, stage_failure
 from trainer.selection import CoreSelection, distilled_core, select_core
 
 
@@ -67,18 +67,30 @@ def save_core(folder: Path, cycle: int, selection: CoreSelection, model: DMSAEMo
     save_file({"core_directions": directions}, str(folder / "core_directions.safetensors"))
 
 
+CYCLE_FILES = ("config.json", "model.safetensors", "metrics.json", *CORE_FILES)
+
+
 def load_core(folder: Path) -> Core:
     """A core saved by :func:`save_core` (a cycle folder or distilled_core/)."""
+    require_files(folder, CORE_FILES, f"delete {folder} and rerun with --run.resume true to compute it again")
     directions = load_file(str(folder / "core_directions.safetensors"))["core_directions"]
+    if not torch.isfinite(directions).all():
+        raise CorruptRunFileError(f"{folder / 'core_directions.safetensors'} holds NaN/Inf: delete {folder} and compute it again")
     return Core(directions, read_json(folder / "core.json")["lineage"])
 
 
-def check_compatible(sae: DMSAEConfig, data: RunData, config: DistillConfig) -> None:
+def read_cycle0_checkpoint(path: str) -> DMSAEModel:
+    """A published SAE as cycle 0: a DMSAE folder, or whatever convert_checkpoints imports."""
+    is_dmsae = (Path(path) / "config.json").is_file() and read_json(Path(path) / "config.json").get("model_type") == "dmsae"
+    return check_finite_weights(DMSAEModel.from_pretrained(path) if is_dmsae else from_checkpoint(path), path)
+
+
+def check_compatible(sae: DMSAEConfig, d_in: int, hook_layer: int, config: DistillConfig) -> None:
     """Refuse, before any training, a cycle-0 checkpoint that reads other activations."""
     problems = []
-    if sae.d_in != data.d_in:
-        problems.append(f"its width d = {sae.d_in}, the base model's hidden size is {data.d_in}")
-    if sae.hook_layer != data.hook_layer:
+    if sae.d_in != d_in:
+        problems.append(f"its width d = {sae.d_in}, the base model's hidden size is {d_in}")
+    if sae.hook_layer != hook_layer:
         problems.append(f"it reads layer {sae.hook_layer} ({sae.hook_name}), the run hooks {config.model.hook_module}")
     ours, theirs = config.model.model_id.lower().split("/")[-1], (sae.base_model_id or "").lower().split("/")[-1]
     if theirs and ours != theirs:
@@ -95,17 +107,31 @@ class DistillationRun:
         self.config = config
         self.accelerator = accelerator
         self.paths = RunDirectory(config.run.output_dir)
-        self.timings: dict[str, float] = {}
+        # A resume adds to the timings of the processes before it; a killed stage's time up to its
+        # last checkpoint was saved with that checkpoint, so every kept piece of work counts once.
+        self.timings: dict[str, float] = self.paths.previous_timings() if config.run.resume else {}
+        self._running: tuple[str, float] | None = None
 
     @contextmanager
     def _timed(self, kind: str) -> Iterator[None]:
         """Accumulate wall time per kind of work (harvest, training, attribution, evaluation) into
         timings.json, which the whole-run benchmark reads."""
-        start = time.perf_counter()
+        self._running = (kind, time.perf_counter())
         yield
-        self.timings[kind] = self.timings.get(kind, 0.0) + time.perf_counter() - start
+        self.timings = self._timings_now()
+        self._running = None
+        self._write_timings()
+
+    def _timings_now(self) -> dict[str, float]:
+        timings = dict(self.timings)
+        if self._running is not None:
+            kind, start = self._running
+            timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - start
+        return timings
+
+    def _write_timings(self) -> None:
         if self.accelerator.is_main_process:
-            write_json(self.paths.root / "timings.json", self.timings)
+            write_json(self.paths.root / "timings.json", self._timings_now())
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -151,7 +177,10 @@ class DistillationRun:
             total=steps, initial=trainer.steps_taken, desc=stage, disable=not self.accelerator.is_local_main_process
         )
         for step in range(trainer.steps_taken, steps):
-            stats = trainer.step(next(batches))
+            try:
+                stats = trainer.step(next(batches))
+            except (FloatingPointError, CorruptRunFileError) as error:
+                raise stage_failure(stage, step, error, checkpoint) from error
             progress.update()
             if step % config.run.log_every == 0 or step == steps - 1:
                 record = {"step": step, **{name: float(value) for name, value in stats._asdict().items()}}
@@ -161,6 +190,7 @@ class DistillationRun:
                         log.write(json.dumps(record) + "\n")
             if (step + 1) % config.run.checkpoint_every == 0 and step + 1 < steps:
                 trainer.save_checkpoint(checkpoint)
+                self._write_timings()
         progress.close()
         calibration = islice(
             data.training_batches(config.cycles.batch_size, seed=zlib.crc32(f"{config.run.seed}/{stage}/calibration".encode())),
@@ -195,6 +225,8 @@ class DistillationRun:
     def _save_stage(self, folder: Path, sae: DMSAEModel, metrics: dict, extra=None) -> None:
         """Write an SAE folder atomically: save_pretrained, metrics.json and any extra files."""
 
+        check_finite_weights(sae, folder.name)  # never save (so never evaluate further or push) a NaN SAE
+
         def write() -> None:
             with atomic_folder(folder) as partial:
                 sae.save_pretrained(partial)
@@ -218,9 +250,8 @@ class DistillationRun:
         """(cycle-0 SAE, whether it still needs training)."""
         checkpoint = self.config.cycles.cycle0_checkpoint
         if checkpoint:
-            is_dmsae = (Path(checkpoint) / "config.json").is_file() and read_json(Path(checkpoint) / "config.json").get("model_type") == "dmsae"
-            model = DMSAEModel.from_pretrained(checkpoint) if is_dmsae else from_checkpoint(checkpoint)
-            check_compatible(model.config, data, self.config)
+            model = read_cycle0_checkpoint(checkpoint)
+            check_compatible(model.config, data.d_in, data.hook_layer, self.config)
             return model, False
         sae_config = cycle0_sae_config(self.config, data.d_in, data.hook_layer)
         sae_config.normalization_factor = data.normalization_factor
@@ -233,6 +264,8 @@ class DistillationRun:
         for t in range(cycles.num_cycles + 1):
             folder = self.paths.cycle(t)
             if folder.exists():  # finished before a restart
+                require_files(folder, CYCLE_FILES, f"delete {folder} and rerun with --run.resume true: cycle {t} is trained again")
+                self._finish_stage(folder.name)  # a kill may have landed before its checkpoint was removed
                 model = DMSAEModel.from_pretrained(folder).to(self.accelerator.device)
                 selected = read_json(folder / "core.json")["selected"]
                 previous = (model, selected)
@@ -294,6 +327,7 @@ class DistillationRun:
         for index, run in enumerate(final_runs(self.config)):
             folder = self.paths.transfer(run.name)
             if folder.exists():
+                self._finish_stage(f"transfer-{name}")  # a kill may have landed before its checkpoint was removed
                 continue
             set_seed(self.config.run.seed + 1000 + index)
             lineage = {"distilled": core.lineage, "random": [[cycle, j] for j in range(len(core.lineage))], "none": []}[run.core]
@@ -313,8 +347,10 @@ class DistillationRun:
     # ---- the whole run --------------------------------------------------------------------------
 
     def run(self) -> None:
+        harvested_before = self.config.run.resume and self.paths.harvest_complete(self.config.harvest.cache_dir)
         self._on_main(lambda: self.paths.start(self.config))
-        with self._timed("harvest"):
+        # On a resume after the harvest, loading the model and reopening the caches is the restart's overhead.
+        with self._timed("restart overhead" if harvested_before else "harvest"):
             data = prepare_run_data(self.config, self.accelerator, self.paths)
         self._on_main(lambda: write_json(self.paths.root / "harvest.json", data.positions))
         if self.config.transfer.core:

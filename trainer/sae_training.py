@@ -29,6 +29,7 @@ from accelerate.utils import broadcast
 
 from modeling_dmsae import DMSAEModel
 from modeling_dmsae.modeling_dmsae import calibrated_threshold
+from trainer.run_directory import CorruptRunFileError
 
 
 @dataclass
@@ -52,6 +53,30 @@ class OptimizerConfig:
 
     def learning_rate(self, num_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / (num_latents / 2**14) ** 0.5
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """The loss or the gradient went NaN/Inf: the step is not taken, the weights stay as they were."""
+
+
+def check_finite_weights(model: DMSAEModel, what: str) -> DMSAEModel:
+    """``model``, or FloatingPointError when a parameter or buffer holds NaN/Inf."""
+    bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise NonFiniteTrainingError(f"{what}: the SAE holds NaN/Inf in {', '.join(bad)}; it is not saved, evaluated or pushed")
+    return model
+
+
+def stage_failure(stage: str, step: int, error: Exception, checkpoint: Path) -> Exception:
+    """The error of a training stage stopped at ``step``, saying what is kept and what to do."""
+    kept = (
+        f"the last good checkpoint {checkpoint} is kept" if checkpoint.exists() else "no checkpoint of this stage was written yet"
+    )
+    fix = (
+        " Lower --optimizer.lr or raise --optimizer.warmup_steps, then rerun with --run.resume true"
+        if isinstance(error, NonFiniteTrainingError) else ""
+    )
+    return type(error)(f"stage {stage}, step {step}: {error} ({kept}; finished stages are kept).{fix}")
 
 
 class StepStats(NamedTuple):
@@ -124,7 +149,14 @@ class SAETrainer:
             self.accelerator.backward(output.loss)
             if self.accelerator.sync_gradients:
                 sae.remove_decoder_parallel_gradient_()
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+                # One scalar check per step (the norm is reduced over processes, so all stop together);
+                # NaN/Inf anywhere in the loss or the gradients makes it non-finite.
+                if not torch.isfinite(norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteTrainingError(
+                        f"non-finite loss {output.loss.item():.4g} / gradient norm {norm.item():.4g}; the step was not taken"
+                    )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.accelerator.sync_gradients:
@@ -193,9 +225,17 @@ class SAETrainer:
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
-        self.sae.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.tokens_since_fired.copy_(state["tokens_since_fired"])
-        self.steps_taken = int(state["steps_taken"])
+        """Restore a checkpoint (tensors only: weights_only=True); an unreadable one is named with the fix."""
+        try:
+            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            self.sae.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.tokens_since_fired.copy_(state["tokens_since_fired"])
+            self.steps_taken = int(state["steps_taken"])
+        except Exception as error:  # torch's own text would suggest an unsafe weights_only=False
+            raise CorruptRunFileError(
+                f"training checkpoint {path} is unreadable or does not fit this SAE ({type(error).__name__}): delete it "
+                "and rerun with --run.resume true; its stage restarts from step 0, finished stages are kept"
+            ) from None
+        check_finite_weights(self.sae, str(path))

@@ -221,9 +221,15 @@ def load_text_dataset(cfg: DataConfig) -> IterableDataset:
         return load_dataset("json", data_files=[str(corpus)], split="train", streaming=True)
     files = _local_data_files(cfg.dataset)
     if files is None and (Path(cfg.dataset).suffix in LOCAL_BUILDERS or cfg.dataset.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"local dataset {cfg.dataset!r} not found: no such file, directory or glob match")
+        raise FileNotFoundError(f"--data.dataset {cfg.dataset!r}: no such file, directory or glob match in {Path.cwd()}")
     if files is None:
-        return load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=True)
+        try:
+            return load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=True)
+        except (ConnectionError, FileNotFoundError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
+            raise FileNotFoundError(
+                f"--data.dataset {cfg.dataset!r} is neither a local path (no file, directory or glob match in {Path.cwd()}) "
+                f"nor reachable on the Hub ({error}): fix the path, or check the dataset id and the network"
+            ) from None
     builders = {LOCAL_BUILDERS.get(Path(f).suffix) for f in files}
     if not files or None in builders or len(builders) > 1:
         raise ValueError(
@@ -242,13 +248,13 @@ def _documents(dataset: IterableDataset, cfg: DataConfig) -> Iterator[str]:
         if cfg.text_column not in example:
             raise MissingTextColumnError(
                 f"dataset {cfg.dataset or '(embedded corpus)'!r} has no text column {cfg.text_column!r}; "
-                f"its columns are {sorted(example)}. Set --text_column to the one holding the text."
+                f"its columns are {sorted(example)}. Set --data.text_column to the one holding the text."
             )
         text = example[cfg.text_column]
         if not isinstance(text, str):
             raise MissingTextColumnError(
                 f"column {cfg.text_column!r} of example {number} holds {type(text).__name__}, not text; "
-                "set --text_column to a string column."
+                "set --data.text_column to a string column."
             )
         yield text
 
@@ -268,7 +274,7 @@ def _pack(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, documents: Iterab
     bos = [tokenizer.bos_token_id] if _wants_bos(tokenizer, cfg) else []
     eos = tokenizer.eos_token_id
     if cfg.append_eos and eos is None:
-        raise ValueError("append_eos is set but the tokenizer has no EOS token; set --append_eos false")
+        raise ValueError("append_eos is set but the tokenizer has no EOS token; set --data.append_eos false")
     body = cfg.context_length - len(bos)
     tokens: list[int] = []
     kept: list[bool] = []
@@ -302,8 +308,8 @@ def _pack(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, documents: Iterab
 def _empty_dataset_error(cfg: DataConfig) -> EmptyDatasetError:
     return EmptyDatasetError(
         f"dataset {cfg.dataset or '(embedded corpus)'!r} (split {cfg.split!r}, column {cfg.text_column!r}) "
-        f"yields no context of {cfg.context_length} tokens: it is empty or too short. Point --dataset at "
-        "more text, lower --context_length, or set --pad_last_context."
+        f"yields no context of {cfg.context_length} tokens: it is empty or too short. Point --data.dataset at "
+        "more text, lower --data.context_length, or set --data.pad_last_context true."
     )
 
 
