@@ -31,6 +31,7 @@ _NOT_PART_OF_THE_RUN = {
     ("run", "output_dir"), ("run", "resume"), ("run", "dry_run"), ("run", "log_with"), ("run", "checkpoint_every"),
     ("run", "log_every"), ("model", "device"), ("hub", None), ("transfer", "ks"), ("transfer", "variants"), ("transfer", "random_core_control"),
 }  # fmt: skip
+_HOW_TO_RUN = {("run", "resume"), ("run", "dry_run")}  # never worth listing as a change
 # The work each setting decides ("section" or "section.field", the most specific wins): a resume may
 # change a setting only while none of that work is finished or under way.
 _DECIDES = {
@@ -48,7 +49,7 @@ _DECIDES = {
     "transfer": ("transfer",),
 }
 # Settings holding local paths: compared resolved, so ./x, x/ and /abs/x are one setting.
-_PATH_FIELDS = {("model", "model"), ("data", "dataset"), ("data", "corpus_dir"), ("harvest", "cache_dir"), ("cycles", "cycle0_checkpoint"), ("transfer", "core")}
+_PATH_FIELDS = {("run", "output_dir"), ("model", "model"), ("data", "dataset"), ("data", "corpus_dir"), ("harvest", "cache_dir"), ("cycles", "cycle0_checkpoint"), ("transfer", "core")}
 
 
 class CorruptRunFileError(RuntimeError):
@@ -104,10 +105,10 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     os.replace(temporary, path)
 
 
-def _comparable(fields: dict) -> dict:
-    """The fields that decide results, local paths resolved."""
+def _comparable(fields: dict, dropped: set = _NOT_PART_OF_THE_RUN) -> dict:
+    """The fields except ``dropped`` (default: those that decide no result), local paths resolved."""
     fields = {section: dict(values) for section, values in fields.items()}
-    for section, name in _NOT_PART_OF_THE_RUN:
+    for section, name in dropped:
         if name is None:
             fields.pop(section, None)
         else:
@@ -177,7 +178,7 @@ class RunDirectory:
                 + "\nResume with the original settings, or start a new run in another --run.output_dir "
                 f"(--harvest.cache_dir {self.cache} reuses this run's harvest when the model, data and harvest settings are unchanged)"
             )
-        changed = config_differences(saved, current)
+        changed = config_differences(_comparable(saved, _HOW_TO_RUN), _comparable(current, _HOW_TO_RUN))
         if changed:
             logger.warning("resuming %s with settings no finished work depends on changed:\n%s", self.root, "\n".join(changed))
             self._write_config(config)
