@@ -253,13 +253,13 @@ def _rows_summary(rows: Tensor) -> str:
 
 
 def read_shard(path: Path) -> dict[str, Tensor]:
-    """A shard's tensors, refusing an unreadable file or NaN/Inf rows with the file named.
+    """A shard's tensors as float32, refusing an unreadable file or NaN/Inf rows with the file named.
 
-    The finiteness check is one reduction per tensor (a sum: NaN and Inf propagate), the exact
-    per-row scan runs only when it fails; reading a shard costs a pass over it anyway.
+    The finiteness check is one sum per tensor (NaN and Inf propagate into it), on the float32
+    copy reading makes anyway; the exact per-row scan runs only when the sum is not finite.
     """
     try:
-        tensors = load_file(path)
+        tensors = {name: tensor.float() for name, tensor in load_file(path).items()}
     except Exception as error:  # safetensors reports truncation as SafetensorError, missing files as OSError
         raise CorruptShardError(f"cache shard {path} is unreadable ({error}): {REHARVEST}") from None
     for name, tensor in tensors.items():
@@ -310,7 +310,7 @@ class ActivationCache:
 
     def tensors(self, name: str = "x") -> Tensor:
         """One cached tensor of every shard, concatenated in shard order, as float32."""
-        return torch.cat([read_shard(path)[name].float() for path in self.shards])
+        return torch.cat([read_shard(path)[name] for path in self.shards])
 
     def batches(
         self,
@@ -332,7 +332,7 @@ class ActivationCache:
 
         def shards() -> Iterator[Tensor]:
             for shard in order:
-                rows = read_shard(self.shards[shard])["x"].float()
+                rows = read_shard(self.shards[shard])["x"]
                 yield rows[torch.randperm(len(rows), generator=generator)] if shuffle else rows
 
         for rows in _rebatch(shards(), batch_size * process.num_processes):
