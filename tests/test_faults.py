@@ -27,11 +27,16 @@ from trainer.text_corpus import DataConfig, load_text_dataset
 RESULT_FILES = ("model.safetensors", "core.json", "core_directions.safetensors")
 
 
+def fault_args(setup, output: Path | str, *extra: str) -> list[str]:
+    """test_distill's tiny run without the baselines and the sparse-core comparison (faster)."""
+    return tiny_args(setup, output, "--transfer.baseline", "false", "--transfer.sparsity_matched", "false", *extra)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_setup, tmp_path_factory) -> Path:  # noqa: F811
     """An uninterrupted run: what every faulted and resumed run must end as."""
     output = tmp_path_factory.mktemp("reference") / "run"
-    assert distill.main(tiny_args(tiny_setup, output)) == 0
+    assert distill.main(fault_args(tiny_setup, output)) == 0
     return output
 
 
@@ -51,7 +56,7 @@ def copy_run(reference: Path, destination: Path, keep: tuple[str, ...] | None = 
 
 
 def resume(setup, output: Path | str, *extra: str) -> int:
-    return distill.main(tiny_args(setup, output, "--run.resume", "true", *extra))
+    return distill.main(fault_args(setup, output, "--run.resume", "true", *extra))
 
 
 def rewrite_shard(path: Path, edit) -> None:
@@ -97,7 +102,7 @@ def test_kill_at_every_stage_boundary_then_resume_gives_the_same_run(tiny_setup,
     output = tmp_path / "killed"
     for attempt in range(20):
         try:
-            assert distill.main(tiny_args(tiny_setup, output, *(["--run.resume", "true"] if attempt else []))) == 0
+            assert distill.main(fault_args(tiny_setup, output, *(["--run.resume", "true"] if attempt else []))) == 0
             break
         except KeyboardInterrupt:
             continue
@@ -212,7 +217,7 @@ def test_a_nan_sae_is_never_imported(tiny_setup, tmp_path):  # noqa: F811
     sae = DMSAEModel(DMSAEConfig(d_in=32, num_latents=256, group_sizes=[8, 248], k=8, hook_module="model.layers.2"))
     sae.W_dec.data[3, 1] = float("nan")
     sae.save_pretrained(tmp_path / "nan-sae")
-    args = tiny_args(tiny_setup, tmp_path / "run", "--cycles.cycle0_checkpoint", str(tmp_path / "nan-sae"))
+    args = fault_args(tiny_setup, tmp_path / "run", "--cycles.cycle0_checkpoint", str(tmp_path / "nan-sae"))
     with pytest.raises(FloatingPointError, match="holds NaN/Inf in W_dec"):
         distill.main(args)
     assert not (tmp_path / "run").exists()
@@ -266,7 +271,7 @@ def test_a_moved_run_folder_resumes(tiny_setup, reference, tmp_path, monkeypatch
 
 def test_transfer_k_too_large_is_refused_before_anything_is_loaded_or_written(tiny_setup, tmp_path, capsys):  # noqa: F811
     output = tmp_path / "run"
-    assert distill.cli(tiny_args(tiny_setup, output, "--transfer.ks", "4", "5000")) == 1
+    assert distill.cli(fault_args(tiny_setup, output, "--transfer.ks", "4", "5000")) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "Traceback" not in error
     assert "--transfer.ks 5000" in error and "Lower --transfer.ks or raise --dictionary.num_latents" in error
@@ -293,13 +298,13 @@ def test_transfer_k_is_checked_against_the_known_core_size(tiny_setup, reference
 )
 def test_config_errors_are_one_line_before_anything_is_written(tiny_setup, tmp_path, capsys, monkeypatch, override, expected):  # noqa: F811
     output = tmp_path / "run"
-    assert distill.cli(tiny_args(tiny_setup, output, *override)) == 1
+    assert distill.cli(fault_args(tiny_setup, output, *override)) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and expected in error and "Traceback" not in error
     assert not output.exists()
     monkeypatch.setenv("DMSAE_DEBUG", "1")
     with pytest.raises(ValueError if "dataset" not in expected else FileNotFoundError):
-        distill.cli(tiny_args(tiny_setup, output, *override))
+        distill.cli(fault_args(tiny_setup, output, *override))
 
 
 def test_a_resume_refuses_changes_to_finished_work(tiny_setup, reference, tmp_path):  # noqa: F811

@@ -36,7 +36,7 @@ from accelerate.utils import set_seed
 from hub_cards.publish import push_run, resolve_core
 from trainer.base_model import hook_layer_index
 from trainer.distill_config import ConfigError, DistillConfig, parse_config
-from trainer.distill_plan import base_model_width, cycle0_sae_config, describe_plan
+from trainer.distill_plan import base_model_width, cycle0_sae_config, describe_plan, final_runs
 from trainer.distill_stages import DistillationRun, check_compatible, load_core, read_cycle0_checkpoint
 from trainer.run_directory import CorruptRunFileError, RunDirectory
 from trainer.text_corpus import load_text_dataset
@@ -94,17 +94,14 @@ def check_sparsities(config: DistillConfig, d_in: int) -> None:
     except ValueError as error:
         raise ConfigError(f"--cycles.k {config.cycles.k} with --dictionary.num_latents {K}: {error}") from None
     core_size = known_core_size(config)
-    c = core_size or 0
-    finals = [(k, v) for k in config.transfer.ks for v in config.transfer.variants]
-    if config.transfer.random_core_control:
-        finals.append((config.cycles.k, "dense_core"))
-    for k, variant in finals:
+    for run in final_runs(config):
+        c = 0 if run.core == "none" else core_size or 0
         try:
-            base.with_core([[0, j] for j in range(c)], cycle=1, k=k, variant=variant)
+            base.with_core([[0, j] for j in range(c)], cycle=1, k=run.k, variant=run.variant)
         except ValueError as error:
-            core = f"a core of {c} latents" if core_size is not None else "the smallest possible core"
+            core = f"a core of {c} latents" if core_size is not None or run.core == "none" else "the smallest possible core"
             raise ConfigError(
-                f"--transfer.ks {k} ({variant}) is impossible with --dictionary.num_latents {K} and {core}: {error}. "
+                f"--transfer.ks {run.k} ({run.name}) is impossible with --dictionary.num_latents {K} and {core}: {error}. "
                 "Lower --transfer.ks or raise --dictionary.num_latents"
             ) from None
 

@@ -327,7 +327,7 @@ class DistillationRun:
         for index, run in enumerate(final_runs(self.config)):
             folder = self.paths.transfer(run.name)
             if folder.exists():
-                self._finish_stage(f"transfer-{name}")  # a kill may have landed before its checkpoint was removed
+                self._finish_stage(run.stage)  # a kill may have landed before its checkpoint was removed
                 continue
             set_seed(self.config.run.seed + 1000 + index)
             lineage = {"distilled": core.lineage, "random": [[cycle, j] for j in range(len(core.lineage))], "none": []}[run.core]
