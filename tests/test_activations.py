@@ -156,7 +156,7 @@ def test_cache_of_another_model_or_hook_is_refused(tmp_path, data):
     cfg = harvest_config(tmp_path, train_tokens=6 * CONTEXT_LENGTH)
     harvest_activations(tiny_model(), tokenizer, BASE, data, cfg)
     other_hook = BaseModelConfig(model=BASE.model, hook_module="model.layers.2")
-    hook_change = r"hook_module: cache has 'model.layers.1', this run has 'model.layers.2'.*--cache_dir"
+    hook_change = r"hook_module: cache has 'model.layers.1', this run has 'model.layers.2'.*--harvest.cache_dir"
     with pytest.raises(CacheMismatchError, match=hook_change):
         harvest_activations(tiny_model(), tokenizer, other_hook, data, cfg)
     with pytest.raises(CacheMismatchError, match="model_fingerprint"):
@@ -169,7 +169,7 @@ def test_cache_of_another_model_or_hook_is_refused(tmp_path, data):
 def test_nan_activations_are_refused(tmp_path, data):
     model = tiny_model()
     model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    message = r"NaN/Inf values in the activations of contexts 0\.\.3.*--dtype float32"
+    message = r"NaN/Inf values in the activations of contexts 0\.\.3.*--model.dtype float32"
     with pytest.raises(NonFiniteActivationsError, match=message):
         harvest_activations(model, tiny_tokenizer(), BASE, data, harvest_config(tmp_path))
 

@@ -322,3 +322,33 @@ def test_a_bare_dataset_name_out_of_reach_is_reported_as_such(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match=r"--data.dataset 'no_such_corpus' is neither a local path .* nor reachable on the Hub"):
         load_text_dataset(DataConfig(dataset="no_such_corpus"))
+
+
+# ---- the resume rules, without running -------------------------------------------------------------
+
+
+def test_resume_rules(tiny_setup, reference, tmp_path, caplog):  # noqa: F811
+    """What a resume may change: anything while no work started, what no started work depends on,
+    the run folder's own path; local paths are compared resolved."""
+    from trainer.distill_config import parse_config
+    from trainer.run_directory import RunDirectory
+
+    def config(output, *extra):
+        return parse_config(fault_args(tiny_setup, output, *extra))
+
+    failed_early = copy_run(reference, tmp_path / "failed-early", keep=("run_config.yaml",))
+    RunDirectory(failed_early).start(config(failed_early, "--cycles.k", "12"))  # nothing started: taken over, no --resume needed
+    assert yaml.safe_load((failed_early / "run_config.yaml").read_text())["cycles"]["k"] == 12
+
+    harvested = copy_run(reference, tmp_path / "harvested", keep=("cache", "run_config.yaml"))
+    RunDirectory(harvested).start(config(harvested, "--run.resume", "true", "--cycles.k", "12", "--data.dataset", f"{tiny_setup['corpus'].parent}/./{tiny_setup['corpus'].name}"))
+    assert "cycles.k: 8 -> 12" in caplog.text and "data.dataset" not in caplog.text  # the same file, spelled otherwise
+    with pytest.raises(FileExistsError, match="--run.resume true"):
+        RunDirectory(harvested).start(config(harvested))
+    with pytest.raises(ValueError, match=r"finished work \(harvest\) depends on changed settings:\n  data.context_length: 32 -> 16"):
+        RunDirectory(harvested).start(config(harvested, "--run.resume", "true", "--data.context_length", "16"))
+
+    finished = copy_run(reference, tmp_path / "finished")
+    with pytest.raises(ValueError, match=r"  optimizer.lr: 0.003 -> 0.001\n.*--harvest.cache_dir .*/finished/cache"):
+        RunDirectory(finished).start(config(finished, "--run.resume", "true", "--optimizer.lr", "0.001"))
+    RunDirectory(finished).start(config(finished, "--run.resume", "true", "--transfer.ks", "4", "16", "32", "--hub.license", "mit"))

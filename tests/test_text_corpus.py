@@ -114,14 +114,14 @@ def test_ranges_and_sharding_partition_the_stream(tmp_path):
 
 def test_missing_text_column(tmp_path):
     cfg = DataConfig(dataset=str(write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS, column="content")))
-    with pytest.raises(MissingTextColumnError, match=r"no text column 'text'.*\['content', 'id'\].*--text_column"):
+    with pytest.raises(MissingTextColumnError, match=r"no text column 'text'.*\['content', 'id'\].*--data.text_column"):
         next(packed_contexts(tiny_tokenizer(), cfg))
 
 
 @pytest.mark.parametrize("documents", [[], ["too short"]])
 def test_empty_dataset(tmp_path, documents):
     cfg = DataConfig(dataset=str(write_jsonl(tmp_path / "docs.jsonl", documents)), context_length=64)
-    with pytest.raises(EmptyDatasetError, match="no context of 64 tokens.*--context_length"):
+    with pytest.raises(EmptyDatasetError, match="no context of 64 tokens.*--data.context_length"):
         list(packed_contexts(tiny_tokenizer(), cfg))
 
 

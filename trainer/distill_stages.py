@@ -196,7 +196,8 @@ class DistillationRun:
             data.training_batches(config.cycles.batch_size, seed=zlib.crc32(f"{config.run.seed}/{stage}/calibration".encode())),
             max(1, config.optimizer.calibration_tokens // (config.cycles.batch_size * self.accelerator.num_processes)),
         )
-        return trainer.calibrate_threshold(calibration)
+        # Never evaluate, save or push a NaN SAE (the step guard keeps training from making one).
+        return check_finite_weights(trainer.calibrate_threshold(calibration), stage)
 
     @staticmethod
     def _truncate_log(path: Path, steps_taken: int) -> None:
@@ -224,8 +225,6 @@ class DistillationRun:
 
     def _save_stage(self, folder: Path, sae: DMSAEModel, metrics: dict, extra=None) -> None:
         """Write an SAE folder atomically: save_pretrained, metrics.json and any extra files."""
-
-        check_finite_weights(sae, folder.name)  # never save (so never evaluate further or push) a NaN SAE
 
         def write() -> None:
             with atomic_folder(folder) as partial:
@@ -348,7 +347,8 @@ class DistillationRun:
 
     def run(self) -> None:
         harvested_before = self.config.run.resume and self.paths.harvest_complete(self.config.harvest.cache_dir)
-        self._on_main(lambda: self.paths.start(self.config))
+        self.paths.start(self.config, write=self.accelerator.is_main_process)  # every process refuses a bad resume
+        self.accelerator.wait_for_everyone()
         # On a resume after the harvest, loading the model and reopening the caches is the restart's overhead.
         with self._timed("restart overhead" if harvested_before else "harvest"):
             data = prepare_run_data(self.config, self.accelerator, self.paths)

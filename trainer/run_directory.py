@@ -157,11 +157,14 @@ class RunDirectory:
         }
         return {work for work, yes in started.items() if yes}
 
-    def start(self, config: DistillConfig) -> None:
+    def start(self, config: DistillConfig, write: bool = True) -> None:
         """Create the run, or check that ``--resume`` continues the same one: a changed setting is
-        refused only when finished (or started) work depends on it, and listed otherwise."""
-        if not self.config_file.exists():
-            self._write_config(config)
+        refused only when finished (or started) work depends on it, and listed otherwise. A folder
+        whose run failed before any work started is simply taken over. Every process checks; only
+        ``write`` ones write."""
+        if not self.config_file.exists() or not self.started_work():
+            if write:
+                self._write_config(config)
             return
         if not config.run.resume:
             raise FileExistsError(
@@ -180,7 +183,7 @@ class RunDirectory:
                 f"(--harvest.cache_dir {self.cache} reuses this run's harvest when the model, data and harvest settings are unchanged)"
             )
         changed = config_differences(_comparable(saved, _HOW_TO_RUN), _comparable(current, _HOW_TO_RUN))
-        if changed:
+        if changed and write:
             logger.warning("resuming %s with settings no finished work depends on changed:\n%s", self.root, "\n".join(changed))
             self._write_config(config)
 

@@ -103,6 +103,8 @@ class DataConfig:
         del fields["corpus_dir"]
         if self.dataset:
             del fields["embedded_code"]
+            if Path(self.dataset).expanduser().exists():  # ./x, x/ and /abs/x are one dataset
+                fields["dataset"] = str(Path(self.dataset).expanduser().resolve())
         else:
             fields["python"] = sys.version.split()[0]  # the embedded text comes with the interpreter
             fields["embedded_layout"] = EMBEDDED_LAYOUT
