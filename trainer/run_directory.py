@@ -196,8 +196,10 @@ class RunDirectory:
     def harvest_complete(self, cache_dir: str | None = None) -> bool:
         """Whether the activation and attribution caches are both complete."""
         cache = Path(cache_dir) if cache_dir else self.cache
-        manifests = [cache / kind / "manifest.json" for kind in ("activations", "attribution")]
-        return all(path.exists() and read_json(path).get("complete") for path in manifests)
+        try:  # an unreadable manifest is reported, with the fix, when the harvest opens the cache
+            return all(read_json(cache / kind / "manifest.json").get("complete") for kind in ("activations", "attribution"))
+        except (OSError, ValueError):
+            return False
 
     def previous_timings(self) -> dict[str, float]:
         """timings.json of the processes before a resume (empty for a new run)."""
