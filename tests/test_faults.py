@@ -352,3 +352,12 @@ def test_resume_rules(tiny_setup, reference, tmp_path, caplog):  # noqa: F811
     with pytest.raises(ValueError, match=r"  optimizer.lr: 0.003 -> 0.001\n.*--harvest.cache_dir .*/finished/cache"):
         RunDirectory(finished).start(config(finished, "--run.resume", "true", "--optimizer.lr", "0.001"))
     RunDirectory(finished).start(config(finished, "--run.resume", "true", "--transfer.ks", "4", "16", "32", "--hub.license", "mit"))
+
+
+def test_a_damaged_finished_cycle_names_the_folder_to_delete(tiny_setup, reference, tmp_path):  # noqa: F811
+    run = copy_run(reference, tmp_path / "damaged")
+    weights = run / "cycles" / "cycle-002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CorruptRunFileError, match=rf"{run / 'cycles' / 'cycle-002'} is unreadable .*: delete .*cycle-002 and rerun"):
+        resume(tiny_setup, run)
+    assert (run / "cycles" / "cycle-001" / "model.safetensors").exists()

@@ -79,6 +79,16 @@ def load_core(folder: Path) -> Core:
     return Core(directions, read_json(folder / "core.json")["lineage"])
 
 
+def load_finished_cycle(folder: Path, t: int) -> DMSAEModel:
+    """The SAE of a cycle finished before a restart, or what to delete when its folder is damaged."""
+    fix = f"delete {folder} and rerun with --run.resume true: cycle {t} is trained again"
+    require_files(folder, CYCLE_FILES, fix)
+    try:
+        return check_finite_weights(DMSAEModel.from_pretrained(folder), str(folder))
+    except Exception as error:
+        raise CorruptRunFileError(f"{folder} is unreadable ({type(error).__name__}: {error}): {fix}") from None
+
+
 def read_cycle0_checkpoint(path: str) -> DMSAEModel:
     """A published SAE as cycle 0: a DMSAE folder, or whatever convert_checkpoints imports."""
     is_dmsae = (Path(path) / "config.json").is_file() and read_json(Path(path) / "config.json").get("model_type") == "dmsae"
@@ -263,9 +273,8 @@ class DistillationRun:
         for t in range(cycles.num_cycles + 1):
             folder = self.paths.cycle(t)
             if folder.exists():  # finished before a restart
-                require_files(folder, CYCLE_FILES, f"delete {folder} and rerun with --run.resume true: cycle {t} is trained again")
+                model = load_finished_cycle(folder, t).to(self.accelerator.device)
                 self._finish_stage(folder.name)  # a kill may have landed before its checkpoint was removed
-                model = DMSAEModel.from_pretrained(folder).to(self.accelerator.device)
                 selected = read_json(folder / "core.json")["selected"]
                 previous = (model, selected)
                 continue

@@ -203,5 +203,7 @@ class RunDirectory:
 
     def previous_timings(self) -> dict[str, float]:
         """timings.json of the processes before a resume (empty for a new run)."""
-        path = self.root / "timings.json"
-        return read_json(path) if path.exists() else {}
+        try:
+            return read_json(self.root / "timings.json")
+        except (OSError, ValueError):  # none yet, or cut short: the timings restart, the run does not
+            return {}
