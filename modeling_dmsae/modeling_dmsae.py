@@ -13,7 +13,8 @@ non-core latents split into Matryoshka groups with cumulative sizes m_0 < ... < 
 Every formula has one implementation here; the trainer and the attribution step call it.
 
 Speed: only the encoder GEMM is dense. BatchTopK finds its cut without a full sort
-(``batch_topk_entries``). Latents are kept as a sparse list of (token, latent, value) entries;
+(``batch_topk_entries``); under torch.distributed it cuts the processes' batches as one, through
+a few reductions of counts, never a gather of activations. Latents are kept as a sparse list of (token, latent, value) entries;
 the decoder gathers the active rows (``embedding_bag``) once for all prefixes, and the backward
 runs through the kept entries only (``_SparseDecodePrefixes``, ``_SparseEncoderValues``); the
 ReLU-only core columns use small dense products instead. The core encoder rows are a buffer: no
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
@@ -248,6 +250,49 @@ class _SparseEncoderValues(torch.autograd.Function):
         return grad_input, grad_b_dec, None, grad_encoder, grad_b_enc, None, None, None, None
 
 
+
+def batch_process_group(global_batch: bool) -> dist.ProcessGroup | None:
+    """The process group whose batches form one global batch: the default group when
+    ``global_batch`` and more than one process runs, else None (this process's batch alone)."""
+    if global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None, op=None) -> torch.Tensor:
+    """``tensor`` reduced over ``group`` (SUM by default) in place; unchanged without a group."""
+    if group is not None:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def _exclusive_prefix_over_ranks(count: int, like: torch.Tensor, group: dist.ProcessGroup | None) -> int:
+    """Sum of ``count`` over the ranks before this one (0 without a group)."""
+    if group is None:
+        return 0
+    counts = like.new_zeros(dist.get_world_size(group), dtype=torch.long)
+    counts[dist.get_rank(group)] = count
+    return int(_all_reduce(counts, group)[: dist.get_rank(group)].sum())
+
+
+def kth_largest(values: torch.Tensor, rank: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Exactly the ``rank``-th largest (1-based) of the non-negative ``values`` of every process in
+    ``group``, without gathering them: a radix select over the float32 bit patterns (monotone for
+    non-negative floats), 8 bits per round, each round one all_reduce of a 256-bin histogram."""
+    bits = values.float().view(torch.int32)
+    prefix, remaining = 0, rank
+    for shift in (24, 16, 8, 0):
+        digits = (bits >> shift) & 255
+        histogram = _all_reduce(torch.bincount(digits, minlength=256), group)
+        from_top = histogram.flip(0).cumsum(0)
+        position = int(torch.searchsorted(from_top, from_top.new_tensor(remaining)))
+        digit = 255 - position
+        remaining -= int(from_top[position] - histogram[digit])
+        bits = bits[digits == digit]
+        prefix |= digit << shift
+    return torch.tensor(prefix, dtype=torch.int32).view(torch.float32).to(values.device)
+
+
 # Size of the strided sample that estimates where BatchTopK's cut falls.
 _BATCHTOPK_SAMPLE_SIZE = 2**18
 
@@ -272,36 +317,63 @@ def _sampled_rank_value(acts: torch.Tensor, rank: int, slack: float) -> torch.Te
     return sample.topk(sample_rank, sorted=False).values.min()
 
 
+def _candidates(relu_acts: torch.Tensor, num_kept: int, unmasked_columns: int, group: dist.ProcessGroup | None):
+    """(rows, cols, candidates): the entries above a bound every process agrees on, and which of
+    them lie in the masked columns. Each process first finds a bound with at least its own share
+    ``num_kept`` of masked entries above it; the smallest of those bounds has at least the global
+    budget above it, so every entry BatchTopK keeps anywhere is a candidate."""
+    masked = relu_acts[:, unmasked_columns:]
+    slack = 1.25
+    while True:
+        bound = _sampled_rank_value(masked, num_kept, slack).float()
+        rows, cols = _entries_above(relu_acts, bound, unmasked_columns)
+        candidates = (cols >= unmasked_columns).nonzero().squeeze(1)
+        if candidates.numel() >= num_kept or bound == 0:
+            break
+        slack *= 4
+    if group is not None:
+        agreed = _all_reduce(bound.clone().reshape(1), group, dist.ReduceOp.MIN)[0]
+        if agreed < bound:
+            rows, cols = _entries_above(relu_acts, agreed, unmasked_columns)
+            candidates = (cols >= unmasked_columns).nonzero().squeeze(1)
+    return rows, cols, candidates
+
+
 def batch_topk_entries(
-    relu_acts: torch.Tensor, k_per_token: int, unmasked_columns: int = 0
+    relu_acts: torch.Tensor, k_per_token: int, unmasked_columns: int = 0, group: dist.ProcessGroup | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchTopK on non-negative ``relu_acts`` [N, n]: the k * N largest positive entries of the
     flattened batch over columns ``unmasked_columns:``, plus every positive entry of the first
     ``unmasked_columns`` columns (the dense core, Eq. 3).
 
-    Returns rows, cols (sorted by row, then col) and the smallest value BatchTopK kept. The result is
-    ``flat.topk(k * N)``'s, but torch's CPU topk over all N * n entries is one single-threaded partial
-    sort, the slowest op of a training step. Instead: a lower bound on the cut from a sample, one
-    vectorised pass for the candidates above it, and an exact topk among those few candidates.
+    With a process ``group`` the batch is the concatenation of every process's batch (in rank
+    order) and N their total: the same entries are kept as if one process held it all. Ties at the
+    cut are kept in (rank, row, column) order, so the result is deterministic.
+
+    Returns rows, cols (sorted by row, then col) and the smallest value BatchTopK kept (the same on
+    every process). torch's CPU topk over all N * n entries is one single-threaded partial sort,
+    the slowest op of a training step, and a gather of every process's [N, n] activations would
+    dwarf the step. Instead: a lower bound on the cut from a sample, one vectorised pass for the
+    candidates above it, and an exact radix select of the cut among the candidates
+    (``kth_largest``: four all_reduces of 256 counts).
     """
-    num_kept = k_per_token * relu_acts.shape[0]
-    masked = relu_acts[:, unmasked_columns:]
-    slack = 1.25
-    while True:
-        bound = _sampled_rank_value(masked, num_kept, slack)
-        rows, cols = _entries_above(relu_acts, bound, unmasked_columns)
-        candidates = (cols >= unmasked_columns).nonzero().squeeze(1)
-        # Every entry BatchTopK keeps is a candidate once at least num_kept entries exceed the bound.
-        if candidates.numel() >= num_kept or bound == 0:
-            break
-        slack *= 4
-    values = relu_acts[rows[candidates], cols[candidates]]
-    if values.numel() <= num_kept:  # fewer positive entries than the budget: keep them all
-        return rows, cols, values.min() if values.numel() else relu_acts.new_zeros(())
-    top = values.topk(num_kept, sorted=False)
-    dropped = torch.ones_like(candidates, dtype=torch.bool).index_fill_(0, top.indices, False)
+    num_kept_here = k_per_token * relu_acts.shape[0]
+    rows, cols, candidates = _candidates(relu_acts, num_kept_here, unmasked_columns, group)
+    values = relu_acts[rows[candidates], cols[candidates]].float()
+    totals = _all_reduce(torch.tensor([num_kept_here, values.numel()], device=values.device), group)
+    num_kept, num_candidates = int(totals[0]), int(totals[1])
+    if num_candidates <= num_kept:  # fewer positive entries than the budget: keep them all
+        smallest = values.min() if values.numel() else values.new_tensor(float("inf"))
+        smallest = _all_reduce(smallest.reshape(1), group, dist.ReduceOp.MIN)[0]
+        return rows, cols, smallest if num_candidates else values.new_zeros(())
+    cut = kth_largest(values, num_kept, group)
+    ties = (values == cut).nonzero().squeeze(1)
+    above_everywhere = int(_all_reduce((values > cut).sum().reshape(1), group)[0])
+    ties_before = _exclusive_prefix_over_ranks(ties.numel(), values, group)
+    ties_kept = min(max(num_kept - above_everywhere - ties_before, 0), ties.numel())
+    dropped = torch.cat([(values < cut).nonzero().squeeze(1), ties[ties_kept:]])
     keep = torch.ones_like(rows, dtype=torch.bool).index_fill_(0, candidates[dropped], False)
-    return rows[keep], cols[keep], top.values.min()
+    return rows[keep], cols[keep], cut.to(relu_acts.dtype)
 
 
 def calibrated_threshold(
@@ -339,14 +411,29 @@ def calibrated_threshold(
     return as_float(high)
 
 
-def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
-    """Weiszfeld iterations for the point minimising the summed distance to ``points`` [N, d]."""
+def batch_variance(rows: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Mean squared distance of the rows [N, d] of every process of ``group`` to their mean."""
+    sums = _all_reduce(torch.cat([rows.sum(0), rows.new_tensor([len(rows)])]), group)
+    mean = sums[:-1] / sums[-1]
+    squares = _all_reduce((rows - mean).pow(2).sum().reshape(1), group)[0]
+    return squares / sums[-1]
+
+
+def geometric_median(
+    points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Weiszfeld iterations for the point minimising the summed distance to ``points`` [N, d] (the
+    points of every process of ``group`` together: each iteration all-reduces d + 1 sums)."""
     points = points.float()
-    guess = points.mean(dim=0)
+
+    def weighted_mean(weights: torch.Tensor) -> torch.Tensor:
+        sums = _all_reduce(torch.cat([weights @ points, weights.sum().reshape(1)]), group)
+        return sums[:-1] / sums[-1]
+
+    guess = weighted_mean(points.new_ones(len(points)))
     for _ in range(max_iter):
         previous = guess
-        weights = 1 / torch.linalg.vector_norm(points - guess, dim=1).clamp_min(1e-12)
-        guess = (weights[:, None] * points).sum(0) / weights.sum()
+        guess = weighted_mean(1 / torch.linalg.vector_norm(points - guess, dim=1).clamp_min(1e-12))
         if torch.linalg.vector_norm(guess - previous) < tol:
             break
     return guess
@@ -424,15 +511,18 @@ class DMSAEModel(DMSAEPreTrainedModel):
         """[..., d] raw activations -> [N, d] in the units the SAE works in (divided by the factor)."""
         return activations.reshape(-1, self.config.d_in).to(self.W_dec.dtype) / self.config.normalization_factor
 
-    def _select(self, relu_pre: torch.Tensor, use_threshold: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The masks of Eq. 3: which (token, latent) entries of f(x) survive.
+    def _select(
+        self, relu_pre: torch.Tensor, use_threshold: bool, group: dist.ProcessGroup | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The masks of Eq. 3: which (token, latent) entries of f(x) survive; BatchTopK over the
+        batches of every process of ``group``.
 
         Returns rows, cols (sorted by row, then col) and the smallest value BatchTopK kept.
         """
         config = self.config
         unmasked_columns = self._unmasked_columns()
         if not use_threshold:
-            return batch_topk_entries(relu_pre, config.k_noncore, unmasked_columns)
+            return batch_topk_entries(relu_pre, config.k_noncore, unmasked_columns, group)
         if config.threshold < 0:
             raise ValueError(
                 "this DMSAE has no inference threshold yet (config.threshold < 0): calibrate it "
@@ -457,16 +547,16 @@ class DMSAEModel(DMSAEPreTrainedModel):
         return positive.topk(min(budget, positive.numel()), sorted=False).values
 
     def encode_sparse(
-        self, normalized: torch.Tensor, use_threshold: bool
+        self, normalized: torch.Tensor, use_threshold: bool, group: dist.ProcessGroup | None = None
     ) -> tuple[SparseLatents, torch.Tensor, torch.Tensor]:
-        """f~(x) for normalised inputs [N, d] as sparse entries.
+        """f~(x) for normalised inputs [N, d] as sparse entries (BatchTopK over ``group``'s batches).
 
         Returns (latents, dense no-grad ReLU pre-activations [N, K], smallest BatchTopK value). Gradients reach ``encoder``, ``b_enc`` and ``b_dec`` through the kept
         entries only.
         """
         centered = self._centered(normalized)
         relu_pre = self._relu_preactivations(centered)
-        rows, cols, smallest_kept = self._select(relu_pre, use_threshold)
+        rows, cols, smallest_kept = self._select(relu_pre, use_threshold, group)
         values = self._sparse_values(normalized, centered, relu_pre, rows, cols)
         return SparseLatents(rows, cols, values), relu_pre, smallest_kept
 
@@ -530,10 +620,17 @@ class DMSAEModel(DMSAEPreTrainedModel):
     # ---- Losses --------------------------------------------------------------------------
 
     def auxk_loss(
-        self, normalized: torch.Tensor, relu_pre: torch.Tensor, residual: torch.Tensor, dead_latents: torch.Tensor | None
+        self,
+        normalized: torch.Tensor,
+        relu_pre: torch.Tensor,
+        residual: torch.Tensor,
+        dead_latents: torch.Tensor | None,
+        group: dist.ProcessGroup | None = None,
     ) -> torch.Tensor:
         """AuxK: the top-``aux_k`` dead latents of each token reconstruct the (detached) residual,
-        normalised by the residual's variance (dictionary_learning / OpenAI)."""
+        normalised by the residual's variance (dictionary_learning / OpenAI), taken over the
+        batches of every process of ``group`` (so the processes' averaged losses are the loss of
+        their concatenated batch)."""
         zero = residual.new_zeros(())
         if dead_latents is None or not bool(dead_latents.any()):
             return zero
@@ -550,8 +647,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
             values, self.W_dec, None, rows, cols, torch.zeros_like(cols), self.config.core_size, 1, num_tokens
         )[0]
         error = (residual - aux_reconstruction).pow(2).sum(-1).mean()
-        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
-        return (error / variance).nan_to_num(0.0)
+        return (error / batch_variance(residual, group)).nan_to_num(0.0)
 
     def forward(
         self,
@@ -560,6 +656,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
         use_threshold: bool | None = None,
         output_dense_latents: bool = True,
         return_dict: bool = True,
+        global_batch: bool = False,
     ) -> DMSAEOutput | tuple:
         """Encode, decode every prefix and compute the loss of Eq. 5.
 
@@ -568,15 +665,20 @@ class DMSAEModel(DMSAEPreTrainedModel):
             dead_latents: [K] bool mask of latents AuxK should revive (tracked by the trainer).
             use_threshold: default: threshold in eval mode, BatchTopK in training mode.
             output_dense_latents: also return the dense [..., K] latents (skip when training).
+            global_batch: under torch.distributed, BatchTopK and AuxK's variance take every
+                process's batch as one (the trainer's setting: the result does not depend on the
+                number of processes). Each process's loss stays a mean over its own tokens, so
+                DDP's average of the gradients is the gradient of the global batch's loss.
         """
         use_threshold = (not self.training) if use_threshold is None else use_threshold
+        group = batch_process_group(global_batch)
         x = self.normalize_activations(activations)
         num_tokens, c = x.shape[0], self.config.core_size
-        latents, relu_pre, smallest_kept = self.encode_sparse(x, use_threshold)
+        latents, relu_pre, smallest_kept = self.encode_sparse(x, use_threshold, group)
         prefixes = self.decode_prefixes(latents, num_tokens)
         prefix_losses = F.mse_loss(prefixes, x.expand_as(prefixes), reduction="none").sum(-1).mean(-1)
         reconstruction_loss = prefix_losses.sum()
-        aux_loss = self.auxk_loss(x, relu_pre, (x - prefixes[-1]).detach(), dead_latents)
+        aux_loss = self.auxk_loss(x, relu_pre, (x - prefixes[-1]).detach(), dead_latents, group)
         core_entries = (latents.cols < c).sum()
         output = DMSAEOutput(
             loss=reconstruction_loss + self.config.aux_alpha * aux_loss,
@@ -601,9 +703,11 @@ class DMSAEModel(DMSAEPreTrainedModel):
     # ---- Training hygiene ----------------------------------------------------------------
 
     @torch.no_grad()
-    def initialize_decoder_bias_(self, activations: torch.Tensor) -> None:
-        """b_dec <- geometric median of a batch (normalised units)."""
-        self.b_dec.copy_(geometric_median(self.normalize_activations(activations)).to(self.b_dec.dtype))
+    def initialize_decoder_bias_(self, activations: torch.Tensor, global_batch: bool = False) -> None:
+        """b_dec <- geometric median of a batch (normalised units); with ``global_batch``, of every
+        process's batch together (the same b_dec on every process)."""
+        median = geometric_median(self.normalize_activations(activations), group=batch_process_group(global_batch))
+        self.b_dec.copy_(median.to(self.b_dec.dtype))
 
     @torch.no_grad()
     def remove_decoder_parallel_gradient_(self, rows_per_block: int = 2048) -> None:

@@ -1,6 +1,8 @@
 """Worker run by tests/test_ddp.py under `accelerate launch` with two CPU processes (gloo).
 
     python ddp_worker.py replicas            train one DMSAE, check the replicas and the frozen core
+    python ddp_worker.py global-batch OUT    train one DMSAE on a fixed stream of global batches, each
+                                             process on its slice; save the result to OUT (any world size)
     python ddp_worker.py distill ARGS...     run trainer/distill.py's main with ARGS
 """
 
@@ -41,9 +43,50 @@ def train_two_replicas() -> Accelerator:
     return accelerator
 
 
+GLOBAL_BATCH, GLOBAL_STEPS = 128, 30
+
+
+def train_on_global_batches(output: str) -> Accelerator:
+    """The same global batches of GLOBAL_BATCH tokens whatever the number of processes: each
+    process trains on its contiguous slice (rank order), so 1 x 128 and 2 x 64 see the same data."""
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    config = DMSAEConfig(
+        d_in=16, num_latents=512, core_size=8, group_sizes=[8, 64, 432], k=2, hook_module="model.layers.1",
+        dead_tokens_threshold=256, aux_k=8,
+    )  # fmt: skip
+    model = DMSAEModel(config)
+    trainer = SAETrainer(model, OptimizerConfig(lr=3e-3, warmup_steps=2, threshold_start_step=5), GLOBAL_STEPS, accelerator)
+    generator = torch.Generator().manual_seed(7)
+    share = GLOBAL_BATCH // accelerator.num_processes
+    losses, aux_losses = [], []
+    for _ in range(GLOBAL_STEPS):
+        # Offset features make b_dec matter; a heavy tail makes BatchTopK's cut non-trivial.
+        batch = torch.randn(GLOBAL_BATCH, 16, generator=generator) ** 3 + torch.arange(16) / 4
+        stats = trainer.step(batch[accelerator.process_index * share : (accelerator.process_index + 1) * share])
+        losses.append(accelerator.reduce(stats.loss.reshape(1), "mean"))
+        aux_losses.append(accelerator.reduce(stats.aux_loss.reshape(1), "mean"))
+    if accelerator.is_main_process:
+        sae = trainer.finalized_sae()
+        torch.save(
+            {
+                "state": {name: tensor.clone() for name, tensor in sae.state_dict().items()},
+                "tokens_since_fired": trainer.tokens_since_fired.clone(),
+                "threshold": trainer.threshold.clone(),
+                "losses": torch.cat(losses),
+                "aux_losses": torch.cat(aux_losses),
+            },
+            output,
+        )
+    accelerator.print("global batches trained")
+    return accelerator
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "replicas":
         distill.shut_down(train_two_replicas())
+    elif sys.argv[1] == "global-batch":
+        distill.shut_down(train_on_global_batches(sys.argv[2]))
     else:
         sys.exit(distill.main(sys.argv[2:]))
 

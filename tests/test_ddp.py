@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from test_distill import tiny_args, tiny_setup  # noqa: F401  (fixture)
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -43,6 +45,24 @@ def accelerate_launch(*args: str, finished: Callable[[str], bool]) -> None:
 
 def test_ddp_replicas_stay_identical_and_core_frozen():
     accelerate_launch("replicas", finished=lambda stdout: "replicas identical" in stdout)
+
+
+def test_two_processes_train_the_same_sae_as_one(tmp_path):
+    """1 process on batches of 2B tokens and 2 gloo processes on B each: the same steps to the same
+    weights (global BatchTopK, AuxK variance, dead counts and b_dec's median over both batches)."""
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run(
+        [sys.executable, str(WORKER), "global-batch", str(one)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240
+    )
+    accelerate_launch("global-batch", str(two), finished=lambda stdout: "global batches trained" in stdout and two.exists())
+    single, double = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert single["aux_losses"].gt(0).any(), "AuxK never ran: the test would not cover its variance"
+    torch.testing.assert_close(double["losses"], single["losses"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(double["aux_losses"], single["aux_losses"], rtol=1e-4, atol=1e-6)
+    assert torch.equal(double["tokens_since_fired"], single["tokens_since_fired"])
+    torch.testing.assert_close(double["threshold"], single["threshold"], rtol=1e-5, atol=1e-6)
+    for name, tensor in single["state"].items():
+        torch.testing.assert_close(double["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_distillation_runs_on_two_processes(tiny_setup, tmp_path):

@@ -11,9 +11,11 @@ not averaged while it runs: dictionary_learning's EMA (beta 0.999) of the smalle
 still holds 0.999^n of its first value after n updates (74% after 300), so on any run that is not
 many thousands of steps long it remembers the early, untrained SAE and the held-out L0 misses k.
 
-Under Accelerate the model is wrapped in DDP; BatchTopK runs over each process's local batch,
-and the dead-latent counts and the threshold calibration are reduced across processes so every
-replica makes the same decisions.
+Under Accelerate the model is wrapped in DDP and the processes' batches form one global batch:
+BatchTopK's cut, AuxK's variance, the dead-latent counts, b_dec's initial geometric median and
+the threshold calibration are all taken over it (``global_batch=True``), and DDP averages the
+per-process mean losses' gradients, which is the global mean's gradient. So the same
+configuration trains the same SAE on 1, 2 or 8 processes, up to floating-point summation order.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from typing import Iterable, NamedTuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast
 
 from modeling_dmsae import DMSAEModel
 from modeling_dmsae.modeling_dmsae import calibrated_threshold
@@ -141,11 +142,9 @@ class SAETrainer:
         sae = self.sae
         batch = batch.to(self.accelerator.device)
         if self.steps_taken == 0:
-            sae.initialize_decoder_bias_(batch)
-            # Each process saw its own batch: take process 0's median so the replicas stay identical.
-            sae.b_dec.data = broadcast(sae.b_dec.data)
+            sae.initialize_decoder_bias_(batch, global_batch=True)
         with self.accelerator.accumulate(self.model):
-            output = self.model(batch, dead_latents=self.dead_latents(), output_dense_latents=False)
+            output = self.model(batch, dead_latents=self.dead_latents(), output_dense_latents=False, global_batch=True)
             self.accelerator.backward(output.loss)
             if self.accelerator.sync_gradients:
                 sae.remove_decoder_parallel_gradient_()
@@ -175,9 +174,10 @@ class SAETrainer:
         )
 
     def _track_dead_latents(self, fired: torch.Tensor, num_tokens: int) -> None:
-        fired_anywhere = self.accelerator.reduce(fired.int(), "sum") > 0
-        self.tokens_since_fired += num_tokens * self.accelerator.num_processes
-        self.tokens_since_fired[fired_anywhere] = 0
+        """Tokens every process saw since each latent last fired anywhere (one reduction)."""
+        counts = self.accelerator.reduce(torch.cat([fired.long(), fired.new_tensor([num_tokens], dtype=torch.long)]), "sum")
+        self.tokens_since_fired += counts[-1]
+        self.tokens_since_fired[counts[:-1] > 0] = 0
 
     @torch.no_grad()
     def calibrate_threshold(self, batches: Iterable[torch.Tensor]) -> DMSAEModel:
