@@ -23,8 +23,8 @@ Cache layout (one directory per kind, ``<cache_dir>/activations`` and ``<cache_d
     shard_000000.safetensors   tensors "x" (and "g") of contexts_per_shard consecutive contexts
 
 Shard ``s`` holds contexts ``first + s * contexts_per_shard ...`` and process ``s % num_processes``
-writes it, so under Accelerate each process harvests its own contexts and the cache does not
-depend on the number of processes. Activation rows in a shard are shuffled (seeded by the shard),
+writes it and reads it, so under Accelerate each process harvests and reads only its own shards,
+and the cache's content does not depend on the number of processes. Activation rows in a shard are shuffled (seeded by the shard),
 mixing the tokens of all its contexts: the shard is the shuffle buffer. A shard is written to a
 temporary file and renamed, so a killed harvest leaves only whole shards; rerunning skips them.
 The manifest records the model (a fingerprint of its weights), hook, tokenizer, data and layout;
@@ -107,7 +107,7 @@ class HarvestConfig:
     """Cache dtype: bfloat16 or float16 (16-bit, half the disk) or float32."""
 
     cache_dir: str | None = None
-    """Directory for the activation and attribution caches. None: stream activations (no cache)."""
+    """Directory for the activation and attribution caches, best on each node's local disk (each rank writes and reads only its own shards; a cache is shared by every run reading the same model, hook, tokenizer and data). None: the run directory's cache/."""
 
     loss_chunk_tokens: int = 1024
     """Positions per LM-head chunk in the gradient pass (bounds the logits kept in memory)."""
@@ -322,24 +322,25 @@ class ActivationCache:
     ) -> Iterator[Tensor]:
         """[batch_size, d] float32 batches of this process's rows.
 
-        Every process reads the same global batches of ``batch_size * num_processes`` rows and keeps
-        its own slice, so all processes get the same number of batches and no row twice.
-        ``shuffle`` visits the shards in a seeded random order and shuffles each one again.
+        Each process reads only its own shards (shard s belongs to process s % num_processes, the
+        one that harvested it), so on a node each rank reads its share of the local disk once per
+        epoch and never a shard of another rank. Processes may get a batch more or less than each
+        other: stop on a fixed step count. ``shuffle`` visits the shards in a seeded random order
+        and shuffles each one again.
         """
         process = process or ContextSharding.current()
         generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self.shards), generator=generator).tolist() if shuffle else range(len(self.shards))
+        owned = list(range(process.process_index, len(self.shards), process.num_processes))
+        order = [owned[i] for i in torch.randperm(len(owned), generator=generator).tolist()] if shuffle else owned
 
         def shards() -> Iterator[Tensor]:
             for shard in order:
                 rows = read_shard(self.shards[shard])["x"]
                 yield rows[torch.randperm(len(rows), generator=generator)] if shuffle else rows
 
-        for rows in _rebatch(shards(), batch_size * process.num_processes):
-            if len(rows) == batch_size * process.num_processes:
-                yield rows[process.process_index * batch_size : (process.process_index + 1) * batch_size]
-            elif not drop_last:
-                yield rows.tensor_split(process.num_processes)[process.process_index]
+        for rows in _rebatch(shards(), batch_size):
+            if len(rows) == batch_size or not drop_last:
+                yield rows
 
 
 class ActivationStream:
