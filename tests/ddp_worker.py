@@ -56,23 +56,27 @@ def train_on_global_batches(output: str) -> Accelerator:
         dead_tokens_threshold=256, aux_k=8,
     )  # fmt: skip
     model = DMSAEModel(config)
-    trainer = SAETrainer(model, OptimizerConfig(lr=3e-3, warmup_steps=2, threshold_start_step=5), GLOBAL_STEPS, accelerator)
+    trainer = SAETrainer(model, OptimizerConfig(lr=3e-3, warmup_steps=2), GLOBAL_STEPS, accelerator)
     generator = torch.Generator().manual_seed(7)
     share = GLOBAL_BATCH // accelerator.num_processes
-    losses, aux_losses = [], []
-    for _ in range(GLOBAL_STEPS):
+
+    def my_slice() -> torch.Tensor:
         # Offset features make b_dec matter; a heavy tail makes BatchTopK's cut non-trivial.
         batch = torch.randn(GLOBAL_BATCH, 16, generator=generator) ** 3 + torch.arange(16) / 4
-        stats = trainer.step(batch[accelerator.process_index * share : (accelerator.process_index + 1) * share])
+        return batch[accelerator.process_index * share : (accelerator.process_index + 1) * share]
+
+    losses, aux_losses = [], []
+    for _ in range(GLOBAL_STEPS):
+        stats = trainer.step(my_slice())
         losses.append(accelerator.reduce(stats.loss.reshape(1), "mean"))
         aux_losses.append(accelerator.reduce(stats.aux_loss.reshape(1), "mean"))
+    sae = trainer.calibrate_threshold([my_slice() for _ in range(3)])
     if accelerator.is_main_process:
-        sae = trainer.finalized_sae()
         torch.save(
             {
                 "state": {name: tensor.clone() for name, tensor in sae.state_dict().items()},
                 "tokens_since_fired": trainer.tokens_since_fired.clone(),
-                "threshold": trainer.threshold.clone(),
+                "threshold": torch.tensor(sae.config.threshold),
                 "losses": torch.cat(losses),
                 "aux_losses": torch.cat(aux_losses),
             },

@@ -100,6 +100,16 @@ class EvalConfig:
 
 
 @dataclass
+class PlanConfig:
+    """What the --dry-run cost plan assumes about the machine the run will use."""
+
+    device_kind: str = "auto"
+    """Kind of device the run will use, as named in bench/throughputs.json (e.g. cpu-2core, cuda-nvidia-h100-80gb-hbm3); auto: this machine's."""
+    num_processes: int = 0
+    """Processes (GPUs) the run will launch; 0: this launch's WORLD_SIZE (1 for plain python)."""
+
+
+@dataclass
 class RunConfig:
     """Where and how the run executes."""
 
@@ -137,6 +147,7 @@ class DistillConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     hub: HubSettings = field(default_factory=HubSettings)
     run: RunConfig = field(default_factory=RunConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def validate(self) -> None:
         """Raise ValueError naming the field for every impossible setting."""

@@ -1,9 +1,15 @@
-"""``--run.dry_run``: validate a configuration and print the plan without loading any weights."""
+"""``--run.dry_run``: validate a configuration and print the plan without loading any weights:
+the stages, the base-model passes, the cache's disk per process, memory per process, and the
+wall time per stage estimated from throughputs measured by ``bench/bench_throughputs.py`` on the
+same kind of device (``bench/throughputs.json``; a kind or base model never measured is said so)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
+from pathlib import Path
 from typing import NamedTuple
 
 from modeling_dmsae import DMSAEConfig
@@ -11,6 +17,9 @@ from modeling_dmsae.configuration_dmsae import matryoshka_group_sizes
 from trainer.distill_config import DistillConfig
 
 GIB = 1024**3
+THROUGHPUTS_FILE = Path(__file__).resolve().parent.parent / "bench" / "throughputs.json"
+SAE_SHAPE_FIELDS = ("d_in", "num_latents", "k", "batch_size")
+STORAGE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def world_size() -> int:
@@ -18,11 +27,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def steps_for(tokens: int, config: DistillConfig) -> int:
-    """Micro-batches per process that consume ``tokens`` across all processes (a whole number of
-    optimiser steps under gradient accumulation)."""
+def steps_for(tokens: int, config: DistillConfig, processes: int | None = None) -> int:
+    """Micro-batches per process that consume ``tokens`` across all ``processes`` (default: this
+    launch's) as a whole number of optimiser steps under gradient accumulation."""
     accumulation = config.run.gradient_accumulation_steps
-    per_step = config.cycles.batch_size * world_size() * accumulation
+    per_step = config.cycles.batch_size * (processes or world_size()) * accumulation
     return max(1, math.ceil(tokens / per_step)) * accumulation
 
 
@@ -139,4 +148,200 @@ def describe_plan(config: DistillConfig, d_in: int | None = None) -> str:
     lines.append(f"  memory          SAE training ~{memory / GIB:.2f} GiB per process (fp32 weights, grads, Adam, batch)")
     if config.hub.repo_id:
         lines.append(f"  hub             {config.hub.repo_id} (one tag per cycle), finals as {config.hub.sae_repo_pattern}")
-    return "\n".join(lines)
+    return "\n".join(lines + describe_costs(config, d_in))
+
+
+
+# ---- the cost plan ----------------------------------------------------------------------------
+
+
+def device_kind() -> str:
+    """This machine's kind of device as bench/throughputs.json names it: the GPU's name
+    (``cuda-nvidia-h100-80gb-hbm3``) or ``cpu-<cores>core``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda-" + "-".join(torch.cuda.get_device_name().lower().split())
+    return f"cpu-{os.cpu_count()}core"
+
+
+def base_model_key(config: DistillConfig) -> str:
+    """A base model's entry in the throughput table: model, hook and context length."""
+    return f"{config.model.model_id} @ {config.model.hook_module}, context {config.data.context_length}"
+
+
+class Throughputs(NamedTuple):
+    """Measured figures of one kind of device (see bench/bench_throughputs.py)."""
+
+    kind: str
+    measured: str
+    base_model: dict | None
+    sae: list[dict]
+
+
+def load_throughputs(config: DistillConfig, kind: str) -> Throughputs | None:
+    """The figures measured on ``kind`` (None when that kind was never measured)."""
+    table = json.loads(THROUGHPUTS_FILE.read_text()) if THROUGHPUTS_FILE.exists() else {}
+    if kind not in table:
+        return None
+    entry = table[kind]
+    return Throughputs(kind, entry.get("measured", ""), entry["base_model"].get(base_model_key(config)), entry["sae"])
+
+
+def sae_figures(throughputs: Throughputs, d_in: int, num_latents: int, k: int, batch_size: int) -> tuple[dict, str] | None:
+    """The SAE figures at this shape, or those of the nearest measured shape scaled by the encoder
+    GEMM's N d K (the step's dominant cost), with a note saying so; None when nothing was measured."""
+    if not throughputs.sae:
+        return None
+    target = {"d_in": d_in, "num_latents": num_latents, "k": k, "batch_size": batch_size}
+    work = lambda shape: shape["d_in"] * shape["num_latents"] * shape["batch_size"]  # noqa: E731
+    nearest = min(throughputs.sae, key=lambda s: (abs(math.log(work(s) / work(target))), abs(s["k"] - k)))
+    if all(nearest[name] == target[name] for name in SAE_SHAPE_FIELDS):
+        return nearest, ""
+    per_token = work(target) / work(nearest) * nearest["batch_size"] / batch_size
+    scaled = {
+        "step_s": nearest["step_s"] * work(target) / work(nearest),
+        **{name: nearest[name] * per_token for name in ("calibration_s_per_token", "evaluation_s_per_token", "selection_s_per_token")},
+    }
+    shape = ", ".join(f"{name} = {nearest[name]}" for name in SAE_SHAPE_FIELDS)
+    return scaled, f"scaled by N d K from the step measured at {shape}"
+
+
+def cache_bytes(config: DistillConfig, d_in: int) -> int:
+    """Bytes of the activation and attribution caches, all processes together."""
+    contexts = config.harvest.context_ranges(config.data.context_length)
+    per_value = STORAGE_BYTES.get(config.harvest.storage_dtype, 4)
+    activations = len(contexts.train) * config.data.context_length * d_in * per_value
+    attribution = 2 * config.harvest.attribution_tokens * d_in * per_value
+    return activations + attribution
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Free space on the disk that holds ``directory`` (its nearest existing parent)."""
+    for candidate in (directory, *directory.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return None
+
+
+def _base_model_bytes(config: DistillConfig, processes: int) -> str:
+    """The base model's weights per process, from its configuration alone (no weights loaded)."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from trainer.base_model import pretrained_source
+
+        source, kwargs = pretrained_source(config.model)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, **kwargs))
+    except (OSError, ValueError) as error:
+        return f"not estimated: the configuration of {config.model.model_id} is unreadable here ({type(error).__name__})"
+    parameters = sum(p.numel() for p in model.parameters())
+    dtype = config.model.dtype if config.model.dtype != "auto" else "bfloat16 on GPUs, float32 on CPUs"
+    return (
+        f"{parameters / 1e9:.2f}B parameters: {parameters * 2 / GIB:.1f} GiB in 16 bits, {parameters * 4 / GIB:.1f} GiB "
+        f"in float32 (model.dtype: {dtype}) on each of the {processes} process(es)"
+    )
+
+
+def _seconds(value: float) -> str:
+    return f"{value:,.0f} s" if value < 5400 else f"{value / 3600:,.1f} h"
+
+
+def describe_costs(config: DistillConfig, d_in: int) -> list[str]:
+    """Base-model passes, disk, memory and wall time per stage of the run on
+    ``plan.num_processes`` processes of ``plan.device_kind``."""
+    processes = config.plan.num_processes or world_size()
+    kind = device_kind() if config.plan.device_kind == "auto" else config.plan.device_kind
+    ranges = config.harvest.context_ranges(config.data.context_length)
+    context = config.data.context_length
+    train_positions = len(ranges.train) * context
+    attribution_positions = len(ranges.attribution) * context
+    held_out_contexts = max(math.ceil(config.eval.tokens / context), config.eval.ce_contexts)
+    finals = final_runs(config)
+    trained_cycles = 0 if config.transfer.core else config.cycles.num_cycles + (0 if config.cycles.cycle0_checkpoint else 1)
+    selected_cycles = 0 if config.transfer.core else config.cycles.num_cycles + 1
+    streamed = config.run.stream_activations
+    lines = [f"cost plan       {processes} process(es) of kind {kind}"]
+    activation_passes = 1 + (trained_cycles + len(finals) if streamed else 0)
+    lines.append(
+        f"  base model    {activation_passes + 1} passes: activations {'streamed for every SAE, ' if streamed else 'cached once, '}"
+        f"{train_positions:,} tokens{f' x {activation_passes - 1} SAEs' if streamed else ''}; (x, g) once, "
+        f"{attribution_positions:,} tokens (forward and backward); evaluation: {held_out_contexts * context:,} held-out tokens "
+        f"once and {config.eval.ce_contexts * context:,} spliced-loss tokens per SAE"
+    )
+    cache_dir = Path(config.harvest.cache_dir or Path(config.run.output_dir) / "cache")
+    total = cache_bytes(config, d_in)
+    free = _free_bytes(cache_dir)
+    fits = "" if free is None else f"; {free / 1e9:,.0f} GB free at {cache_dir} on this machine"
+    lines.append(
+        f"  disk          cache {total / 1e9:,.1f} GB ({len(ranges.train) * context:,} tokens x d = {d_in} x "
+        f"{config.harvest.storage_dtype}), {total / processes / 1e9:,.1f} GB per process{fits}"
+        + ("; streaming: not written" if streamed else "")
+    )
+    if not streamed and free is not None and total / processes > free:
+        lines.append("  warning       the cache does not fit there: set --harvest.cache_dir to a larger local disk or --run.stream_activations true")
+    sae = cycle0_sae_config(config, d_in)
+    lines.append(
+        f"  memory        SAE training ~{sae_training_bytes(sae, config.cycles.batch_size) / GIB:.2f} GiB per process "
+        f"(fp32 weights, grads, Adam, batch); base model: {_base_model_bytes(config, processes)}"
+    )
+    return lines + _describe_times(config, d_in, processes, kind, trained_cycles, selected_cycles, finals)
+
+
+def _describe_times(config, d_in, processes, kind, trained_cycles, selected_cycles, finals) -> list[str]:
+    """Wall time per stage from the measured throughputs of ``kind``; what was never measured is said so."""
+    throughputs = load_throughputs(config, kind)
+    if throughputs is None:
+        return [
+            f"  wall time     not estimated: no throughputs measured on {kind} "
+            f"(run python bench/bench_throughputs.py --config ... on one; measured kinds are in {THROUGHPUTS_FILE.name})"
+        ]
+    base, context = throughputs.base_model, config.data.context_length
+    ranges = config.harvest.context_ranges(context)
+    held_out_tokens = max(math.ceil(config.eval.tokens / context), config.eval.ce_contexts) * context
+    ce_tokens = config.eval.ce_contexts * context
+    stages: dict[str, float | str] = {}
+    notes = []
+    if base is None:
+        stages["harvest"] = f"not estimated: {base_model_key(config)} never measured on {kind}"
+    else:
+        harvest = (
+            base["load_s"]
+            + len(ranges.train) * context / processes / base["activation_tokens_per_s"]
+            + len(ranges.attribution) * context / processes / base["attribution_tokens_per_s"]
+            + held_out_tokens / base["activation_tokens_per_s"]
+            + 2 * ce_tokens / base["full_forward_tokens_per_s"]
+        )
+        stages["harvest"] = harvest
+    batch = config.cycles.batch_size
+    calibration_tokens = config.optimizer.calibration_tokens / processes
+
+    def sae_time(k: int, tokens: int) -> tuple[float, dict] | None:
+        found = sae_figures(throughputs, d_in, config.dictionary.num_latents, k, batch)
+        if found is None:
+            return None
+        figures, note = found
+        if note and note not in notes:
+            notes.append(note)
+        return steps_for(tokens, config, processes) * figures["step_s"] + calibration_tokens * figures["calibration_s_per_token"], figures
+
+    cycle = sae_time(config.cycles.k, config.cycles.tokens_per_cycle)
+    transfers = [sae_time(run.k, config.transfer.tokens) for run in finals]
+    if cycle is None or None in transfers:
+        stages["SAE training"] = f"not estimated: no SAE step measured on {kind}"
+    else:
+        stages["cycle training"] = trained_cycles * cycle[0]
+        stages["attribution"] = selected_cycles * config.harvest.attribution_tokens * cycle[1]["selection_s_per_token"]
+        evaluated = [cycle[1]] * selected_cycles + [figures for _, figures in transfers]
+        spliced = ce_tokens / base["full_forward_tokens_per_s"] if base else 0.0
+        stages["evaluation"] = sum(config.eval.tokens * f["evaluation_s_per_token"] + spliced for f in evaluated)
+        stages["transfer training"] = sum(seconds for seconds, _ in transfers)
+    lines = [f"  wall time     from throughputs measured on {kind} ({throughputs.measured})"]
+    lines += [f"    {stage:<18}{_seconds(value) if isinstance(value, float) else value}" for stage, value in stages.items()]
+    known = [value for value in stages.values() if isinstance(value, float)]
+    complete = len(known) == len(stages)
+    lines.append(f"    {'total' if complete else 'total (known part)':<18}{_seconds(sum(known))}")
+    lines += [f"    note: {note}" for note in notes]
+    return lines

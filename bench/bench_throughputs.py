@@ -1,0 +1,114 @@
+"""Throughputs the ``--dry-run`` cost plan estimates wall time from, measured on this device for
+one configuration's base model and SAE shapes, and kept in ``bench/throughputs.json`` under the
+device's kind (``trainer.distill_plan.device_kind``: e.g. ``cpu-2core``, ``cuda-nvidia-h100-80gb-hbm3``).
+
+    python bench/bench_throughputs.py [--config FILE] [--section.field VALUE ...]
+
+Measures, with the run's own functions: loading the base model; the activation harvest, the
+(x, g) attribution pass and the full forward of the spliced loss (tokens/s, on the configured
+data); one SAE optimisation step at every sparsity the run trains (c = 0, the configured batch);
+the threshold calibration, the attribution scoring and the held-out reconstruction metrics (per
+token). A kind measured before keeps its other entries; an entry at the same model or shape is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from modeling_dmsae import DMSAEModel  # noqa: E402
+from trainer.activations import _activation_shard, _attribution_shard  # noqa: E402
+from trainer.base_model import load_base_model, resolve_hook_module  # noqa: E402
+from trainer.distill_config import parse_config  # noqa: E402
+from trainer.distill_plan import SAE_SHAPE_FIELDS, THROUGHPUTS_FILE, base_model_key, cycle0_sae_config, device_kind, final_runs  # noqa: E402
+from trainer.sae_metrics import mean_next_token_loss, reconstruction_metrics  # noqa: E402
+from trainer.sae_training import SAETrainer  # noqa: E402
+from trainer.selection import select_core  # noqa: E402
+from trainer.text_corpus import context_batches, packed_contexts  # noqa: E402
+
+
+def timed(action) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = action()
+    return time.perf_counter() - start, result
+
+
+def measure_base_model(config, contexts: int = 64) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    load_s, (model, tokenizer) = timed(lambda: load_base_model(config.model))
+    hook = resolve_hook_module(model, config.model.hook_module)
+    packed = list(packed_contexts(tokenizer, config.data, 0, contexts))
+    positions = len(packed) * config.data.context_length
+    harvest = config.harvest
+    _activation_shard(model, hook, harvest, packed[: harvest.batch_size], 0)  # warm-up
+    activation_s, shard = timed(lambda: _activation_shard(model, hook, harvest, packed, 0))
+    attribution_contexts = packed[: max(harvest.attribution_batch_size, contexts // 4)]
+    attribution_s, sample = timed(lambda: _attribution_shard(model, hook, harvest, attribution_contexts, 0))
+    batch = next(context_batches(packed, config.eval.ce_contexts))
+    forward_s, _ = timed(lambda: mean_next_token_loss(model, hook, batch.input_ids, batch.mask))
+    figures = {
+        "load_s": round(load_s, 2),
+        "activation_tokens_per_s": round(positions / activation_s, 1),
+        "attribution_tokens_per_s": round(len(attribution_contexts) * config.data.context_length / attribution_s, 1),
+        "full_forward_tokens_per_s": round(batch.input_ids.numel() / forward_s, 1),
+        "context_length": config.data.context_length,
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+    return figures, shard["x"].float(), sample.x.float(), sample.g.float()
+
+
+def measure_sae(config, k: int, x: torch.Tensor, attribution_x, attribution_g, steps: int = 8) -> dict:
+    sae_config = cycle0_sae_config(config, x.shape[1])
+    sae_config.k = k
+    sae_config.normalization_factor = float(x.pow(2).sum(-1).mean().sqrt())
+    batch_size = config.cycles.batch_size
+    rows = x.repeat(max(1, -(-batch_size * 2 // len(x))), 1)
+    trainer = SAETrainer(DMSAEModel(sae_config), config.optimizer, total_steps=steps + 2)
+    batches = [rows[torch.randperm(len(rows))[:batch_size]] for _ in range(steps + 2)]
+    times = [timed(lambda b=b: trainer.step(b))[0] for b in batches]
+    calibration_s, sae = timed(lambda: trainer.calibrate_threshold(batches[:2]))
+    sae.eval()
+    held_out = rows[: min(len(rows), config.eval.tokens)]
+    evaluation_s, _ = timed(lambda: reconstruction_metrics(sae, held_out.split(batch_size)))
+    c = config.cycles
+    selection_s, _ = timed(lambda: select_core(sae, attribution_x, attribution_g, c.quantile, c.tau, c.batch_size))
+    return {
+        "d_in": sae_config.d_in, "num_latents": sae_config.num_latents, "k": k, "batch_size": batch_size,
+        "step_s": round(statistics.median(times[2:]), 4),
+        "calibration_s_per_token": calibration_s / (2 * batch_size),
+        "evaluation_s_per_token": evaluation_s / len(held_out),
+        "selection_s_per_token": selection_s / len(attribution_x),
+    }
+
+
+def main() -> None:
+    config = parse_config(sys.argv[1:])
+    kind = device_kind()
+    base, x, attribution_x, attribution_g = measure_base_model(config)
+    ks = sorted({config.cycles.k, *(run.k for run in final_runs(config))})
+    steps = [measure_sae(config, k, x, attribution_x, attribution_g) for k in ks]
+    table = json.loads(THROUGHPUTS_FILE.read_text()) if THROUGHPUTS_FILE.exists() else {}
+    entry = table.setdefault(kind, {"base_model": {}, "sae": []})
+    load = os.getloadavg()
+    entry["measured"] = (
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {load[0]:.1f} (1 min) {load[1]:.1f} (5 min) at the end"
+    )
+    entry["base_model"][base_model_key(config)] = base
+    new_shapes = {tuple(s[name] for name in SAE_SHAPE_FIELDS) for s in steps}
+    entry["sae"] = [s for s in entry["sae"] if tuple(s[name] for name in SAE_SHAPE_FIELDS) not in new_shapes] + steps
+    THROUGHPUTS_FILE.write_text(json.dumps(table, indent=2) + "\n")
+    print(json.dumps({kind: {"base_model": {base_model_key(config): base}, "sae": steps, "measured": entry["measured"]}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
