@@ -63,10 +63,10 @@ def measure_base_model(config, contexts: int = 64) -> tuple[dict, torch.Tensor, 
         "context_length": config.data.context_length,
         "dtype": str(model.dtype).removeprefix("torch."),
     }
-    return figures, shard["x"].float(), sample.x.float(), sample.g.float()
+    return figures, shard.tensors["x"].float(), sample.tensors["x"].float(), sample.tensors["g"].float()
 
 
-def measure_sae(config, k: int, x: torch.Tensor, attribution_x, attribution_g, steps: int = 8) -> dict:
+def measure_sae(config, k: int, x: torch.Tensor, attribution_x, attribution_g, steps: int = 16) -> dict:
     sae_config = cycle0_sae_config(config, x.shape[1])
     sae_config.k = k
     sae_config.normalization_factor = float(x.pow(2).sum(-1).mean().sqrt())

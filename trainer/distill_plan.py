@@ -20,11 +20,17 @@ GIB = 1024**3
 THROUGHPUTS_FILE = Path(__file__).resolve().parent.parent / "bench" / "throughputs.json"
 SAE_SHAPE_FIELDS = ("d_in", "num_latents", "k", "batch_size")
 STORAGE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+MAX_SCALING = 4  # the farthest an SAE shape's N d K may lie from a measured one to be scaled from it
 
 
 def world_size() -> int:
     """Processes of this launch (``accelerate launch`` sets WORLD_SIZE), 1 for plain python."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def planned_processes(config: DistillConfig) -> int:
+    """The processes the plan is for: plan.num_processes, or this launch's."""
+    return config.plan.num_processes or world_size()
 
 
 def steps_for(tokens: int, config: DistillConfig, processes: int | None = None) -> int:
@@ -121,12 +127,13 @@ def describe_plan(config: DistillConfig, d_in: int | None = None) -> str:
     """The run's stages with tokens, steps and the per-process memory of SAE training."""
     d_in = d_in or config.dictionary.d_in or base_model_width(config)
     sae = cycle0_sae_config(config, d_in)
-    cycle_steps = steps_for(config.cycles.tokens_per_cycle, config)
-    transfer_steps = steps_for(config.transfer.tokens, config)
+    processes = planned_processes(config)
+    cycle_steps = steps_for(config.cycles.tokens_per_cycle, config, processes)
+    transfer_steps = steps_for(config.transfer.tokens, config, processes)
     finals = final_runs(config)
     cycle0 = config.cycles.cycle0_checkpoint or f"train from scratch ({cycle_steps} steps)"
     lines = [
-        f"DMSAE distillation plan ({world_size()} process(es), batch {config.cycles.batch_size} tokens per process)",
+        f"DMSAE distillation plan ({processes} process(es), batch {config.cycles.batch_size} tokens per process)",
         f"  base model      {config.model.model_id} at {config.model.hook_module} (d = {d_in})",
         f"  dataset         {config.data.dataset or 'embedded offline corpus'}, context {config.data.context_length}",
         f"  dictionary      K = {sae.num_latents}, groups {sae.group_sizes}, k = {sae.k} ({sae.variant})",
@@ -189,13 +196,16 @@ def load_throughputs(config: DistillConfig, kind: str) -> Throughputs | None:
 
 
 def sae_figures(throughputs: Throughputs, d_in: int, num_latents: int, k: int, batch_size: int) -> tuple[dict, str] | None:
-    """The SAE figures at this shape, or those of the nearest measured shape scaled by the encoder
-    GEMM's N d K (the step's dominant cost), with a note saying so; None when nothing was measured."""
-    if not throughputs.sae:
-        return None
+    """The SAE figures at this shape, or those of the nearest measured shape within a factor
+    ``MAX_SCALING`` of its encoder GEMM's N d K, scaled by it (the step's dominant cost), with a
+    note saying so; None when no shape that close was measured (sparse work does not scale with
+    N d K, so a farther extrapolation would be a guess)."""
     target = {"d_in": d_in, "num_latents": num_latents, "k": k, "batch_size": batch_size}
     work = lambda shape: shape["d_in"] * shape["num_latents"] * shape["batch_size"]  # noqa: E731
-    nearest = min(throughputs.sae, key=lambda s: (abs(math.log(work(s) / work(target))), abs(s["k"] - k)))
+    close = [s for s in throughputs.sae if abs(math.log(work(s) / work(target))) <= math.log(MAX_SCALING)]
+    if not close:
+        return None
+    nearest = min(close, key=lambda s: (abs(math.log(work(s) / work(target))), abs(s["k"] - k)))
     if all(nearest[name] == target[name] for name in SAE_SHAPE_FIELDS):
         return nearest, ""
     per_token = work(target) / work(nearest) * nearest["batch_size"] / batch_size
@@ -237,7 +247,8 @@ def _base_model_bytes(config: DistillConfig, processes: int) -> str:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, **kwargs))
     except (OSError, ValueError) as error:
         return f"not estimated: the configuration of {config.model.model_id} is unreadable here ({type(error).__name__})"
-    parameters = sum(p.numel() for p in model.parameters())
+    model.tie_weights()  # tied embeddings count once (init_empty_weights leaves them untied)
+    parameters = model.num_parameters()
     dtype = config.model.dtype if config.model.dtype != "auto" else "bfloat16 on GPUs, float32 on CPUs"
     return (
         f"{parameters / 1e9:.2f}B parameters: {parameters * 2 / GIB:.1f} GiB in 16 bits, {parameters * 4 / GIB:.1f} GiB "
@@ -252,7 +263,7 @@ def _seconds(value: float) -> str:
 def describe_costs(config: DistillConfig, d_in: int) -> list[str]:
     """Base-model passes, disk, memory and wall time per stage of the run on
     ``plan.num_processes`` processes of ``plan.device_kind``."""
-    processes = config.plan.num_processes or world_size()
+    processes = planned_processes(config)
     kind = device_kind() if config.plan.device_kind == "auto" else config.plan.device_kind
     ranges = config.harvest.context_ranges(config.data.context_length)
     context = config.data.context_length
@@ -276,7 +287,7 @@ def describe_costs(config: DistillConfig, d_in: int) -> list[str]:
     free = _free_bytes(cache_dir)
     fits = "" if free is None else f"; {free / 1e9:,.0f} GB free at {cache_dir} on this machine"
     lines.append(
-        f"  disk          cache {total / 1e9:,.1f} GB ({len(ranges.train) * context:,} tokens x d = {d_in} x "
+        f"  disk          cache at most {total / 1e9:,.1f} GB ({len(ranges.train) * context:,} tokens x d = {d_in} x "
         f"{config.harvest.storage_dtype}), {total / processes / 1e9:,.1f} GB per process{fits}"
         + ("; streaming: not written" if streamed else "")
     )
@@ -330,7 +341,10 @@ def _describe_times(config, d_in, processes, kind, trained_cycles, selected_cycl
     cycle = sae_time(config.cycles.k, config.cycles.tokens_per_cycle)
     transfers = [sae_time(run.k, config.transfer.tokens) for run in finals]
     if cycle is None or None in transfers:
-        stages["SAE training"] = f"not estimated: no SAE step measured on {kind}"
+        stages["SAE training"] = (
+            f"not estimated: no SAE step measured on {kind} within {MAX_SCALING}x of d = {d_in}, "
+            f"K = {config.dictionary.num_latents}, N = {batch} tokens per process"
+        )
     else:
         stages["cycle training"] = trained_cycles * cycle[0]
         stages["attribution"] = selected_cycles * config.harvest.attribution_tokens * cycle[1]["selection_s_per_token"]
@@ -341,7 +355,7 @@ def _describe_times(config, d_in, processes, kind, trained_cycles, selected_cycl
     lines = [f"  wall time     from throughputs measured on {kind} ({throughputs.measured})"]
     lines += [f"    {stage:<18}{_seconds(value) if isinstance(value, float) else value}" for stage, value in stages.items()]
     known = [value for value in stages.values() if isinstance(value, float)]
-    complete = len(known) == len(stages)
-    lines.append(f"    {'total' if complete else 'total (known part)':<18}{_seconds(sum(known))}")
+    if known:
+        lines.append(f"    {'total' if len(known) == len(stages) else 'total (known part)':<18}{_seconds(sum(known))}")
     lines += [f"    note: {note}" for note in notes]
     return lines

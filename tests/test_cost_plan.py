@@ -1,0 +1,71 @@
+"""The --dry-run cost plan: passes, disk and wall time per stage from a measured throughput table;
+a kind of device never measured is said so, not guessed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer import distill_plan
+from trainer.distill_config import parse_config
+from trainer.distill_plan import base_model_key, describe_plan, final_runs, steps_for
+
+STEP_S, CALIBRATION, EVALUATION, SELECTION = 0.5, 1e-4, 2e-4, 3e-4
+BASE = {"load_s": 10.0, "activation_tokens_per_s": 1000.0, "attribution_tokens_per_s": 100.0, "full_forward_tokens_per_s": 400.0}
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    config = parse_config(["--dictionary.d_in", "576"])
+    sae = [
+        {"d_in": 576, "num_latents": 4096, "k": k, "batch_size": 1024, "step_s": STEP_S, "calibration_s_per_token": CALIBRATION,
+         "evaluation_s_per_token": EVALUATION, "selection_s_per_token": SELECTION}
+        for k in (16, 32, 64)
+    ]  # fmt: skip
+    path = tmp_path / "throughputs.json"
+    path.write_text(json.dumps({"test-kind": {"measured": "now", "base_model": {base_model_key(config): BASE}, "sae": sae}}))
+    monkeypatch.setattr(distill_plan, "THROUGHPUTS_FILE", path)
+    return config
+
+
+def stage_seconds(plan: str, stage: str) -> float:
+    times = plan.split("wall time")[1]
+    line = next(line for line in times.splitlines() if line.strip().startswith(stage))
+    return float(line.split()[-2].replace(",", ""))
+
+
+def test_wall_time_per_stage_follows_the_measured_throughputs(table):
+    config = parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind"])
+    plan = describe_plan(config)
+    steps = steps_for(config.cycles.tokens_per_cycle, config, 1)
+    per_sae = steps * STEP_S + config.optimizer.calibration_tokens * CALIBRATION
+    assert stage_seconds(plan, "cycle training") == pytest.approx(4 * per_sae, abs=1)  # cycle 0 + 3 cycles
+    assert stage_seconds(plan, "transfer training") == pytest.approx(len(final_runs(config)) * per_sae, abs=1)
+    context = config.data.context_length
+    harvest = (
+        BASE["load_s"] + 800 * context / 1000 + 64 * context / 100 + 256 * context / 1000 + 2 * 16 * context / 400
+    )  # 800 training, 64 attribution, 256 held-out and 16 spliced-loss contexts of the default
+    assert stage_seconds(plan, "harvest") == pytest.approx(harvest, abs=1)
+    assert "2 passes: activations cached once" in plan
+
+
+def test_processes_share_the_cache_and_the_steps(table):
+    one = describe_plan(parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind"]))
+    eight = describe_plan(parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind", "--plan.num_processes", "8"]))
+    assert "DMSAE distillation plan (8 process(es)" in eight
+    assert stage_seconds(eight, "cycle training") < stage_seconds(one, "cycle training") / 4
+    assert "0.1 GB per process" in one and "0.0 GB per process" in eight
+
+
+def test_unmeasured_kinds_and_shapes_are_not_guessed(table):
+    plan = describe_plan(parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "never-measured"]))
+    assert "not estimated: no throughputs measured on never-measured" in plan
+    far = describe_plan(parse_config(["--dictionary.d_in", "2304", "--dictionary.num_latents", "65536", "--plan.device_kind", "test-kind"]))
+    assert "SAE training      not estimated" in far and "cycle training" not in far.split("wall time")[1]
+
+
+def test_streaming_reruns_the_base_model_per_sae(table):
+    config = parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind", "--run.stream_activations", "true"])
+    saes = 4 + len(final_runs(config))
+    assert f"{saes + 2} passes: activations streamed for every SAE" in describe_plan(config)
