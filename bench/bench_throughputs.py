@@ -2,7 +2,10 @@
 one configuration's base model and SAE shapes, and kept in ``bench/throughputs.json`` under the
 device's kind (``trainer.distill_plan.device_kind``: e.g. ``cpu-2core``, ``cuda-nvidia-h100-80gb-hbm3``).
 
-    python bench/bench_throughputs.py [--config FILE] [--section.field VALUE ...]
+    python bench/bench_throughputs.py [--record-as MODEL_ID] [--config FILE] [--section.field VALUE ...]
+
+``--record-as`` files the base-model figures under another model id: a random-weight stand-in of the
+same architecture (``bench/random_gemma2_2b.py``) runs as fast as the real model.
 
 Measures, with the run's own functions: loading the base model; the activation harvest, the
 (x, g) attribution pass and the full forward of the spliced loss (tokens/s, on the configured
@@ -13,6 +16,8 @@ token). A kind measured before keeps its other entries; an entry at the same mod
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -91,7 +96,10 @@ def measure_sae(config, k: int, x: torch.Tensor, attribution_x, attribution_g, s
 
 
 def main() -> None:
-    config = parse_config(sys.argv[1:])
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--record-as", default=None)
+    known, rest = parser.parse_known_args()
+    config = parse_config(rest)
     kind = device_kind()
     base, x, attribution_x, attribution_g = measure_base_model(config)
     ks = sorted({config.cycles.k, *(run.k for run in final_runs(config))})
@@ -103,11 +111,12 @@ def main() -> None:
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"load average {load[0]:.1f} (1 min) {load[1]:.1f} (5 min) at the end"
     )
-    entry["base_model"][base_model_key(config)] = base
+    recorded = dataclasses.replace(config, model=dataclasses.replace(config.model, model=known.record_as)) if known.record_as else config
+    entry["base_model"][base_model_key(recorded)] = base
     new_shapes = {tuple(s[name] for name in SAE_SHAPE_FIELDS) for s in steps}
     entry["sae"] = [s for s in entry["sae"] if tuple(s[name] for name in SAE_SHAPE_FIELDS) not in new_shapes] + steps
     THROUGHPUTS_FILE.write_text(json.dumps(table, indent=2) + "\n")
-    print(json.dumps({kind: {"base_model": {base_model_key(config): base}, "sae": steps, "measured": entry["measured"]}}, indent=2))
+    print(json.dumps({kind: {"base_model": {base_model_key(recorded): base}, "sae": steps, "measured": entry["measured"]}}, indent=2))
 
 
 if __name__ == "__main__":

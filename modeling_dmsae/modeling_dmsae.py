@@ -318,25 +318,21 @@ def _sampled_rank_value(acts: torch.Tensor, rank: int, slack: float) -> torch.Te
 
 
 def _candidates(relu_acts: torch.Tensor, num_kept: int, unmasked_columns: int, group: dist.ProcessGroup | None):
-    """(rows, cols, candidates): the entries above a bound every process agrees on, and which of
-    them lie in the masked columns. Each process first finds a bound with at least its own share
-    ``num_kept`` of masked entries above it; the smallest of those bounds has at least the global
-    budget above it, so every entry BatchTopK keeps anywhere is a candidate."""
+    """(rows, cols, candidates, global budget, global candidate count): the entries above a bound
+    every process agrees on (the smallest of their sampled bounds), and which of them lie in the
+    masked columns. The bound is lowered until the candidates of all processes cover their
+    summed budget ``num_kept``, so every entry BatchTopK keeps anywhere is a candidate; the test
+    is global, so every process leaves the loop together."""
     masked = relu_acts[:, unmasked_columns:]
     slack = 1.25
     while True:
-        bound = _sampled_rank_value(masked, num_kept, slack).float()
+        bound = _all_reduce(_sampled_rank_value(masked, num_kept, slack).float().reshape(1), group, dist.ReduceOp.MIN)[0]
         rows, cols = _entries_above(relu_acts, bound, unmasked_columns)
         candidates = (cols >= unmasked_columns).nonzero().squeeze(1)
-        if candidates.numel() >= num_kept or bound == 0:
-            break
+        totals = _all_reduce(torch.tensor([num_kept, candidates.numel()], device=relu_acts.device), group)
+        if totals[1] >= totals[0] or bound == 0:
+            return rows, cols, candidates, int(totals[0]), int(totals[1])
         slack *= 4
-    if group is not None:
-        agreed = _all_reduce(bound.clone().reshape(1), group, dist.ReduceOp.MIN)[0]
-        if agreed < bound:
-            rows, cols = _entries_above(relu_acts, agreed, unmasked_columns)
-            candidates = (cols >= unmasked_columns).nonzero().squeeze(1)
-    return rows, cols, candidates
 
 
 def batch_topk_entries(
@@ -353,15 +349,14 @@ def batch_topk_entries(
     Returns rows, cols (sorted by row, then col) and the smallest value BatchTopK kept (the same on
     every process). torch's CPU topk over all N * n entries is one single-threaded partial sort,
     the slowest op of a training step, and a gather of every process's [N, n] activations would
-    dwarf the step. Instead: a lower bound on the cut from a sample, one vectorised pass for the
-    candidates above it, and an exact radix select of the cut among the candidates
-    (``kth_largest``: four all_reduces of 256 counts).
+    dwarf the step. Instead: a lower bound on the cut from a sample (agreed by an all_reduce MIN),
+    one vectorised pass for the candidates above it, and an exact radix select of the cut among the
+    candidates (``kth_largest``: four all_reduces of 256 counts).
     """
-    num_kept_here = k_per_token * relu_acts.shape[0]
-    rows, cols, candidates = _candidates(relu_acts, num_kept_here, unmasked_columns, group)
+    rows, cols, candidates, num_kept, num_candidates = _candidates(
+        relu_acts, k_per_token * relu_acts.shape[0], unmasked_columns, group
+    )
     values = relu_acts[rows[candidates], cols[candidates]].float()
-    totals = _all_reduce(torch.tensor([num_kept_here, values.numel()], device=values.device), group)
-    num_kept, num_candidates = int(totals[0]), int(totals[1])
     if num_candidates <= num_kept:  # fewer positive entries than the budget: keep them all
         smallest = values.min() if values.numel() else values.new_tensor(float("inf"))
         smallest = _all_reduce(smallest.reshape(1), group, dist.ReduceOp.MIN)[0]
