@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 _NOT_PART_OF_THE_RUN = {
     ("run", "output_dir"), ("run", "resume"), ("run", "dry_run"), ("run", "log_with"), ("run", "checkpoint_every"),
     ("run", "log_every"), ("model", "device"), ("hub", None), ("transfer", "ks"), ("transfer", "variants"), ("transfer", "random_core_control"),
-    ("transfer", "sparsity_matched"), ("transfer", "baseline"),
+    ("transfer", "sparsity_matched"), ("transfer", "baseline"), ("plan", None),
 }  # fmt: skip
 _HOW_TO_RUN = {("run", "resume"), ("run", "dry_run")}  # never worth listing as a change
 # The work each setting decides ("section" or "section.field", the most specific wins): a resume may
