@@ -594,7 +594,8 @@ def saelens_cfg(config: DMSAEConfig, dtype: torch.dtype, context_size: int | Non
         "hook_head_index": None,
         "context_size": context_size,
         "prepend_bos": prepend_bos,
-        DMSAE_METADATA_KEY: config.to_dict(),
+        # Without the local path from_pretrained recorded: the export is the same wherever it is written.
+        DMSAE_METADATA_KEY: {key: value for key, value in config.to_dict().items() if key != "_name_or_path"},
     }
     return {
         "architecture": "jumprelu",
