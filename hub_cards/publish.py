@@ -260,13 +260,11 @@ def _card_settings(run_dir: Path, settings: HubSettings) -> CardSettings:
 
 def saelens_export_settings(run_dir: Path) -> dict:
     """context_size and prepend_bos of a run's SAELens exports, from its data configuration. An unset
-    prepend_bos (BOS when the tokenizer adds one) is resolved for the embedded SmolLM2, whose tokenizer
-    adds none; for other models it stays unset (SAELens then assumes BOS)."""
+    data.prepend_bos means BOS whenever the tokenizer has one, which is what SAELens's prepend_bos=True
+    does (TransformerLens prepends the tokenizer's BOS token)."""
     data = _run_config_section(run_dir, "data")
     prepend_bos = data.get("prepend_bos")
-    if prepend_bos is None and not _run_config_section(run_dir, "model").get("model"):
-        prepend_bos = False
-    return {"context_size": int(data.get("context_length", 128)), "prepend_bos": prepend_bos}
+    return {"context_size": int(data.get("context_length", 128)), "prepend_bos": True if prepend_bos is None else bool(prepend_bos)}
 
 
 def _cycle_dirs(run_dir: Path) -> list[Path]:

@@ -549,17 +549,17 @@ def from_saelens(
 # ----------------------------------------------------------------------------------------
 
 
-def saelens_thresholds(config: DMSAEConfig) -> torch.Tensor:
+def saelens_thresholds(model: DMSAEModel) -> torch.Tensor:
     """[K] JumpReLU thresholds of eval-mode ``encode``: 0 (plain ReLU) for the latents BatchTopK
-    never masks (the dense core), the inference threshold for the others (``DMSAEModel._select``)."""
+    never masks (the dense core, ``DMSAEModel._unmasked_columns``), the inference threshold for the others."""
+    config = model.config
     if config.threshold < 0:
         raise ValueError(
             "this DMSAE has no inference threshold yet (config.threshold < 0), so it has no eval-mode encode to "
             "export; export a trained SAE (a run's cycles/* or transfer/* folder)"
         )
     thresholds = torch.full((config.num_latents,), float(config.threshold), dtype=torch.float64)
-    if config.variant == "dense_core":
-        thresholds[: config.core_size] = 0.0
+    thresholds[: model._unmasked_columns()] = 0.0
     return thresholds
 
 
@@ -578,7 +578,7 @@ def saelens_state_dict(model: DMSAEModel) -> dict[str, torch.Tensor]:
             "b_enc": model.b_enc.double(),
             "W_dec": model.W_dec.double() * n,
             "b_dec": model.b_dec.double() * n,
-            "threshold": saelens_thresholds(model.config),
+            "threshold": saelens_thresholds(model),
         }
     return {name: tensor.to(model.W_dec.dtype).cpu().contiguous() for name, tensor in tensors.items()}
 
@@ -650,8 +650,9 @@ def from_saelens_export(
     if hook_module is not None:  # the layer and TransformerLens name follow the new module
         fields.update(hook_module=hook_module, hook_layer=None, hook_name=None)
     config = DMSAEConfig.from_dict(fields)
+    model = DMSAEModel(config).to(state["W_dec"].dtype)
     if list(state["threshold"].shape) != [config.num_latents] or not torch.equal(
-        state["threshold"], saelens_thresholds(config).to(state["threshold"].dtype)
+        state["threshold"], saelens_thresholds(model).to(state["threshold"].dtype)
     ):
         raise ValueError(
             f"{source}: the JumpReLU thresholds are not the ones the exported DMSAE configuration implies (0 for the dense "
@@ -659,7 +660,6 @@ def from_saelens_export(
         )
     n, c = float(config.normalization_factor), config.core_size
     W_enc = state["W_enc"].double() * n
-    model = DMSAEModel(config).to(state["W_dec"].dtype)
     with torch.no_grad():
         model.core_encoder.copy_(W_enc[:, :c].T)
         model.encoder.copy_(W_enc[:, c:].T)
