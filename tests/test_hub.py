@@ -457,12 +457,17 @@ def test_every_snippet_of_every_card_runs(hub: HubTestEnv, run_dir: Path, tmp_pa
     remote = [s for s in snippets if "trust_remote_code=True" in s["code"]]
     local = [s for s in snippets if s not in remote]
     assert len(remote) == 6 and sum("sae_lens" in s["code"] for s in local) == 2
-    results = run_snippets(hub, local, "with-package", tmp_path) + run_snippets(hub, remote, "without-package", tmp_path)
+    # The same layout works from the local Hub-ready folder.
+    from_folder = {"name": "hub/run from a local folder", "code": (
+        "from transformers import AutoModel\n"
+        f"sae = AutoModel.from_pretrained({str(run_dir / 'hub' / 'run')!r}, subfolder='cycle-1', trust_remote_code=True)\n"
+        "print(sae.config.hook_name)\n")}
+    results = run_snippets(hub, local, "with-package", tmp_path) + run_snippets(hub, [*remote, from_folder], "without-package", tmp_path)
     failures = {r["name"]: r["error"][-1500:] for r in results if not r["ok"]}
     assert not failures, failures
-    assert len(results) == len(snippets)
+    assert len(results) == len(snippets) + 1
     outputs = {r["name"]: r["stdout"] for r in results}
-    for snippet in remote:
+    for snippet in [*remote, from_folder]:
         assert "blocks.1.hook_resid_post" in outputs[snippet["name"]]
     saelens_outputs = [outputs[s["name"]] for s in local if "sae_lens" in s["code"]]
     assert all(f"blocks.1.hook_resid_post {BASE_MODEL_ID} 64" in out for out in saelens_outputs)
