@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
@@ -54,6 +55,46 @@ RUN_FIGURES = {
 }
 
 
+# A Hub repo id, as the Hub's metadata validation accepts it: ``name`` or ``org/name``.
+HUB_REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+# Local files the trainer reads as a dataset (trainer.text_corpus.LOCAL_BUILDERS).
+LOCAL_DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+
+
+class CardDataset(NamedTuple):
+    """The text the activations came from, as a card names it."""
+
+    type: str
+    """The model-index dataset type: the Hub id, or a descriptive type for data that has none."""
+    name: str
+    """Human-readable name (model-index and the card body)."""
+    hub_id: str | None
+    """Listed in the card's ``datasets`` metadata, which takes Hub ids only."""
+
+
+EMBEDDED_CORPUS = CardDataset(
+    type="python-documentation-and-stdlib-source",
+    name="Python documentation (pydoc_data.topics) and standard-library source, dmsae's embedded offline corpus",
+    hub_id=None,
+)
+
+
+def card_dataset(dataset: str) -> CardDataset:
+    """``data.dataset`` of a run as a card names it: empty is the embedded corpus, a local file or
+    folder is named by its path, anything else is a Hub dataset id."""
+    if not dataset:
+        return EMBEDDED_CORPUS
+    local = dataset.startswith((".", "/", "~")) or any(c in dataset for c in "*?") or dataset.endswith(LOCAL_DATA_SUFFIXES)
+    if local or Path(dataset).exists() or not HUB_REPO_ID.fullmatch(dataset):
+        return CardDataset(type="local-files", name=f"local files {Path(dataset).name}", hub_id=None)
+    return CardDataset(type=dataset, name=dataset, hub_id=dataset)
+
+
+def hub_model_id(model_id: str) -> str | None:
+    """``model_id`` when it names a Hub model (what card metadata's ``base_model`` takes), else None."""
+    return model_id if HUB_REPO_ID.fullmatch(model_id) and not Path(model_id).exists() else None
+
+
 @dataclass
 class CardSettings:
     """What a card needs to know beyond the run-dir folder it describes."""
@@ -62,8 +103,8 @@ class CardSettings:
     """The run repo (``ORG/NAME``) holding every cycle, the distilled core and the figures."""
     license: str = "apache-2.0"
     """License of the weights (a Hub license identifier)."""
-    datasets: list[str] = field(default_factory=lambda: ["monology/pile-uncopyrighted"])
-    """Datasets the activations were drawn from (card metadata and model-index)."""
+    datasets: list[CardDataset] = field(default_factory=lambda: [EMBEDDED_CORPUS])
+    """Datasets the activations were drawn from (card metadata and model-index: the first)."""
     endpoint: str | None = None
     """Hub URL used in figure links; default: huggingface_hub's endpoint (HF_ENDPOINT)."""
 
@@ -181,13 +222,13 @@ def _render_core_card(
 
 
 def _card_data(config: DMSAEConfig, metrics: dict, settings: CardSettings, *, model_name: str, tags: list[str]) -> ModelCardData:
-    dataset = settings.datasets[0] if settings.datasets else "unspecified"
+    dataset = settings.datasets[0]
     eval_results = [
         EvalResult(
             task_type="feature-extraction",
             task_name="Sparse autoencoder reconstruction",
-            dataset_type=dataset,
-            dataset_name=dataset,
+            dataset_type=dataset.type,
+            dataset_name=dataset.name,
             metric_type=key,
             metric_name=METRIC_NAMES[key],
             metric_value=float(metrics[key]),
@@ -197,8 +238,8 @@ def _card_data(config: DMSAEConfig, metrics: dict, settings: CardSettings, *, mo
     ]
     return ModelCardData(
         library_name="transformers",
-        base_model=config.base_model_id,
-        datasets=list(settings.datasets) or None,
+        base_model=hub_model_id(config.base_model_id),
+        datasets=[d.hub_id for d in settings.datasets if d.hub_id] or None,
         license=settings.license,
         tags=["dmsae", "sparse-autoencoder", "matryoshka", "interpretability", "custom_code", config.variant.replace("_", "-"), *tags],
         model_name=model_name,
@@ -211,6 +252,8 @@ def _common_fields(config: DMSAEConfig, metrics: dict, settings: CardSettings) -
         "paper_title": PAPER_TITLE,
         "paper_authors": PAPER_AUTHORS,
         "base_model": config.base_model_id,
+        "base_model_file": config.base_model_file,
+        "dataset_name": settings.datasets[0].name,
         "hook_module": config.hook_module,
         "hook_name": config.hook_name,
         "hook_layer": config.hook_layer,

@@ -6,6 +6,8 @@ A run goes to one **run repo** ``ORG/NAME``; every transfer-stage SAE to a repo 
 
     ORG/NAME                                 (model repo, branch main)
       README.md                              card of the newest cycle; at the end, of the distilled core
+      configuration_dmsae.py, modeling_dmsae.py   the model code, at the root: transformers looks for
+                                             remote code there even when loading with subfolder=
       cycle-0/ ... cycle-T/                  one folder per cycle t, pushed by one commit tagged ``cycle-t``:
           config.json, model.safetensors,    the cycle's SAE (AutoModel, subfolder="cycle-t")
           configuration_dmsae.py, modeling_dmsae.py
@@ -17,6 +19,7 @@ A run goes to one **run repo** ``ORG/NAME``; every transfer-stage SAE to a repo 
 
     ORG/dmsae-gemma2-l12-k80                 (one per transfer SAE; name from ``HubSettings.sae_repo_pattern``)
       config.json, model.safetensors, configuration_dmsae.py, modeling_dmsae.py, metrics.json, README.md
+      saelens/cfg.json, saelens/sae_weights.safetensors   the same SAE in SAELens's format (JumpReLU)
 
 So ``ORG/NAME@cycle-7`` (tag ``cycle-7``, folder ``cycle-7/``) is cycle 7's SAE and core, and
 ``AutoModel.from_pretrained("ORG/dmsae-gemma2-l12-k80")`` loads a final SAE (with ``modeling_dmsae``
@@ -51,6 +54,7 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import httpx2
+import yaml
 from huggingface_hub import (
     CommitOperationAdd,
     HfApi,
@@ -71,11 +75,13 @@ from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
 from hub_cards.cards import (
     CardSettings,
+    card_dataset,
     cycle_core_card,
     distilled_core_card,
     final_sae_card,
 )
-from modeling_dmsae import DMSAEConfig
+from modeling_dmsae import DMSAEConfig, DMSAEModel
+from modeling_dmsae.convert_checkpoints import to_saelens
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +89,13 @@ PLACEHOLDER_ORG = "your-org"
 RUN_FOLDER, SAES_FOLDER = "run", "saes"
 DISTILLED_TAG, DISTILLED_FOLDER = "distilled", "distilled_core"
 CORE_FILES = ("core.json", "core_directions.safetensors")
+# The model code transformers runs with trust_remote_code; it looks for it at the repo root.
+CODE_FILES = ("configuration_dmsae.py", "modeling_dmsae.py")
+SAELENS_FOLDER = "saelens"
 # Top-level paths of a run repo that this module writes; anything else means the repo is not ours.
-RUN_REPO_OWNED = re.compile(r"^(\.gitattributes|README\.md|run_config\.yaml|cycle-\d+/.+|distilled_core/.+|figures/.+)$")
+RUN_REPO_OWNED = re.compile(
+    r"^(\.gitattributes|README\.md|run_config\.yaml|configuration_dmsae\.py|modeling_dmsae\.py|cycle-\d+/.+|distilled_core/.+|figures/.+)$"
+)
 PUBLISHED_SUFFIXES = (".json", ".safetensors", ".py", ".md", ".png")
 # Files never scanned for a leaked token (large binary weights).
 BINARY_SUFFIXES = (".safetensors", ".png", ".bin")
@@ -109,8 +120,9 @@ class HubSettings:
     """Create the repos private."""
     license: str = "apache-2.0"
     """License in the cards' metadata."""
-    datasets: list[str] = field(default_factory=lambda: ["monology/pile-uncopyrighted"])
-    """Datasets the activations came from (cards' metadata and model-index)."""
+    datasets: list[str] = field(default_factory=list)
+    """Hub ids of the datasets the activations came from (cards' metadata and model-index); empty:
+    the run's data.dataset (the embedded corpus is named as such)."""
     max_attempts: int = 4
     """Attempts per commit or tag on transient failures (network errors, HTTP 5xx / 429)."""
     retry_wait_s: float = 2.0
@@ -233,8 +245,26 @@ def _mirror_folder(source: Path, target: Path) -> None:
         _link_or_copy(path, target / path.name)
 
 
+def _run_config_section(run_dir: Path, section: str) -> dict:
+    """One section of the run's run_config.yaml (empty when there is none)."""
+    path = run_dir / "run_config.yaml"
+    return ((yaml.safe_load(path.read_text()) or {}).get(section) or {}) if path.exists() else {}
+
+
 def _card_settings(run_dir: Path, settings: HubSettings) -> CardSettings:
-    return CardSettings(run_repo_id=settings.run_repo_id(run_dir), license=settings.license, datasets=list(settings.datasets))
+    datasets = settings.datasets or [_run_config_section(run_dir, "data").get("dataset") or ""]
+    return CardSettings(
+        run_repo_id=settings.run_repo_id(run_dir), license=settings.license, datasets=[card_dataset(d) for d in datasets]
+    )
+
+
+def saelens_export_settings(run_dir: Path) -> dict:
+    """context_size and prepend_bos of a run's SAELens exports, from its data configuration. An unset
+    data.prepend_bos means BOS whenever the tokenizer has one, which is what SAELens's prepend_bos=True
+    does (TransformerLens prepends the tokenizer's BOS token)."""
+    data = _run_config_section(run_dir, "data")
+    prepend_bos = data.get("prepend_bos")
+    return {"context_size": int(data.get("context_length", 128)), "prepend_bos": True if prepend_bos is None else bool(prepend_bos)}
 
 
 def _cycle_dirs(run_dir: Path) -> list[Path]:
@@ -260,6 +290,9 @@ def build_cycle_folder(run_dir: Path, cycle: int, settings: HubSettings) -> Push
     card = cycle_core_card(source, _card_settings(run_dir, settings), revision=folder, subfolder=folder)
     _write_text(target / "README.md", str(card))
     files = {f"{folder}/{path.name}": path for path in _files(target)}
+    for name in CODE_FILES:  # where trust_remote_code finds them for every cycle's subfolder
+        _link_or_copy(target / name, target.parent / name)
+        files[name] = target.parent / name
     return PushUnit(settings.run_repo_id(run_dir), folder, files, f"Cycle {cycle}: SAE and core C({cycle})", target / "README.md")
 
 
@@ -305,7 +338,9 @@ def build_sae_folders(run_dir: Path, settings: HubSettings) -> list[PushUnit]:
         core_name = "a random core of the same size (the control of paper Figure 3)" if sae_dir.name.startswith("random-core") else "the distilled core C* of that run"
         card = final_sae_card(sae_dir, _card_settings(run_dir, settings), repo_id=repo_id, core_name=core_name)
         _write_text(target / "README.md", str(card))
+        to_saelens(DMSAEModel.from_pretrained(sae_dir), target / SAELENS_FOLDER, overwrite=True, **saelens_export_settings(run_dir))
         files = {path.name: path for path in _files(target)}
+        files.update({f"{SAELENS_FOLDER}/{path.name}": path for path in _files(target / SAELENS_FOLDER)})
         units.append(PushUnit(repo_id, None, files, f"DMSAE k={config.k} ({config.variant}) from {run_repo_id}"))
     return units
 

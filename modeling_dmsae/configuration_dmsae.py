@@ -78,7 +78,9 @@ class DMSAEConfig(PreTrainedConfig):
             reconstruction multiplied by it (dictionary_learning's sqrt(E||x||^2)).
         threshold: inference threshold on (normalised) pre-activations, estimated during
             training; -1 means "not estimated yet".
-        base_model_id: the model the activations come from.
+        base_model_id: the model the activations come from (a Hub id where there is one).
+        base_model_file: the file of that model whose weights were read, when not its default
+            weights (e.g. a GGUF file and where it came from); None otherwise.
         hook_module: module path whose output is read, e.g. ``model.layers.12``.
         hook_layer: layer index of that module.
         hook_name: TransformerLens name for SAEBench, e.g. ``blocks.12.hook_resid_post``.
@@ -104,6 +106,7 @@ class DMSAEConfig(PreTrainedConfig):
         normalization_factor: float = 1.0,
         threshold: float = -1.0,
         base_model_id: str = "google/gemma-2-2b",
+        base_model_file: str | None = None,
         hook_module: str = "model.layers.12",
         hook_layer: int | None = None,
         hook_name: str | None = None,
@@ -125,6 +128,7 @@ class DMSAEConfig(PreTrainedConfig):
         self.normalization_factor = normalization_factor
         self.threshold = threshold
         self.base_model_id = base_model_id
+        self.base_model_file = base_model_file
         self.hook_module = hook_module
         self.hook_layer = hook_layer if hook_layer is not None else _layer_index(hook_module)
         self.hook_name = hook_name or transformer_lens_hook_name(self.hook_layer)

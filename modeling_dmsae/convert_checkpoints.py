@@ -24,9 +24,20 @@ are refused unless ``allow_non_unit_decoder=True`` keeps the weights unchanged (
 then still match the source exactly, but attribution's s_uj = g . W_dec[j] / ||W_dec[j]|| and any
 further training, which renormalises rows, assume unit rows).
 
+Export: :func:`to_saelens` writes a DMSAE in SAELens's on-disk format (``cfg.json`` +
+``sae_weights.safetensors``, architecture ``jumprelu``), which ``sae_lens.SAE.load_from_disk``,
+SAEBench, Neuronpedia and sae-dashboard read. At inference a DMSAE *is* a JumpReLU SAE: eval-mode
+``encode`` keeps the dense-core latents where their pre-activation is > 0 (ReLU) and every other
+latent where it exceeds the inference threshold, so the per-latent JumpReLU threshold is 0 for the
+core and ``config.threshold`` for the rest; the normalisation factor is folded into the weights
+(see :func:`saelens_state_dict`). The DMSAE configuration rides along in ``metadata.dmsae_config``,
+so importing the export back rebuilds the same model, core and lineage included.
+
 CLI::
 
-    python -m modeling_dmsae.convert_checkpoints SRC DST [--k K] [--overwrite]
+    python -m modeling_dmsae.convert_checkpoints SRC DST [--k K] [--overwrite]           # import as DMSAE
+    python -m modeling_dmsae.convert_checkpoints --to saelens SRC DST \
+        [--context_size 1024] [--prepend_bos true]                                      # export to SAELens
 """
 
 from __future__ import annotations
@@ -41,12 +52,12 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import simple_parsing
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .configuration_dmsae import DMSAEConfig
 from .modeling_dmsae import DMSAEModel
@@ -58,6 +69,11 @@ DICTIONARY_LEARNING_CONFIG = "config.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CONFIG = "cfg.json"
 SAELENS_ACTIVATION_SCALER = "activation_scaler.json"
+# Key of the exported DMSAE configuration in a SAELens cfg.json's metadata.
+DMSAE_METADATA_KEY = "dmsae_config"
+# SAELens version whose format the export writes (and the tests load it with). SAELens reads a cfg.json
+# without a version >= 6 in metadata as a pre-6 config, with the metadata at the top level.
+SAELENS_FORMAT_VERSION = "6.54.12"
 
 # dictionary_learning autoencoder classes whose encode/decode are the BatchTopK ones above.
 DICTIONARY_LEARNING_CLASSES = ("MatryoshkaBatchTopKSAE", "BatchTopKSAE")
@@ -431,8 +447,16 @@ def saelens_site(cfg: dict[str, Any], source: str, base_model_id: str | None, ho
     """HookSite from ``model_name`` and ``hook_name`` (``blocks.12.hook_resid_post``; the layer is
     parsed from it and checked against ``hook_layer`` where SAELens 5 stored one)."""
     hook_name, model_name = saelens_field(cfg, "hook_name"), saelens_field(cfg, "model_name")
-    if hook_name is None or (model_name is None and base_model_id is None):
-        raise KeyError(f"{source}: cfg.json lacks hook_name / model_name (top level or metadata); it is not a SAELens SAE config")
+    missing = [name for name, value, override in (("hook_name", hook_name, hook_module), ("model_name", model_name, base_model_id))
+               if value is None and override is None]
+    if missing:
+        raise ValueError(
+            f"{source}: cfg.json has no {' / '.join(missing)} (SAELens's save_model writes no hook metadata outside its "
+            "training runner); say where the SAE reads with hook_module='model.layers.<layer>' and base_model_id='<Hub id>' "
+            "(CLI: --hook_module, --base_model_id)"
+        )
+    if hook_name is None:  # hook_module given: DMSAEConfig derives the layer and the TransformerLens name from it
+        return HookSite(base_model_id or model_name, hook_module)
     match = re.fullmatch(r"blocks\.(\d+)\.(hook_\w+)", hook_name)
     if match is None:
         raise ValueError(f"{source}: hook_name {hook_name!r} is not a TransformerLens block hook 'blocks.<layer>.<hook>'")
@@ -500,6 +524,9 @@ def from_saelens(
     d, K = check_shapes(weights, str(weights_path))
     if (int(cfg["d_in"]), int(cfg["d_sae"])) != (d, K):
         raise ValueError(f"{source}: cfg.json says d_in = {cfg['d_in']}, d_sae = {cfg['d_sae']} but the weights have {d}, {K}")
+    exported = saelens_field(cfg, DMSAE_METADATA_KEY)
+    if exported is not None:
+        return from_saelens_export(state, exported, str(weights_path), base_model_id=base_model_id, hook_module=hook_module)
     weights = weights._replace(threshold=shared_threshold(state["threshold"], K, str(weights_path)))
     if not cfg.get("apply_b_dec_to_input", True):
         weights = fold_decoder_bias_into_encoder(weights)
@@ -518,6 +545,131 @@ def from_saelens(
 
 
 # ----------------------------------------------------------------------------------------
+# Export to SAELens (and back)
+# ----------------------------------------------------------------------------------------
+
+
+def saelens_thresholds(model: DMSAEModel) -> torch.Tensor:
+    """[K] JumpReLU thresholds of eval-mode ``encode``: 0 (plain ReLU) for the latents BatchTopK
+    never masks (the dense core, ``DMSAEModel._unmasked_columns``), the inference threshold for the others."""
+    config = model.config
+    if config.threshold < 0:
+        raise ValueError(
+            "this DMSAE has no inference threshold yet (config.threshold < 0), so it has no eval-mode encode to "
+            "export; export a trained SAE (a run's cycles/* or transfer/* folder)"
+        )
+    thresholds = torch.full((config.num_latents,), float(config.threshold), dtype=torch.float64)
+    thresholds[: model._unmasked_columns()] = 0.0
+    return thresholds
+
+
+def saelens_state_dict(model: DMSAEModel) -> dict[str, torch.Tensor]:
+    """SAELens JumpReLU tensors computing exactly ``model``'s eval-mode encode and decode.
+
+    DMSAE: h = (x / n - b_dec) W_enc + b_enc, x^ = n (f W_dec + b_dec), n the normalisation factor.
+    SAELens (apply_b_dec_to_input): h = (x - b_dec') W_enc' + b_enc', x^ = f W_dec' + b_dec'.
+    With b_dec' = n b_dec, W_enc' = W_enc / n, W_dec' = n W_dec and b_enc' = b_enc the two are the
+    same functions and the latents f the same numbers (computed in float64, stored in the model's dtype).
+    """
+    n = float(model.config.normalization_factor)
+    with torch.no_grad():
+        tensors = {
+            "W_enc": model.W_enc.double() / n,
+            "b_enc": model.b_enc.double(),
+            "W_dec": model.W_dec.double() * n,
+            "b_dec": model.b_dec.double() * n,
+            "threshold": saelens_thresholds(model),
+        }
+    return {name: tensor.to(model.W_dec.dtype).cpu().contiguous() for name, tensor in tensors.items()}
+
+
+def saelens_cfg(config: DMSAEConfig, dtype: torch.dtype, context_size: int | None, prepend_bos: bool | None) -> dict[str, Any]:
+    """SAELens 6's cfg.json of the export: JumpReLUSAEConfig fields, and in ``metadata`` what SAELens
+    and SAEBench read to feed the SAE (model_name, hook_name, context_size, prepend_bos) plus the
+    DMSAE configuration the import reads back."""
+    metadata = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "model_name": config.base_model_id,
+        "hook_name": config.hook_name,
+        "hook_head_index": None,
+        "context_size": context_size,
+        "prepend_bos": prepend_bos,
+        # Without the local path from_pretrained recorded: the export is the same wherever it is written.
+        DMSAE_METADATA_KEY: {key: value for key, value in config.to_dict().items() if key != "_name_or_path"},
+    }
+    return {
+        "architecture": "jumprelu",
+        "d_in": config.d_in,
+        "d_sae": config.num_latents,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {name: value for name, value in metadata.items() if value is not None},
+    }
+
+
+def to_saelens(
+    model: DMSAEModel,
+    destination: str | os.PathLike,
+    *,
+    context_size: int | None = None,
+    prepend_bos: bool | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` in SAELens's on-disk format (``cfg.json`` + ``sae_weights.safetensors``), which
+    ``sae_lens.SAE.load_from_disk(destination)`` loads as a JumpReLU SAE equal to the model's eval mode.
+
+    Args:
+        context_size, prepend_bos: how the base model's text was fed (the run's ``data.context_length``
+            and whether each context starts with BOS); SAELens and SAEBench tokenize that way.
+        overwrite: replace an existing ``destination``.
+    """
+    destination = Path(destination)
+    state = saelens_state_dict(model)
+    cfg = saelens_cfg(model.config, model.W_dec.dtype, context_size, prepend_bos)
+
+    def write(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        save_file(state, str(folder / SAELENS_WEIGHTS))
+        (folder / SAELENS_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+    write_folder_atomically(destination, write, overwrite)
+    return destination
+
+
+def from_saelens_export(
+    state: dict[str, torch.Tensor], exported: dict[str, Any], source: str, base_model_id: str | None, hook_module: str | None
+) -> DMSAEModel:
+    """The DMSAE that :func:`to_saelens` exported, rebuilt from its weights and ``metadata.dmsae_config``
+    (core, lineage, Matryoshka groups, k, threshold): :func:`saelens_state_dict` inverted."""
+    fields = dict(exported)
+    if base_model_id is not None:
+        fields["base_model_id"] = base_model_id
+    if hook_module is not None:  # the layer and TransformerLens name follow the new module
+        fields.update(hook_module=hook_module, hook_layer=None, hook_name=None)
+    config = DMSAEConfig.from_dict(fields)
+    model = DMSAEModel(config).to(state["W_dec"].dtype)
+    if list(state["threshold"].shape) != [config.num_latents] or not torch.equal(
+        state["threshold"], saelens_thresholds(model).to(state["threshold"].dtype)
+    ):
+        raise ValueError(
+            f"{source}: the JumpReLU thresholds are not the ones the exported DMSAE configuration implies (0 for the dense "
+            f"core, {config.threshold} for the rest): the weights were edited after the export; re-export the DMSAE"
+        )
+    n, c = float(config.normalization_factor), config.core_size
+    W_enc = state["W_enc"].double() * n
+    with torch.no_grad():
+        model.core_encoder.copy_(W_enc[:, :c].T)
+        model.encoder.copy_(W_enc[:, c:].T)
+        model.b_enc.copy_(state["b_enc"])
+        model.W_dec.copy_(state["W_dec"].double() / n)
+        model.b_dec.copy_(state["b_dec"].double() / n)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------
 # Either format, and the CLI
 # ----------------------------------------------------------------------------------------
 
@@ -531,16 +683,16 @@ def from_checkpoint(path: str | os.PathLike, **options: Any) -> DMSAEModel:
     return from_dictionary_learning(path, **options)
 
 
-def save_pretrained_atomically(model: DMSAEModel, destination: Path, overwrite: bool) -> None:
-    """save_pretrained into a sibling staging folder, then rename it into place: a crash leaves either
-    nothing or a complete folder, never a half-written one."""
+def write_folder_atomically(destination: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+    """``write(staging)`` into a sibling staging folder, then rename it into place: a crash leaves either
+    nothing or a complete folder, never a half-written one (and an overwritten folder is put back)."""
     if destination.exists() and not overwrite:
         raise FileExistsError(f"{destination} already exists; pass --overwrite to replace it")
     destination.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     staging, retired = (destination.with_name(f".{destination.name}.{suffix}-{tag}") for suffix in ("partial", "old"))
     try:
-        model.save_pretrained(staging)
+        write(staging)
         if destination.exists():
             os.replace(destination, retired)
         os.replace(staging, destination)
@@ -552,15 +704,24 @@ def save_pretrained_atomically(model: DMSAEModel, destination: Path, overwrite: 
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def save_pretrained_atomically(model: DMSAEModel, destination: Path, overwrite: bool) -> None:
+    """``model.save_pretrained(destination)`` through :func:`write_folder_atomically`."""
+    write_folder_atomically(destination, lambda folder: model.save_pretrained(folder), overwrite)
+
+
 @dataclass
 class ConvertArgs:
     """Convert a dictionary_learning / SAEBench or SAELens Matryoshka BatchTopK SAE into a
-    cycle-0 DMSAE folder that AutoModel.from_pretrained loads."""
+    cycle-0 DMSAE folder that AutoModel.from_pretrained loads, or (--to saelens) a DMSAE into
+    SAELens's format."""
 
     source: str = simple_parsing.field(positional=True)
-    """ae.pt file, dictionary_learning trainer folder, or SAELens folder (sae_weights.safetensors + cfg.json)."""
+    """ae.pt file, dictionary_learning trainer folder, SAELens folder (sae_weights.safetensors + cfg.json),
+    or (--to saelens) a DMSAE folder written by save_pretrained."""
     destination: str = simple_parsing.field(positional=True)
-    """Folder to write with save_pretrained."""
+    """Folder to write."""
+    to: str = simple_parsing.field(default="dmsae", choices=["dmsae", "saelens"])
+    """Output format: dmsae (save_pretrained) or saelens (cfg.json + sae_weights.safetensors, JumpReLU)."""
     k: int | None = None
     """SAELens only: BatchTopK's k when cfg.json does not record it."""
     norm_scaling_factor: float | None = None
@@ -571,8 +732,17 @@ class ConvertArgs:
     """Override the base model recorded in the checkpoint's config."""
     hook_module: str | None = None
     """Override the transformers module whose output the SAE reads."""
+    context_size: int | None = None
+    """--to saelens: tokens per context the SAE was trained on (the run's data.context_length)."""
+    prepend_bos: bool | None = None
+    """--to saelens: whether each context starts with BOS (SAELens / SAEBench tokenize that way)."""
     overwrite: bool = False
     """Replace the destination folder if it exists."""
+
+
+def is_dmsae_folder(path: str | os.PathLike) -> bool:
+    config = Path(path) / DICTIONARY_LEARNING_CONFIG  # both name it config.json
+    return config.is_file() and read_json(config).get("model_type") == DMSAEConfig.model_type
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -582,11 +752,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in ("k", "norm_scaling_factor", "base_model_id", "hook_module")
         if getattr(args, name) is not None
     }
-    model = from_checkpoint(args.source, allow_non_unit_decoder=args.allow_non_unit_decoder, **options)
-    save_pretrained_atomically(model, Path(args.destination), args.overwrite)
+    if args.to == "saelens" and is_dmsae_folder(args.source):
+        if options:
+            raise ValueError(f"{args.source} is a DMSAE folder: {sorted(options)} apply only to imports; drop them")
+        model = DMSAEModel.from_pretrained(args.source).eval()
+    else:
+        model = from_checkpoint(args.source, allow_non_unit_decoder=args.allow_non_unit_decoder, **options)
+    if args.to == "saelens":
+        to_saelens(model, args.destination, context_size=args.context_size, prepend_bos=args.prepend_bos, overwrite=args.overwrite)
+    else:
+        save_pretrained_atomically(model, Path(args.destination), args.overwrite)
     config = model.config
     print(
-        f"wrote {args.destination}: d_in={config.d_in}, K={config.num_latents}, k={config.k}, "
+        f"wrote {args.destination} ({args.to}): d_in={config.d_in}, K={config.num_latents}, k={config.k}, "
         f"groups={config.group_sizes}, threshold={config.threshold}, hook={config.base_model_id}:{config.hook_module}"
     )
 

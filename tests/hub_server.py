@@ -13,8 +13,15 @@ It speaks enough of the protocol for the real ``huggingface_hub`` 2.x client (re
     POST /api/{type}s/{repo}/tag/{rev}                    {tag, message}; DELETE /tag/{name}
     GET  /api/{type}s/{repo}/tree/{rev}[/{path}]          recursive listing, git blob oids
     GET  /api/{type}s/{repo}/commits/{rev}                history, newest first
-    POST /api/validate-yaml                               parses the card's YAML
+    POST /api/validate-yaml                               validates the card's metadata (see below)
     HEAD/GET /[{type}s/]{repo}/resolve/{rev}/{path}       ETag, X-Repo-Commit, Content-Length
+
+Card metadata is validated as the Hub does it, at ``/api/validate-yaml`` (which huggingface_hub
+calls before committing a README.md) and again on every commit that adds the root ``README.md``
+(HTTP 400, as the Hub refuses such a commit): the YAML must parse, ``base_model`` and ``datasets``
+must name repos by id (``name`` or ``org/name``: no spaces, parentheses or file names), and a
+``model-index`` must have the Hub's shape (results with a task type, a dataset type and name, and
+metrics with a type and a value).
 
 Errors carry the Hub's ``X-Error-Code`` headers (RepoNotFound, RevisionNotFound, EntryNotFound) so
 the client raises its usual exception classes. Writes need a token from ``tokens``; a token that
@@ -41,6 +48,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+# A Hub repo id: an optional namespace and a name of letters, digits, '-', '_' and '.' (96 characters at most).
+REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
 REPO_TYPES = ("model", "dataset", "space")
 
 
@@ -262,12 +271,9 @@ class HubServer:
         raise HubError(404, f"no route for {method} {path}")
 
     def _validate_yaml(self, payload: dict) -> tuple[int, dict, bytes]:
-        content = payload.get("content", "")
-        if content.startswith("---"):
-            try:
-                yaml.safe_load(content.split("---", 2)[1])
-            except yaml.YAMLError as error:
-                return 400, {}, json.dumps({"errors": [{"message": str(error)}]}).encode()
+        errors = card_metadata_errors(payload.get("content", ""))
+        if errors:
+            return 400, {}, json.dumps({"errors": [{"message": message} for message in errors]}).encode()
         return _json({"errors": [], "warnings": []})
 
     def _create_repo(self, payload: dict, user: str | None) -> tuple[int, dict, bytes]:
@@ -376,6 +382,10 @@ class HubServer:
                 deleted.append(value["path"].rstrip("/") + ("/" if key == "deletedFolder" else ""))
             else:
                 raise HubError(400, f"this test Hub stores regular files only, got a {key!r} operation")
+        if "README.md" in added:
+            errors = card_metadata_errors(added["README.md"].decode("utf-8", errors="replace"))
+            if errors:
+                raise HubError(400, f"Invalid metadata in README.md: {'; '.join(errors)}")
         parent = header.get("parentCommit")
         if parent and parent != repo.branches[branch]:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
@@ -417,6 +427,37 @@ class HubServer:
             "Accept-Ranges": "bytes",
         }
         return 200, headers, content
+
+
+def card_metadata_errors(card: str) -> list[str]:
+    """Why the Hub would refuse this model card's metadata (empty: it accepts it)."""
+    if not card.startswith("---"):
+        return []
+    try:
+        metadata = yaml.safe_load(card.split("---", 2)[1]) or {}
+    except yaml.YAMLError as error:
+        return [f"YAML is invalid: {error}"]
+    if not isinstance(metadata, dict):
+        return ["metadata must be a YAML mapping"]
+    errors = []
+    for key in ("base_model", "datasets"):
+        value = metadata.get(key)
+        values = value if isinstance(value, list) else [value] if value is not None else []
+        errors += [f'"{key}" with value "{v}" is not valid: it must be a repo id (name or org/name)'
+                   for v in values if not (isinstance(v, str) and REPO_ID.fullmatch(v))]
+    for entry in metadata.get("model-index") or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("results"), list):
+            errors.append('"model-index" entries need a "name" and a list of "results"')
+            continue
+        for result in entry["results"]:
+            dataset, task, metrics = result.get("dataset") or {}, result.get("task") or {}, result.get("metrics")
+            if not (isinstance(task, dict) and task.get("type")):
+                errors.append('"model-index" result without "task.type"')
+            if not (isinstance(dataset, dict) and isinstance(dataset.get("type"), str) and isinstance(dataset.get("name"), str)):
+                errors.append('"model-index" result without "dataset.type" and "dataset.name"')
+            if not isinstance(metrics, list) or any("type" not in m or "value" not in m for m in metrics):
+                errors.append('"model-index" metrics need a "type" and a "value"')
+    return errors
 
 
 def _endpoint_name(path: str) -> str:

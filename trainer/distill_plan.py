@@ -93,6 +93,7 @@ def cycle0_sae_config(config: DistillConfig, d_in: int, hook_layer: int | None =
         aux_alpha=dictionary.aux_alpha,
         dead_tokens_threshold=dictionary.dead_tokens_threshold,
         base_model_id=config.model.model_id,
+        base_model_file=config.model.model_file,
         hook_module=config.model.hook_module,
         hook_layer=hook_layer,
     )
