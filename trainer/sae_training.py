@@ -44,7 +44,7 @@ class OptimizerConfig:
     beta2: float = 0.999
     """Adam beta2."""
     warmup_steps: int = 1000
-    """Linear warmup from 0 over this many steps (capped at 10% of the run)."""
+    """Linear warmup from 0 over this many steps (capped at a tenth of the run)."""
     decay_fraction: float = 0.2
     """The learning rate decays linearly to 0 over this last fraction of the steps."""
     max_grad_norm: float = 1.0
