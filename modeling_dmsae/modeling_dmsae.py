@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -372,38 +372,18 @@ def batch_topk_entries(
 
 
 def calibrated_threshold(
-    candidates: torch.Tensor,
-    num_tokens: int,
-    k_per_token: int,
-    count_above: Callable[[float], int] | None = None,
-    largest: float | None = None,
+    candidates: torch.Tensor, num_tokens: int, k_per_token: int, group: dist.ProcessGroup | None = None
 ) -> float:
     """The inference threshold theta for which "keep entries > theta", applied one token at a time,
     keeps what BatchTopK over all ``num_tokens`` calibration tokens at once keeps: the
-    (k N + 1)-th largest candidate (0, i.e. ReLU, when no more than k N entries are positive).
-
-    ``candidates`` must hold at least the k N + 1 largest positive entries
-    (:meth:`DMSAEModel.threshold_candidates`). Found by bisection over the bit patterns of
-    non-negative float32s (ordered like the values): the smallest theta with at most k N
-    candidates above it, exact after 32 counts. Over several processes, ``count_above`` and
-    ``largest`` reduce over all of them, so no process gathers another's candidates.
-    """
+    (k N + 1)-th largest candidate of every process in ``group`` (:func:`kth_largest`, no gather),
+    or 0, i.e. ReLU, when no more than k N entries are positive. ``candidates`` must hold at least
+    each process's k N + 1 largest positive entries (:meth:`DMSAEModel.threshold_candidates`)."""
+    candidates = candidates[candidates > 0].float()
     budget = k_per_token * num_tokens
-    candidates = candidates.float()
-    count_above = count_above or (lambda value: int((candidates > value).sum()))
-    largest = float(candidates.max()) if largest is None else largest
-    if count_above(0.0) <= budget:
+    if int(_all_reduce(candidates.new_tensor(candidates.numel()), group)) <= budget:
         return 0.0
-    as_bits = lambda value: int(torch.tensor(value, dtype=torch.float32).view(torch.int32))  # noqa: E731
-    as_float = lambda bits: float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))  # noqa: E731
-    low, high = as_bits(0.0), as_bits(largest)  # count_above(low) > budget >= count_above(high)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if count_above(as_float(middle)) > budget:
-            low = middle
-        else:
-            high = middle
-    return as_float(high)
+    return float(kth_largest(candidates, budget + 1, group))
 
 
 def batch_variance(rows: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 
 from modeling_dmsae import DMSAEModel
-from modeling_dmsae.modeling_dmsae import calibrated_threshold
+from modeling_dmsae.modeling_dmsae import batch_process_group, calibrated_threshold
 from trainer.run_directory import CorruptRunFileError
 
 
@@ -186,8 +186,8 @@ class SAETrainer:
         theta is chosen so that keeping the entries above it one token at a time keeps exactly what
         BatchTopK over all calibration tokens (of every process) at once would: k_noncore per token
         on average (:func:`modeling_dmsae.calibrated_threshold`). Each process keeps only its own
-        largest candidates; the bisection's counts are summed over processes, so neither the
-        [N, K] activations nor the candidates are gathered.
+        largest candidates; the radix select's histograms are summed over processes, so neither
+        the [N, K] activations nor the candidates are gathered.
         """
         sae, device = self.sae, self.accelerator.device
         batches = [batch.to(device) for batch in batches]
@@ -197,13 +197,8 @@ class SAETrainer:
         for batch in batches:
             pool = torch.cat([pool, sae.threshold_candidates(batch, budget)])
             pool = pool.topk(min(budget, pool.numel()), sorted=False).values
-
-        def count_above(value: float) -> int:
-            return int(self.accelerator.reduce((pool > value).sum(), "sum"))
-
-        local_largest = pool.max() if pool.numel() else pool.new_zeros(())
-        largest = float(self.accelerator.gather(local_largest.reshape(1)).max())
-        sae.config.threshold = calibrated_threshold(pool, num_tokens, sae.config.k_noncore, count_above, largest)
+        group = batch_process_group(global_batch=True)
+        sae.config.threshold = calibrated_threshold(pool, num_tokens, sae.config.k_noncore, group)
         return sae
 
     # ---- checkpoints: everything a resumed run needs to continue bit for bit ------------------
