@@ -48,7 +48,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -245,6 +246,26 @@ def _mirror_folder(source: Path, target: Path) -> None:
         _link_or_copy(path, target / path.name)
 
 
+@contextmanager
+def _built_whole(target: Path) -> Iterator[Path]:
+    """Build a Hub folder in a hidden sibling, then swap it in for ``target``: a run killed while
+    writing never leaves a half-written folder that a reader or a push would take for a whole one
+    (what a kill leaves behind is hidden, and removed by the next build)."""
+    staging, previous = target.with_name(f".{target.name}.partial"), target.with_name(f".{target.name}.previous")
+    for leftover in (staging, previous):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(staging, target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def _run_config_section(run_dir: Path, section: str) -> dict:
     """One section of the run's run_config.yaml (empty when there is none)."""
     path = run_dir / "run_config.yaml"
@@ -286,9 +307,10 @@ def build_cycle_folder(run_dir: Path, cycle: int, settings: HubSettings) -> Push
         raise FileNotFoundError(f"cycle {cycle} in {source} is incomplete: {', '.join(missing)} missing")
     folder = f"cycle-{cycle}"
     target = run_dir / "hub" / RUN_FOLDER / folder
-    _mirror_folder(source, target)
-    card = cycle_core_card(source, _card_settings(run_dir, settings), revision=folder, subfolder=folder)
-    _write_text(target / "README.md", str(card))
+    with _built_whole(target) as staging:
+        _mirror_folder(source, staging)
+        card = cycle_core_card(source, _card_settings(run_dir, settings), revision=folder, subfolder=folder)
+        _write_text(staging / "README.md", str(card))
     files = {f"{folder}/{path.name}": path for path in _files(target)}
     for name in CODE_FILES:  # where trust_remote_code finds them for every cycle's subfolder
         _link_or_copy(target / name, target.parent / name)
@@ -302,9 +324,10 @@ def build_distilled_folder(run_dir: Path, settings: HubSettings) -> PushUnit | N
     if not (run_dir / DISTILLED_FOLDER / "core.json").exists():
         return None
     target = run_dir / "hub" / RUN_FOLDER
-    _mirror_folder(run_dir / DISTILLED_FOLDER, target / DISTILLED_FOLDER)
-    if (run_dir / "figures").is_dir():
-        _mirror_folder(run_dir / "figures", target / "figures")
+    for folder in (DISTILLED_FOLDER, "figures"):
+        if (run_dir / folder).is_dir():
+            with _built_whole(target / folder) as staging:
+                _mirror_folder(run_dir / folder, staging)
     if (run_dir / "run_config.yaml").exists():
         _link_or_copy(run_dir / "run_config.yaml", target / "run_config.yaml")
     card = distilled_core_card(run_dir, _cycle_dirs(run_dir)[-1], _card_settings(run_dir, settings), subfolder=f"cycle-{_last_cycle(run_dir)}")
@@ -334,11 +357,12 @@ def build_sae_folders(run_dir: Path, settings: HubSettings) -> list[PushUnit]:
             )
         sources[repo_id] = sae_dir
         target = run_dir / "hub" / SAES_FOLDER / repo_id.split("/")[-1]
-        _mirror_folder(sae_dir, target)
         core_name = "a random core of the same size (the control of paper Figure 3)" if sae_dir.name.startswith("random-core") else "the distilled core C* of that run"
-        card = final_sae_card(sae_dir, _card_settings(run_dir, settings), repo_id=repo_id, core_name=core_name)
-        _write_text(target / "README.md", str(card))
-        to_saelens(DMSAEModel.from_pretrained(sae_dir), target / SAELENS_FOLDER, overwrite=True, **saelens_export_settings(run_dir))
+        with _built_whole(target) as staging:
+            _mirror_folder(sae_dir, staging)
+            card = final_sae_card(sae_dir, _card_settings(run_dir, settings), repo_id=repo_id, core_name=core_name)
+            _write_text(staging / "README.md", str(card))
+            to_saelens(DMSAEModel.from_pretrained(sae_dir), staging / SAELENS_FOLDER, overwrite=True, **saelens_export_settings(run_dir))
         files = {path.name: path for path in _files(target)}
         files.update({f"{SAELENS_FOLDER}/{path.name}": path for path in _files(target / SAELENS_FOLDER)})
         units.append(PushUnit(repo_id, None, files, f"DMSAE k={config.k} ({config.variant}) from {run_repo_id}"))

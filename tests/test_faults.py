@@ -119,6 +119,27 @@ def test_kill_at_every_stage_boundary_then_resume_gives_the_same_run(tiny_setup,
     assert timings["restart overhead"] > 0  # 10 restarts reloaded the model and reopened the caches
 
 
+def test_a_harvest_killed_midway_keeps_the_time_of_its_written_shards(tiny_setup, reference, tmp_path, monkeypatch):  # noqa: F811
+    """SIGKILL leaves no chance to write anything: the time of every written shard must be on disk already."""
+    written = distill_stages.DistillationRun._write_timings
+
+    def killed_after_the_first_shard(self) -> None:
+        written(self)
+        monkeypatch.undo()
+        raise KeyboardInterrupt("killed after the first shard")
+
+    monkeypatch.setattr(distill_stages.DistillationRun, "_write_timings", killed_after_the_first_shard)
+    output = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(fault_args(tiny_setup, output))
+    assert len(list((output / "cache" / "activations").glob("*.safetensors"))) == 1
+    before = json.loads((output / "timings.json").read_text())
+    assert before["harvest"] > 0
+    assert resume(tiny_setup, output) == 0
+    assert json.loads((output / "timings.json").read_text())["harvest"] > before["harvest"]
+    assert results(output) == results(reference)
+
+
 # ---- the data ----------------------------------------------------------------------------------
 
 
@@ -293,7 +314,8 @@ def test_transfer_k_is_checked_against_the_known_core_size(tiny_setup, reference
         (["--cycles.k", "5000"], "--cycles.k 5000 with --dictionary.num_latents 256"),
         (["--cycles.cycle0_checkpoint", "no/such/sae"], "--cycles.cycle0_checkpoint no/such/sae: no such file or folder"),
         (["--data.dataset", "no/such/corpus.jsonl"], "--data.dataset 'no/such/corpus.jsonl': no such file"),
-        (["--cycles.tau", "1.5"], "cycles.tau must be in (0, 1], got 1.5"),
+        (["--cycles.tau", "1.5"], "--cycles.tau 1.5: must be in (0, 1]"),
+        (["--transfer.ks", "0"], "--transfer.ks 0: must be positive integers"),
     ],
 )
 def test_config_errors_are_one_line_before_anything_is_written(tiny_setup, tmp_path, capsys, monkeypatch, override, expected):  # noqa: F811

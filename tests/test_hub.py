@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hub_cards.cards import EMBEDDED_CORPUS, PAPER_TITLE, CardSettings, card_dataset, cycle_core_card, final_sae_card, hub_model_id
+from hub_cards import publish
 from hub_cards.publish import (
     HubAuthError,
     HubPushError,
@@ -190,6 +191,30 @@ def test_final_sae_card_and_hub_folders(run_dir: Path):
     before = {p: p.read_bytes() for p in hub_dir.rglob("*") if p.is_file()}
     build_hub_folders(run_dir, settings())
     assert before == {p: p.read_bytes() for p in hub_dir.rglob("*") if p.is_file()}
+
+
+def test_a_build_stopped_midway_leaves_every_hub_folder_whole(run_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    build_hub_folders(run_dir, settings())
+    hub_dir = run_dir / "hub"
+    before = {p: p.read_bytes() for p in hub_dir.rglob("*") if p.is_file()}
+    # The SAE's metrics change (a new file: the Hub folder holds a hard link to the old one), then the
+    # rebuild is killed while it writes that SAE's SAELens export.
+    metrics = run_dir / "transfer/k-0008-dense_core/metrics.json"
+    replacement = metrics.with_name("metrics.json.new")
+    replacement.write_text(json.dumps({**json.loads(metrics.read_text()), "fve": 0.5}))
+    replacement.replace(metrics)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing the SAELens export")
+
+    monkeypatch.setattr(publish, "to_saelens", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_hub_folders(run_dir, settings())
+    assert before == {p: p.read_bytes() for p in hub_dir.rglob("*") if p.is_file()}
+    assert not [p for p in hub_dir.rglob("*") if p.name.endswith((".partial", ".previous"))]
+    monkeypatch.undo()
+    build_hub_folders(run_dir, settings())
+    assert json.loads((hub_dir / "saes" / SAE_REPO.split("/")[1] / "metrics.json").read_text())["fve"] == 0.5
 
 
 def test_names_and_specs():

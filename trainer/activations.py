@@ -532,8 +532,11 @@ def _harvest_to_cache(
     data: DataConfig,
     cfg: HarvestConfig,
     contexts: range,
+    after_shard: Callable[[], None],
 ) -> None:
-    """Write every missing shard of this process, then (main process) mark the cache complete."""
+    """Write every missing shard of this process, then (main process) mark the cache complete.
+    ``after_shard`` runs after each shard is written (the run records its harvest time there, so a
+    killed harvest's kept shards count in timings.json)."""
     state = process_state()
     existing = _check_manifest(directory, manifest)  # every process refuses a foreign cache
     if existing is not None and existing.get("complete") and len(_shard_paths(directory)) == existing["num_shards"]:
@@ -565,6 +568,7 @@ def _harvest_to_cache(
         save_file(harvested.tensors, temporary, metadata=metadata)
         os.chmod(temporary, FILE_MODE)  # safetensors creates 0600; a shared cache must be readable by the group
         os.replace(temporary, path)
+        after_shard()
         progress.update()
     progress.close()
     state.wait_for_everyone()
@@ -614,6 +618,7 @@ def harvest_activations(
     base: BaseModelConfig,
     data: DataConfig,
     cfg: HarvestConfig,
+    after_shard: Callable[[], None] = lambda: None,
 ) -> ActivationCache | ActivationStream:
     """Activations of the training contexts at ``base.hook_module``, unmasked positions only.
 
@@ -635,7 +640,7 @@ def harvest_activations(
         )
     directory = Path(cfg.cache_dir) / "activations"
     manifest = _manifest("activations", model, tokenizer, base, data, cfg, contexts, width)
-    _harvest_to_cache(directory, manifest, shard_tensors, tokenizer, data, cfg, contexts)
+    _harvest_to_cache(directory, manifest, shard_tensors, tokenizer, data, cfg, contexts, after_shard)
     return ActivationCache(directory)
 
 
@@ -645,6 +650,7 @@ def harvest_attribution_sample(
     base: BaseModelConfig,
     data: DataConfig,
     cfg: HarvestConfig,
+    after_shard: Callable[[], None] = lambda: None,
 ) -> AttributionSample:
     """(x_u, g_u) at sampled positions of the attribution contexts, from the base model alone.
 
@@ -668,6 +674,6 @@ def harvest_attribution_sample(
         return AttributionSample(*(torch.cat([s[name].float() for s in shards]) for name in ("x", "g")))
     directory = Path(cfg.cache_dir) / "attribution"
     manifest = _manifest("attribution", model, tokenizer, base, data, cfg, contexts, width)
-    _harvest_to_cache(directory, manifest, shard_tensors, tokenizer, data, cfg, contexts)
+    _harvest_to_cache(directory, manifest, shard_tensors, tokenizer, data, cfg, contexts, after_shard)
     cache = ActivationCache(directory)
     return AttributionSample(x=cache.tensors("x"), g=cache.tensors("g"))

@@ -23,6 +23,7 @@ from trainer.text_corpus import DataConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+TRACKERS = ("tensorboard", "wandb", "trackio", "none")
 
 
 class ConfigError(ValueError):
@@ -150,25 +151,31 @@ class DistillConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
 
     def validate(self) -> None:
-        """Raise ValueError naming the field for every impossible setting."""
+        """Raise a one-line ConfigError naming the flag, its value and the fix for an impossible setting."""
+        cycles, transfer, run = self.cycles, self.transfer, self.run
         checks = [
-            (self.cycles.num_cycles >= 1, "cycles.num_cycles must be >= 1 (C* needs cycles T and T-1)"),
-            (0 < self.cycles.tau <= 1, f"cycles.tau must be in (0, 1], got {self.cycles.tau}"),
-            (0 <= self.cycles.quantile <= 1, f"cycles.quantile must be in [0, 1], got {self.cycles.quantile}"),
-            (self.cycles.variant in VARIANTS, f"cycles.variant must be one of {VARIANTS}, got {self.cycles.variant!r}"),
-            (all(v in VARIANTS for v in self.transfer.variants), f"transfer.variants must be among {VARIANTS}, got {self.transfer.variants}"),
-            (len(self.transfer.ks) > 0 and all(k > 0 for k in self.transfer.ks), f"transfer.ks must be positive integers, got {self.transfer.ks}"),
-            (self.cycles.batch_size > 0, f"cycles.batch_size must be positive, got {self.cycles.batch_size}"),
-            (self.cycles.tokens_per_cycle >= self.cycles.batch_size, "cycles.tokens_per_cycle must cover at least one batch (cycles.batch_size)"),
-            (self.transfer.tokens >= self.cycles.batch_size, "transfer.tokens must cover at least one batch (cycles.batch_size)"),
-            (self.eval.tokens > 0 and self.eval.ce_contexts > 0, "eval.tokens and eval.ce_contexts must be positive"),
-            (self.run.log_with in ("tensorboard", "wandb", "trackio", "none"), f"run.log_with must be tensorboard, wandb, trackio or none, got {self.run.log_with!r}"),
-            (self.run.gradient_accumulation_steps >= 1, "run.gradient_accumulation_steps must be >= 1"),
-            (self.run.checkpoint_every >= 1 and self.run.log_every >= 1, "run.checkpoint_every and run.log_every must be >= 1"),
+            ("cycles.num_cycles", cycles.num_cycles >= 1, "must be >= 1: C* intersects the cores of cycles T and T-1"),
+            ("cycles.tau", 0 < cycles.tau <= 1, "must be in (0, 1]: the attribution coverage of a core, 0.9 in the paper"),
+            ("cycles.quantile", 0 <= cycles.quantile <= 1, "must be in [0, 1]: the per-token attribution quantile, 0.99 in the paper"),
+            ("cycles.variant", cycles.variant in VARIANTS, f"must be one of {', '.join(VARIANTS)}"),
+            ("transfer.variants", all(v in VARIANTS for v in transfer.variants), f"must be among {', '.join(VARIANTS)}"),
+            ("transfer.ks", len(transfer.ks) > 0 and all(k > 0 for k in transfer.ks), "must be positive integers, e.g. --transfer.ks 16 64"),
+            ("cycles.batch_size", cycles.batch_size > 0, "must be positive: tokens per step and process"),
+            ("cycles.tokens_per_cycle", cycles.tokens_per_cycle >= cycles.batch_size, f"must cover one batch (--cycles.batch_size {cycles.batch_size}): raise it or lower the batch"),
+            ("transfer.tokens", transfer.tokens >= cycles.batch_size, f"must cover one batch (--cycles.batch_size {cycles.batch_size}): raise it or lower the batch"),
+            ("eval.tokens", self.eval.tokens > 0, "must be positive: the held-out tokens of every metric"),
+            ("eval.ce_contexts", self.eval.ce_contexts > 0, "must be positive: the held-out contexts of the spliced loss"),
+            ("run.log_with", run.log_with in TRACKERS, f"must be one of {', '.join(TRACKERS)}"),
+            ("run.gradient_accumulation_steps", run.gradient_accumulation_steps >= 1, "must be >= 1"),
+            ("run.checkpoint_every", run.checkpoint_every >= 1, "must be >= 1 (optimisation steps between checkpoints)"),
+            ("run.log_every", run.log_every >= 1, "must be >= 1 (optimisation steps between logged metrics)"),
         ]
-        for ok, message in checks:
+        for name, ok, requirement in checks:
             if not ok:
-                raise ConfigError(message)
+                section, field_name = name.split(".")
+                value = getattr(getattr(self, section), field_name)
+                shown = " ".join(map(str, value)) if isinstance(value, list) else value  # as typed on the command line
+                raise ConfigError(f"--{name} {shown}: {requirement}")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)

@@ -360,7 +360,7 @@ class DistillationRun:
         self.accelerator.wait_for_everyone()
         # On a resume after the harvest, loading the model and reopening the caches is the restart's overhead.
         with self._timed("restart overhead" if harvested_before else "harvest"):
-            data = prepare_run_data(self.config, self.accelerator, self.paths)
+            data = prepare_run_data(self.config, self.accelerator, self.paths, after_shard=self._write_timings)
         self._on_main(lambda: write_json(self.paths.root / "harvest.json", data.positions))
         if self.config.transfer.core:
             core = load_core(resolve_core(self.config.transfer.core))

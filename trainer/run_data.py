@@ -8,7 +8,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -109,8 +109,11 @@ class HeldOut(NamedTuple):
     census: PositionCensus
 
 
-def prepare_run_data(config: DistillConfig, accelerator: Accelerator, paths: RunDirectory) -> RunData:
-    """Load the base model, check it against the configuration, harvest (or reopen) everything."""
+def prepare_run_data(
+    config: DistillConfig, accelerator: Accelerator, paths: RunDirectory, after_shard: Callable[[], None] = lambda: None
+) -> RunData:
+    """Load the base model, check it against the configuration, harvest (or reopen) everything;
+    ``after_shard`` runs after each cached shard is written."""
     base_model, tokenizer = load_base_model(dataclasses.replace(config.model, device=str(accelerator.device)))
     hook = resolve_hook_module(base_model, config.model.hook_module)
     d_in = base_model.config.get_text_config().hidden_size
@@ -122,8 +125,8 @@ def prepare_run_data(config: DistillConfig, accelerator: Accelerator, paths: Run
     # Cached under the run unless told otherwise; the attribution sample is small and always cached.
     harvest = config.harvest if config.harvest.cache_dir else dataclasses.replace(config.harvest, cache_dir=str(paths.cache))
     streamed = dataclasses.replace(harvest, cache_dir=None) if config.run.stream_activations else harvest
-    training = harvest_activations(base_model, tokenizer, config.model, config.data, streamed)
-    attribution = harvest_attribution_sample(base_model, tokenizer, config.model, config.data, harvest)
+    training = harvest_activations(base_model, tokenizer, config.model, config.data, streamed, after_shard)
+    attribution = harvest_attribution_sample(base_model, tokenizer, config.model, config.data, harvest, after_shard)
     ranges = harvest.context_ranges(config.data.context_length)
     held_out = _held_out(base_model, hook, config, tokenizer, ranges.heldout_start)
     training_census = training.manifest.get("positions") if isinstance(training, ActivationCache) else None
