@@ -78,6 +78,9 @@ def test_every_stage_leaves_its_artifacts(finished_run):
         assert sum(baseline.config.group_sizes) == baseline.config.num_latents == 256
     for name in ("fve", "mse", "l0_core", "l0_noncore", "l0", "dead_fraction", "loss_recovered", "ce_loss_spliced"):
         assert all(name in m for m in metrics["cycles"].values()), name
+    trained = [*metrics["cycles"].values(), *metrics["transfer"].values()]
+    assert all(-1 <= m["decoder_cosine_to_init"] < 1 for m in trained)  # every SAE here was trained, so moved
+    assert all(0 < row["chance_mean_max_cosine"] < 1 for row in metrics["consistency"])
     figures = ("core_lineage.png", "l0_core_distilled_vs_random.png", "coverage_curve.png", "sparsity_fidelity.png")
     for figure in (*figures, "consistency_across_sparsities.png"):
         assert (run / "figures" / figure).read_bytes().startswith(b"\x89PNG")
@@ -86,7 +89,7 @@ def test_every_stage_leaves_its_artifacts(finished_run):
     c = metrics["transfer"]["k-0008-dense_core"]["core_size"]
     assert all(row["core"]["latents"] == c and row["rest"]["latents"] == 256 - c for row in metrics["consistency"])
     summary = (run / "SUMMARY.md").read_text()
-    assert "distilled_core/" in summary and metrics["figure3"] in summary
+    assert "distilled_core/" in summary and metrics["figure3"] in summary and "random initialisation" in summary
     for name in metrics["transfer"]:  # every final SAE is a row of the results table
         assert f"| {name} |" in summary
     assert all(f"](figures/{figure})" in summary for figure in figures)

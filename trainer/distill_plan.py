@@ -261,6 +261,14 @@ def _seconds(value: float) -> str:
     return f"{value:,.0f} s" if value < 5400 else f"{value / 3600:,.1f} h"
 
 
+def cycle_counts(config: DistillConfig) -> tuple[int, int]:
+    """(cycles trained, cycles selected from): none when the run starts from a saved core, cycle 0
+    untrained when it is imported."""
+    if config.transfer.core:
+        return 0, 0
+    return config.cycles.num_cycles + (0 if config.cycles.cycle0_checkpoint else 1), config.cycles.num_cycles + 1
+
+
 def describe_costs(config: DistillConfig, d_in: int) -> list[str]:
     """Base-model passes, disk, memory and wall time per stage of the run on
     ``plan.num_processes`` processes of ``plan.device_kind``."""
@@ -272,8 +280,7 @@ def describe_costs(config: DistillConfig, d_in: int) -> list[str]:
     attribution_positions = len(ranges.attribution) * context
     held_out_contexts = max(math.ceil(config.eval.tokens / context), config.eval.ce_contexts)
     finals = final_runs(config)
-    trained_cycles = 0 if config.transfer.core else config.cycles.num_cycles + (0 if config.cycles.cycle0_checkpoint else 1)
-    selected_cycles = 0 if config.transfer.core else config.cycles.num_cycles + 1
+    trained_cycles, _ = cycle_counts(config)
     streamed = config.run.stream_activations
     lines = [f"cost plan       {processes} process(es) of kind {kind}"]
     activation_passes = 1 + (trained_cycles + len(finals) if streamed else 0)
@@ -299,23 +306,31 @@ def describe_costs(config: DistillConfig, d_in: int) -> list[str]:
         f"  memory        SAE training ~{sae_training_bytes(sae, config.cycles.batch_size) / GIB:.2f} GiB per process "
         f"(fp32 weights, grads, Adam, batch); base model: {_base_model_bytes(config, processes)}"
     )
-    return lines + _describe_times(config, d_in, processes, kind, trained_cycles, selected_cycles, finals)
+    return lines + _describe_times(config, d_in, processes, kind)
 
 
-def _describe_times(config, d_in, processes, kind, trained_cycles, selected_cycles, finals) -> list[str]:
-    """Wall time per stage from the measured throughputs of ``kind``; what was never measured is said so."""
+class StageTimes(NamedTuple):
+    """The plan's wall time per stage: seconds, or why a stage was not estimated."""
+
+    stages: dict[str, float | str]
+    notes: list[str]
+    measured: str
+    """When and how the throughputs behind the estimate were measured."""
+
+
+def estimate_stage_times(config: DistillConfig, d_in: int, processes: int, kind: str) -> StageTimes | None:
+    """Wall time per stage (the stage names of the run's timings.json) from the throughputs measured
+    on ``kind``; None when that kind was never measured."""
     throughputs = load_throughputs(config, kind)
     if throughputs is None:
-        return [
-            f"  wall time     not estimated: no throughputs measured on {kind} "
-            f"(run python bench/bench_throughputs.py --config ... on one; measured kinds are in {THROUGHPUTS_FILE.name})"
-        ]
+        return None
+    trained_cycles, selected_cycles = cycle_counts(config)
     base, context = throughputs.base_model, config.data.context_length
     ranges = config.harvest.context_ranges(context)
     held_out_tokens = max(math.ceil(config.eval.tokens / context), config.eval.ce_contexts) * context
     ce_tokens = config.eval.ce_contexts * context
     stages: dict[str, float | str] = {}
-    notes = []
+    notes: list[str] = []
     if base is None:
         stages["harvest"] = f"not estimated: {base_model_key(config)} never measured on {kind}"
     else:
@@ -340,7 +355,7 @@ def _describe_times(config, d_in, processes, kind, trained_cycles, selected_cycl
         return steps_for(tokens, config, processes) * figures["step_s"] + calibration_tokens * figures["calibration_s_per_token"], figures
 
     cycle = sae_time(config.cycles.k, config.cycles.tokens_per_cycle)
-    transfers = [sae_time(run.k, config.transfer.tokens) for run in finals]
+    transfers = [sae_time(run.k, config.transfer.tokens) for run in final_runs(config)]
     if cycle is None or None in transfers:
         stages["SAE training"] = (
             f"not estimated: no SAE step measured on {kind} within {MAX_SCALING}x of d = {d_in}, "
@@ -353,10 +368,22 @@ def _describe_times(config, d_in, processes, kind, trained_cycles, selected_cycl
         spliced = ce_tokens / base["full_forward_tokens_per_s"] if base else 0.0
         stages["evaluation"] = sum(config.eval.tokens * f["evaluation_s_per_token"] + spliced for f in evaluated)
         stages["transfer training"] = sum(seconds for seconds, _ in transfers)
-    lines = [f"  wall time     from throughputs measured on {kind} ({throughputs.measured})"]
+    return StageTimes(stages, notes, throughputs.measured)
+
+
+def _describe_times(config: DistillConfig, d_in: int, processes: int, kind: str) -> list[str]:
+    """The plan's wall-time lines; what was never measured is said so."""
+    estimate = estimate_stage_times(config, d_in, processes, kind)
+    if estimate is None:
+        return [
+            f"  wall time     not estimated: no throughputs measured on {kind} "
+            f"(run python bench/bench_throughputs.py --config ... on one; measured kinds are in {THROUGHPUTS_FILE.name})"
+        ]
+    stages = estimate.stages
+    lines = [f"  wall time     from throughputs measured on {kind} ({estimate.measured})"]
     lines += [f"    {stage:<18}{_seconds(value) if isinstance(value, float) else value}" for stage, value in stages.items()]
     known = [value for value in stages.values() if isinstance(value, float)]
     if known:
         lines.append(f"    {'total' if len(known) == len(stages) else 'total (known part)':<18}{_seconds(sum(known))}")
-    lines += [f"    note: {note}" for note in notes]
+    lines += [f"    note: {note}" for note in estimate.notes]
     return lines

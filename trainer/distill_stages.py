@@ -171,8 +171,9 @@ class DistillationRun:
 
     # ---- training ----------------------------------------------------------------------------
 
-    def train(self, stage: str, model: DMSAEModel, tokens: int, data: RunData) -> DMSAEModel:
-        """Train one SAE for ``tokens`` tokens with checkpoints every ``checkpoint_every`` steps."""
+    def train(self, stage: str, model: DMSAEModel, tokens: int, data: RunData) -> tuple[DMSAEModel, dict[str, float]]:
+        """Train one SAE for ``tokens`` tokens with checkpoints every ``checkpoint_every`` steps;
+        returns it with what training alone can tell (how far its decoder moved from the start)."""
         config = self.config
         steps = steps_for(tokens, config)
         trainer = SAETrainer(model, config.optimizer, steps // config.run.gradient_accumulation_steps, self.accelerator)
@@ -207,7 +208,8 @@ class DistillationRun:
             max(1, config.optimizer.calibration_tokens // (config.cycles.batch_size * self.accelerator.num_processes)),
         )
         # Never evaluate, save or push a NaN SAE (the step guard keeps training from making one).
-        return check_finite_weights(trainer.calibrate_threshold(calibration), stage)
+        trained = check_finite_weights(trainer.calibrate_threshold(calibration), stage)
+        return trained, {"decoder_cosine_to_init": trainer.decoder_cosine_to_init()}
 
     @staticmethod
     def _truncate_log(path: Path, steps_taken: int) -> None:
@@ -285,9 +287,10 @@ class DistillationRun:
                 model = previous[0].next_cycle(previous[1], normalization_factor=data.normalization_factor)
                 needs_training = True
             model = model.to(self.accelerator.device)
+            training_metrics = {}
             if needs_training:
                 with self._timed("cycle training"):
-                    model = self.train(folder.name, model, cycles.tokens_per_cycle, data)
+                    model, training_metrics = self.train(folder.name, model, cycles.tokens_per_cycle, data)
             with self._timed("attribution"):
                 selection = self._select(model, data)
             with self._timed("evaluation"):
@@ -298,6 +301,7 @@ class DistillationRun:
                 k_noncore=model.config.k_noncore,
                 selected_core_size=len(selection.selected),
                 carry_over=sum(j < c for j in selection.selected) / c if c else float("nan"),
+                **training_metrics,
             )
             self._save_stage(folder, model, metrics, lambda partial, s=selection, m=model, t=t: save_core(partial, t, s, m, self.config))
             self._finish_stage(folder.name)
@@ -345,10 +349,12 @@ class DistillationRun:
             # The random control keeps the random unit directions DMSAEModel initialises its core with.
             model = DMSAEModel.from_core(sae_config, core.directions) if run.core == "distilled" else DMSAEModel(sae_config)
             with self._timed("transfer training"):
-                model = self.train(run.stage, model.to(self.accelerator.device), self.config.transfer.tokens, data)
+                model, training_metrics = self.train(run.stage, model.to(self.accelerator.device), self.config.transfer.tokens, data)
             with self._timed("evaluation"):
                 metrics = self.evaluate(model, data, run.name) if self.accelerator.is_main_process else {}
-            metrics.update(core_size=sae_config.core_size, k=run.k, k_noncore=sae_config.k_noncore, core=run.core, variant=run.variant)
+            metrics.update(
+                core_size=sae_config.core_size, k=run.k, k_noncore=sae_config.k_noncore, core=run.core, variant=run.variant, **training_metrics
+            )
             self._save_stage(folder, model, metrics)
             self._finish_stage(run.stage)
 

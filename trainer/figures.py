@@ -122,6 +122,7 @@ class ConsistencyBar(NamedTuple):
     rest_matched: float
     core_mean_max_cosine: float
     rest_mean_max_cosine: float
+    chance_mean_max_cosine: float  # what random directions reach against the same decoder
 
 
 def consistency_figure(bars: Sequence[ConsistencyBar], path: Path) -> Path:
@@ -140,6 +141,8 @@ def consistency_figure(bars: Sequence[ConsistencyBar], path: Path) -> Path:
         axis.set_xticks(positions, [b.label for b in bars], rotation=30, ha="right", fontsize=8)
         axis.set_ylim(0, 1.05)
         axis.set_ylabel(label)
+    axes[1].scatter(positions, [b.chance_mean_max_cosine for b in bars], marker="_", s=600, color="black", label="random directions")
     axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
     figure.suptitle("Feature consistency across sparsities (decoder directions)")
     return _save(figure, path)

@@ -26,10 +26,15 @@ from trainer.figures import (
     sparsity_fidelity_figure,
 )
 from trainer.run_directory import RunDirectory, read_json, write_json
-from trainer.sae_metrics import MATCH_COSINE, decoder_consistency
+from trainer.sae_metrics import MATCH_COSINE, chance_max_cosine, decoder_consistency
 
 FAMILIES = {("distilled", "dense_core"): "DMSAE (dense core)", ("distilled", "sparse_core"): "DMSAE (sparse core)"}
 FAMILIES.update({("none", "dense_core"): "Matryoshka baseline", ("random", "dense_core"): "random core"})
+# Below this margin over random directions, a mean best match says nothing: it moves by a few
+# hundredths between unrelated dictionaries.
+CHANCE_MARGIN = 0.05
+# Above this median cosine to its initialisation, most of a dictionary has not learned anything yet.
+UNDERTRAINED_COSINE = 0.8
 
 
 def _log_curve(path: Path, name: str) -> tuple[list[int], list[float]]:
@@ -78,7 +83,8 @@ def consistency_across_sparsities(paths: RunDirectory, runs: list[FinalRun], cor
         models = {r.name: DMSAEModel.from_pretrained(paths.transfer(r.name)) for r in members}
         for a, b in combinations(members, 2):
             match = decoder_consistency(models[a.name], models[b.name], core_size)
-            results.append({"family": FAMILIES[(core, "dense_core")], "k_a": a.k, "k_b": b.k, **match})
+            chance = chance_max_cosine(models[b.name])
+            results.append({"family": FAMILIES[(core, "dense_core")], "k_a": a.k, "k_b": b.k, **match, "chance_mean_max_cosine": chance})
     return results
 
 
@@ -153,6 +159,7 @@ def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: dict, cons
             ConsistencyBar(
                 f"{row['family'].split(' (')[0]} k={row['k_a']} vs {row['k_b']}",
                 _fraction(row["core"]), _fraction(row["rest"]), row["core"]["mean_max_cosine"], row["rest"]["mean_max_cosine"],
+                row["chance_mean_max_cosine"],
             )
             for row in consistency
         ]  # fmt: skip
@@ -172,17 +179,22 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def _moved(metrics: dict) -> str:
+    """The median trainable decoder row's cosine with its initialisation ("" for an imported SAE)."""
+    return f"{metrics['decoder_cosine_to_init']:.2f}" if "decoder_cosine_to_init" in metrics else ""
+
+
 def cycles_table(cycles: dict) -> str:
     rows = [
         [
             name, str(m["core_size"]), str(m["selected_core_size"]),
             "" if m["core_size"] == 0 else f"{m['carry_over']:.2f}",
             f"{m['fve']:.3f}", f"{m['l0_core']:.1f}", f"{batchtopk_l0(m):.1f} / {m['k_noncore']}",
-            f"{m['dead_fraction']:.1%}", f"{m['loss_recovered']:.3f}",
+            f"{m['dead_fraction']:.1%}", f"{m['loss_recovered']:.3f}", _moved(m),
         ]
         for name, m in cycles.items()
     ]  # fmt: skip
-    header = ["cycle", "frozen core c", "selected C(t)", "carry-over", "FVE", "L0 core", "BatchTopK L0 / target", "dead", "loss recovered"]
+    header = ["cycle", "frozen core c", "selected C(t)", "carry-over", "FVE", "L0 core", "BatchTopK L0 / target", "dead", "loss recovered", "dec. cos to init"]
     return _table(header, rows)
 
 
@@ -195,9 +207,12 @@ def finals_table(transfer: dict) -> str:
         rows.append([
             name, family(m), str(m["k"]), str(m["core_size"]), f"{m['l0_core']:.1f}",
             f"{batchtopk_l0(m):.1f} / {m['k_noncore']}", f"{m['l0']:.1f}", f"{m['fve']:.3f}",
-            f"{m['dead_fraction']:.1%}", f"{m['loss_recovered']:.3f}", versus,
+            f"{m['dead_fraction']:.1%}", f"{m['loss_recovered']:.3f}", versus, _moved(m),
         ])  # fmt: skip
-    header = ["SAE", "family", "k", "c", "L0 core", "BatchTopK L0 / target", "L0", "FVE", "dead", "loss recovered", "vs baseline: loss rec. / FVE"]
+    header = [
+        "SAE", "family", "k", "c", "L0 core", "BatchTopK L0 / target", "L0", "FVE", "dead", "loss recovered",
+        "vs baseline: loss rec. / FVE", "dec. cos to init",
+    ]  # fmt: skip
     return _table(header, rows)
 
 
@@ -207,11 +222,38 @@ def consistency_table(consistency: list[dict]) -> str:
             row["family"], f"{row['k_a']} vs {row['k_b']}",
             f"{row['core']['matched']} / {row['core']['latents']}", f"{row['core']['mean_max_cosine']:.3f}",
             f"{row['rest']['matched']} / {row['rest']['latents']}", f"{row['rest']['mean_max_cosine']:.3f}",
+            f"{row['chance_mean_max_cosine']:.3f}",
         ]
         for row in consistency
     ]  # fmt: skip
-    header = ["family", "k pair", "core matched", "core mean max-cos", "rest matched", "rest mean max-cos"]
+    header = ["family", "k pair", "core matched", "core mean max-cos", "rest matched", "rest mean max-cos", "random directions"]
     return _table(header, rows)
+
+
+def consistency_outcome(consistency: list[dict], transfer: dict) -> str:
+    """What the consistency table can say, in words: the core's agreement across k for each family,
+    whether the other latents' matches beat random directions, and how far training moved the
+    decoders (a dictionary still at its initialisation has nothing to be consistent about)."""
+    by_family: dict[str, list[dict]] = {}
+    for row in consistency:
+        by_family.setdefault(row["family"], []).append(row)
+    core = "; ".join(
+        f"{name} {sum(r['core']['mean_max_cosine'] for r in rows) / len(rows):.3f}" for name, rows in by_family.items()
+    )
+    sentences = [f"Mean best match of the first {consistency[0]['core']['latents']} latents (the core), averaged over the k pairs: {core}."]
+    margins = [row["rest"]["mean_max_cosine"] - row["chance_mean_max_cosine"] for row in consistency]
+    sentences.append(
+        f"Outside the core, the mean best match exceeds what random directions reach by {min(margins):+.3f} to {max(margins):+.3f}"
+        + (" (no better than chance: no features measurably shared across k)." if max(margins) < CHANCE_MARGIN else ".")
+    )
+    moved = [m["decoder_cosine_to_init"] for m in transfer.values() if "decoder_cosine_to_init" in m]
+    if moved:
+        sentences.append(
+            f"The median trainable decoder row of these SAEs keeps cosine {min(moved):.2f} to {max(moved):.2f} with its "
+            "random initialisation"
+            + (": most of each dictionary is still where it started; train longer to measure consistency." if min(moved) > UNDERTRAINED_COSINE else ".")
+        )
+    return " ".join(sentences)
 
 
 def positions_section(harvest: dict) -> str:
@@ -253,8 +295,11 @@ counts active latents per token (core + non-core = global, Eq. 9); "BatchTopK L0
 the latents BatchTopK budgets (non-core for a dense core, all otherwise) against k_noncore (Eq. 4);
 dead = fires on none of the held-out tokens; loss recovered = (CE_zero - CE_spliced) / (CE_zero -
 CE_clean), with the SAE spliced in (or zeros) at the kept positions only; carry-over = the fraction
-of a cycle's frozen core it selects again. Consistency: a latent is matched when another SAE has a
-decoder direction with cosine >= {MATCH_COSINE}."""
+of a cycle's frozen core it selects again; dec. cos to init = the median cosine between a trainable
+decoder row after training and where it started (near 1: the dictionary is mostly still random).
+Consistency: a latent is matched when another SAE has a decoder direction with cosine >= {MATCH_COSINE};
+"random directions" is the mean best cosine 4,096 random unit vectors reach against the same decoder,
+the level a mean max-cos must beat to mean anything."""
 
 
 def summary_markdown(config: DistillConfig, paths: RunDirectory, metrics: dict, harvest: dict) -> str:
@@ -274,6 +319,7 @@ def summary_markdown(config: DistillConfig, paths: RunDirectory, metrics: dict, 
         sections.append("![Figure 3](figures/l0_core_distilled_vs_random.png)")
     if metrics.get("consistency"):
         sections.append("## Feature consistency across sparsities\n\n" + consistency_table(metrics["consistency"]))
+        sections.append(consistency_outcome(metrics["consistency"], metrics["transfer"]))
         sections.append("![consistency](figures/consistency_across_sparsities.png)")
     sections += ["## Definitions\n\n" + DEFINITIONS, "## Files\n\n" + FILES]
     return "\n\n".join(sections) + "\n"
@@ -287,6 +333,8 @@ def terminal_summary(paths: RunDirectory, metrics: dict) -> str:
         parts.append("Final SAEs (held-out):\n" + finals_table(metrics["transfer"]))
     if metrics.get("figure3"):
         parts.append(metrics["figure3"])
+    if metrics.get("consistency"):
+        parts.append("Feature consistency across sparsities: " + consistency_outcome(metrics["consistency"], metrics["transfer"]))
     parts.append(f"Tables, figures and definitions: {paths.root / 'SUMMARY.md'}")
     return "\n\n".join(parts)
 

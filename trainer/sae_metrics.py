@@ -152,3 +152,14 @@ def decoder_consistency(sae_a: DMSAEModel, sae_b: DMSAEModel, core_size: int, ro
         }
         for name, part in parts.items()
     }
+
+
+@torch.no_grad()
+def chance_max_cosine(sae: DMSAEModel, num_directions: int = 4096, seed: int = 0) -> float:
+    """The mean best cosine that random unit directions reach among ``sae``'s decoder directions:
+    the level a consistency match must beat (about 0.15 for K = 4096 in d = 576), since in d
+    dimensions the best of K random cosines grows with K."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
+    random = nn.functional.normalize(torch.randn(num_directions, directions.shape[1], generator=generator), dim=-1)
+    return float((random.to(directions.device) @ directions.T).max(dim=1).values.mean())

@@ -56,6 +56,9 @@ class OptimizerConfig:
         return self.lr if self.lr is not None else 2e-4 / (num_latents / 2**14) ** 0.5
 
 
+DRIFT_SAMPLE_ROWS = 4096  # decoder rows kept from the initialisation (all of them at the default K = 4096)
+
+
 class NonFiniteTrainingError(FloatingPointError):
     """The loss or the gradient went NaN/Inf: the step is not taken, the weights stay as they were."""
 
@@ -129,6 +132,11 @@ class SAETrainer:
         device = self.accelerator.device
         self.tokens_since_fired = torch.zeros(sae_config.num_latents, dtype=torch.long, device=device)
         self.steps_taken = 0
+        # Where a sample of the trainable decoder rows started: how far training moved them tells
+        # an SAE that learned from one still near its random initialisation (decoder_cosine_to_init).
+        trainable = torch.arange(sae_config.core_size, sae_config.num_latents, device=device)
+        self.drift_rows = trainable[:: max(1, len(trainable) // DRIFT_SAMPLE_ROWS)]
+        self.initial_decoder_rows = model.W_dec.detach()[self.drift_rows].clone()
 
     @property
     def sae(self) -> DMSAEModel:
@@ -201,6 +209,17 @@ class SAETrainer:
         sae.config.threshold = calibrated_threshold(pool, num_tokens, sae.config.k_noncore, group)
         return sae
 
+    @torch.no_grad()
+    def decoder_cosine_to_init(self) -> float:
+        """Median cosine between a trainable decoder row now and where it started (rows are unit
+        norm): near 1 means most of the dictionary is still its random initialisation, i.e. the SAE
+        is undertrained; NaN when nothing is trainable."""
+        if not len(self.drift_rows):
+            return float("nan")
+        now = torch.nn.functional.normalize(self.sae.W_dec.detach()[self.drift_rows].float(), dim=-1)
+        start = torch.nn.functional.normalize(self.initial_decoder_rows.float(), dim=-1)
+        return float((now * start).sum(-1).median())
+
     # ---- checkpoints: everything a resumed run needs to continue bit for bit ------------------
 
     def save_checkpoint(self, path: Path) -> None:
@@ -212,6 +231,7 @@ class SAETrainer:
                 "scheduler": self.scheduler.state_dict(),
                 "tokens_since_fired": self.tokens_since_fired,
                 "steps_taken": self.steps_taken,
+                "initial_decoder_rows": self.initial_decoder_rows,
             }
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(f".{path.name}.tmp")
@@ -228,6 +248,7 @@ class SAETrainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.tokens_since_fired.copy_(state["tokens_since_fired"])
             self.steps_taken = int(state["steps_taken"])
+            self.initial_decoder_rows.copy_(state["initial_decoder_rows"])
         except Exception as error:  # torch's own text would suggest an unsafe weights_only=False
             raise CorruptRunFileError(
                 f"training checkpoint {path} is unreadable or does not fit this SAE ({type(error).__name__}): delete it "
