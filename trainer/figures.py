@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -105,7 +106,9 @@ def sparsity_fidelity_figure(points: Sequence[SparsityPoint], path: Path) -> Pat
                 axis.plot(xs, ys, marker=marker, color=color, label=family)
                 for p, x, y in zip(series, xs, ys):
                     axis.annotate(f"k={p.k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-            axis.set_xscale("log")
+            axis.set_xscale("log", base=2)  # ticks at powers of two, where the target k values lie
+            axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             axis.set_xlabel(f"measured {x_label}, held-out tokens")
             axis.set_ylabel(metric_label)
             axis.grid(alpha=0.3)
