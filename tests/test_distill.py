@@ -90,6 +90,7 @@ def test_every_stage_leaves_its_artifacts(finished_run):
     assert all(row["core"]["latents"] == c and row["rest"]["latents"] == 256 - c for row in metrics["consistency"])
     summary = (run / "SUMMARY.md").read_text()
     assert "distilled_core/" in summary and metrics["figure3"] in summary and "random initialisation" in summary
+    assert "Core encoder biases after training: random core " in metrics["figure3"]
     for name in metrics["transfer"]:  # every final SAE is a row of the results table
         assert f"| {name} |" in summary
     assert all(f"](figures/{figure})" in summary for figure in figures)

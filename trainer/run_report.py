@@ -105,6 +105,14 @@ def _core_usage(paths: RunDirectory, name: str, metrics: dict) -> CoreUsage | No
     return CoreUsage(sum(curve[:tenth]) / tenth, sum(curve[-tenth:]) / tenth, metrics[name]["l0_core"])
 
 
+def _core_biases(paths: RunDirectory, name: str) -> str:
+    """How many core encoder biases ended positive, and their mean: in the dense-core variant nothing
+    penalises core activity, so a positive bias lets a core latent fire on most tokens."""
+    sae = DMSAEModel.from_pretrained(paths.transfer(name))
+    core = sae.b_enc.detach()[: sae.config.core_size]
+    return f"{int((core > 0).sum())} of {len(core)} positive (mean {float(core.mean()):+.3f})"
+
+
 def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics: dict) -> str | None:
     """Figure 3 in words: did the random core's L0_core fall during training, and did the distilled
     core end above it? Measured, never tuned for."""
@@ -124,7 +132,9 @@ def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics
         f"The distilled core went from {distilled.start:.1f} to {distilled.end:.1f} and ended "
         f"{'above' if above else 'below'} the random core. On held-out tokens L0_core is {distilled.held_out:.1f} "
         f"(distilled) against {random.held_out:.1f} (random). The paper reports a random core driven toward "
-        f"0 while a distilled core keeps firing: this run {'agrees' if agrees else 'does not reproduce that'}."
+        f"0 while a distilled core keeps firing: this run {'agrees' if agrees else 'does not reproduce that'}. "
+        f"Core encoder biases after training: random core {_core_biases(paths, f'random-core-k-{k:04d}')}, "
+        f"distilled core {_core_biases(paths, f'k-{k:04d}-dense_core')}."
     )
 
 
