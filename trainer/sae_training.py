@@ -135,7 +135,7 @@ class SAETrainer:
         # Where a sample of the trainable decoder rows started: how far training moved them tells
         # an SAE that learned from one still near its random initialisation (decoder_cosine_to_init).
         trainable = torch.arange(sae_config.core_size, sae_config.num_latents, device=device)
-        self.drift_rows = trainable[:: max(1, len(trainable) // DRIFT_SAMPLE_ROWS)]
+        self.drift_rows = trainable[:: max(1, -(-len(trainable) // DRIFT_SAMPLE_ROWS))]  # at most DRIFT_SAMPLE_ROWS
         self.initial_decoder_rows = model.W_dec.detach()[self.drift_rows].clone()
 
     @property
