@@ -5,7 +5,7 @@
 Runs ``trainer/distill.py`` (the embedded default unless overridden) in a fresh run directory,
 then prints the wall time of each kind of work from the run's ``timings.json`` (harvest,
 cycle training, attribution, evaluation, transfer training, report) and the total, beside what the
-``--dry-run`` cost plan estimated for each from ``bench/throughputs.json``, with the machine's speed
+``--dry-run`` cost plan estimated for each from ``trainer/report/throughputs.json``, with the machine's speed
 measured just before (machines of one kind differ up to 3x between sessions) and the load average
 after (other jobs on the machine slow every stage).
 """
@@ -39,11 +39,13 @@ def machine_speed(size: int = 1024, repeats: int = 20) -> float:
 
 def planned_seconds(overrides: list[str], run_dir: Path) -> dict[str, float]:
     """The cost plan's seconds per stage for this run on this machine (empty when not estimated)."""
-    from trainer.distill_config import parse_config
-    from trainer.distill_plan import base_model_width, device_kind, estimate_stage_times, planned_processes
+    from trainer.config import parse_config
+    from trainer.harvest.base_model import base_model_width
+    from trainer.report.dry_run import device_kind, estimate_stage_times
+    from trainer.run.plan import planned_processes
 
     config = parse_config(["--run.output_dir", str(run_dir), *overrides])
-    width = config.dictionary.d_in or base_model_width(config)
+    width = config.dictionary.d_in or base_model_width(config.model)
     estimate = estimate_stage_times(config, width, planned_processes(config), device_kind())
     return {} if estimate is None else {stage: value for stage, value in estimate.stages.items() if isinstance(value, float)}
 

@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_dmsae import DMSAEConfig, DMSAEModel
-from trainer.activations import read_shard
-from trainer.sae_training import OptimizerConfig, SAETrainer
+from trainer.config import OptimizerConfig
+from trainer.harvest.cache import read_shard
+from trainer.sae.training import SAETrainer
 
 
 def best_of(rounds: int, action) -> float:

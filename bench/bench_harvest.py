@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import simple_parsing
 import torch
 
-from trainer.activations import HarvestConfig, harvest_activations
-from trainer.base_model import BaseModelConfig, capture_activations, load_base_model, resolve_hook_module
-from trainer.text_corpus import DataConfig, context_batches, packed_contexts
+from trainer.config import BaseModelConfig, DataConfig, HarvestConfig
+from trainer.harvest.base_model import capture_activations, load_base_model, resolve_hook_module
+from trainer.harvest.cache import harvest_activations
+from trainer.harvest.text_corpus import context_batches, packed_contexts
 
 
 @dataclass

@@ -132,7 +132,8 @@ def dmsae_step(config: BenchConfig, batch: torch.Tensor, core_size: int) -> Call
     from accelerate import Accelerator
 
     from modeling_dmsae import DMSAEConfig, DMSAEModel
-    from trainer.sae_training import OptimizerConfig, SAETrainer
+    from trainer.config import OptimizerConfig
+    from trainer.sae.training import SAETrainer
 
     sae_config = DMSAEConfig(d_in=config.d_in, num_latents=config.num_latents, k=config.k, core_size=core_size)
     accelerator = Accelerator(cpu=config.device == "cpu")
@@ -210,8 +211,8 @@ def sae_lens_step(config: BenchConfig, batch: torch.Tensor) -> Callable[[], None
 # What each contender imports, loaded before the baseline memory reading.
 CONTENDER_MODULES = {
     "gemm": [],
-    "dmsae": ["modeling_dmsae", "trainer.sae_training"],
-    "dmsae-c0": ["modeling_dmsae", "trainer.sae_training"],
+    "dmsae": ["modeling_dmsae", "trainer.sae.training"],
+    "dmsae-c0": ["modeling_dmsae", "trainer.sae.training"],
     "dictionary_learning": ["bench.peers", "modeling_dmsae.configuration_dmsae"],
     "sae_lens": ["sae_lens.saes.matryoshka_batchtopk_sae", "modeling_dmsae.configuration_dmsae"],
 }

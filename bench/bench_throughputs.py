@@ -1,6 +1,7 @@
 """Throughputs the ``--dry-run`` cost plan estimates wall time from, measured on this device for
-one configuration's base model and SAE shapes, and kept in ``bench/throughputs.json`` under the
-device's kind (``trainer.distill_plan.device_kind``: e.g. ``cpu-2core``, ``cuda-nvidia-h100-80gb-hbm3``).
+one configuration's base model and SAE shapes, and kept in ``trainer/report/throughputs.json``
+(shipped with the package) under the device's kind (``trainer.report.dry_run.device_kind``: e.g.
+``cpu-2core``, ``cuda-nvidia-h100-80gb-hbm3``).
 
     python bench/bench_throughputs.py [--record-as MODEL_ID] [--config FILE] [--section.field VALUE ...]
 
@@ -32,14 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from modeling_dmsae import DMSAEModel  # noqa: E402
-from trainer.activations import _activation_shard, _attribution_shard  # noqa: E402
-from trainer.base_model import load_base_model, resolve_hook_module  # noqa: E402
-from trainer.distill_config import parse_config  # noqa: E402
-from trainer.distill_plan import SAE_SHAPE_FIELDS, THROUGHPUTS_FILE, base_model_key, cycle0_sae_config, device_kind, final_runs  # noqa: E402
-from trainer.sae_metrics import mean_next_token_loss, reconstruction_metrics  # noqa: E402
-from trainer.sae_training import SAETrainer  # noqa: E402
-from trainer.selection import select_core  # noqa: E402
-from trainer.text_corpus import context_batches, packed_contexts  # noqa: E402
+from trainer.config import parse_config  # noqa: E402
+from trainer.harvest.base_model import load_base_model, mean_next_token_loss, resolve_hook_module  # noqa: E402
+from trainer.harvest.cache import _activation_shard, _attribution_shard  # noqa: E402
+from trainer.harvest.text_corpus import context_batches, packed_contexts  # noqa: E402
+from trainer.report.dry_run import SAE_SHAPE_FIELDS, THROUGHPUTS_FILE, base_model_key, device_kind  # noqa: E402
+from trainer.run.plan import cycle0_sae_config, final_runs  # noqa: E402
+from trainer.sae.metrics import reconstruction_metrics  # noqa: E402
+from trainer.sae.selection import select_core  # noqa: E402
+from trainer.sae.training import SAETrainer  # noqa: E402
 
 
 def timed(action) -> tuple[float, object]:

@@ -20,7 +20,8 @@ import simple_parsing
 import torch
 from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
 
-from trainer.base_model import BaseModelConfig, pretrained_source, resolve_device, resolve_dtype
+from trainer.config import BaseModelConfig
+from trainer.harvest.base_model import pretrained_source, resolve_device, resolve_dtype
 
 
 @dataclass

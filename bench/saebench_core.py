@@ -36,10 +36,10 @@ from datasets import Dataset
 from hub_cards.publish import saelens_export_settings
 from modeling_dmsae import DMSAEModel
 from modeling_dmsae.convert_checkpoints import to_saelens
-from trainer.base_model import load_base_model, resolve_hook_module
-from trainer.distill_config import parse_config
-from trainer.run_data import HeldOut, _held_out
-from trainer.sae_metrics import reconstruction_metrics
+from trainer.config import parse_config
+from trainer.harvest.base_model import load_base_model, resolve_hook_module
+from trainer.harvest.run_data import HeldOut, _held_out
+from trainer.sae.metrics import reconstruction_metrics
 
 # Our metrics.json key -> SAEBench core metric (section, key) that measures the same thing.
 COMPARED = {
@@ -57,7 +57,7 @@ def log(message: str) -> None:
 
 
 def held_out(config, base_model, tokenizer) -> HeldOut:
-    """The run's held-out set as its own evaluation reads it (``trainer.run_data._held_out``), with
+    """The run's held-out set as its own evaluation reads it (``trainer.harvest.run_data._held_out``), with
     every held-out context's token ids (the run keeps only ``eval.ce_contexts`` of them for its loss)."""
     start = config.harvest.context_ranges(config.data.context_length).heldout_start
     every_context = dataclasses.replace(config.eval, ce_contexts=math.ceil(config.eval.tokens / config.data.context_length))
@@ -103,7 +103,7 @@ def with_saelens5_attributes(sae):
 
 @torch.no_grad()
 def ours_at_saebench_positions(sae: DMSAEModel, model, contexts: torch.Tensor, ignore_tokens: set[int], hook_name: str) -> dict:
-    """Our metrics (``trainer.sae_metrics.reconstruction_metrics``) over the positions SAEBench's variance
+    """Our metrics (``trainer.sae.metrics.reconstruction_metrics``) over the positions SAEBench's variance
     and L0 metrics read: every token not in ``ignore_tokens``, including the massive-norm positions the
     run's activation hygiene (harvest.max_norm_ratio) leaves out of training and of its own metrics."""
     layer = int(hook_name.split(".")[1])

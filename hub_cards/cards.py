@@ -15,7 +15,6 @@ pushes them.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -27,6 +26,8 @@ from typing import Any, NamedTuple
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from modeling_dmsae import DMSAEConfig
+from trainer.run.files import read_json
+from trainer.run.layout import CORE_JSON, METRICS_JSON, RunDirectory, figure_file
 
 PAPER_TITLE = "Attribution-Guided Distillation of Matryoshka Sparse Autoencoders"
 PAPER_AUTHORS = "Martin-Linares & Ling"
@@ -48,16 +49,19 @@ METRIC_NAMES = {
 }
 # Counts shown in the metrics table only.
 COUNT_NAMES = {"core_size": "Core size", "carry_over": "Carry-over from the previous core", "tokens": "Training tokens"}
-RUN_FIGURES = {
-    "core_lineage": ("figures/core_lineage.png", "Origin cycle of every core latent, per cycle (paper Figure 2)"),
-    "coverage_curve": ("figures/coverage_curve.png", "Cumulative attribution coverage of the sorted candidate pool"),
-    "l0_core": ("figures/l0_core_distilled_vs_random.png", "L0 of the core during training: distilled vs random core (paper Figure 3)"),
+RUN_FIGURES = {  # name: (path in the run folder and the run repo, caption)
+    name: (figure_file(name), caption)
+    for name, caption in {
+        "core_lineage": "Origin cycle of every core latent, per cycle (paper Figure 2)",
+        "coverage_curve": "Cumulative attribution coverage of the sorted candidate pool",
+        "l0_core": "L0 of the core during training: distilled vs random core (paper Figure 3)",
+    }.items()
 }
 
 
 # A Hub repo id, as the Hub's metadata validation accepts it: ``name`` or ``org/name``.
 HUB_REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
-# Local files the trainer reads as a dataset (trainer.text_corpus.LOCAL_BUILDERS).
+# Local files the trainer reads as a dataset (trainer.harvest.text_corpus.LOCAL_BUILDERS).
 LOCAL_DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
 
 
@@ -115,21 +119,14 @@ class CardSettings:
         return f"{self.repo_url(self.run_repo_id)}/resolve/main/{relative_path}"
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: the run directory is incomplete (was the cycle finished?)") from None
-
-
 def cycle_core_card(cycle_dir: Path, settings: CardSettings, *, revision: str, subfolder: str) -> ModelCard:
     """Card of one cycle: the SAE in ``cycle_dir`` and the core C(t) in its ``core.json``.
 
     ``revision`` (the cycle's tag) and ``subfolder`` are where the files live in the run repo.
     """
     config = DMSAEConfig.from_pretrained(cycle_dir)
-    core = read_json(cycle_dir / "core.json")
-    metrics = read_json(cycle_dir / "metrics.json")
+    core = read_json(cycle_dir / CORE_JSON)
+    metrics = read_json(cycle_dir / METRICS_JSON)
     return _render_core_card(
         config, core, metrics, settings, revision=revision, subfolder=subfolder, distilled=False,
         figures=["core_lineage", "coverage_curve"],
@@ -141,11 +138,12 @@ def distilled_core_card(run_dir: Path, last_cycle_dir: Path, settings: CardSetti
     next to the SAE of the last cycle T it was selected from, with the run's figures and a
     table of every cycle."""
     config = DMSAEConfig.from_pretrained(last_cycle_dir)
-    core = read_json(run_dir / "distilled_core" / "core.json")
-    metrics = read_json(last_cycle_dir / "metrics.json")
+    paths = RunDirectory(run_dir)
+    core = read_json(paths.distilled_core / CORE_JSON)
+    metrics = read_json(last_cycle_dir / METRICS_JSON)
     cycles = [
-        {"cycle": read_json(d / "core.json")["cycle"], **read_json(d / "metrics.json")}
-        for d in sorted((run_dir / "cycles").glob("cycle-*"))
+        {"cycle": read_json(d / CORE_JSON)["cycle"], **read_json(d / METRICS_JSON)}
+        for d in paths.cycles()
     ]
     return _render_core_card(
         config, core, metrics, settings, revision="distilled", subfolder=subfolder, distilled=True,
@@ -160,7 +158,7 @@ def final_sae_card(sae_dir: Path, settings: CardSettings, *, repo_id: str, core_
     "a random core (control)".
     """
     config = DMSAEConfig.from_pretrained(sae_dir)
-    metrics = read_json(sae_dir / "metrics.json")
+    metrics = read_json(sae_dir / METRICS_JSON)
     card_data = _card_data(config, metrics, settings, model_name=repo_id.split("/")[-1], tags=["transfer-stage"])
     return ModelCard.from_template(
         card_data,

@@ -44,13 +44,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -83,13 +79,17 @@ from hub_cards.cards import (
 )
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from modeling_dmsae.convert_checkpoints import to_saelens
+from trainer.config import HubSettings
+from trainer.errors import ConfigError, HubPushError
+from trainer.run.files import atomic_folder, link_or_copy, read_json, require_files, write_text
+from trainer.run.layout import CORE_FILES, CORE_JSON, CYCLE_FILES, METRICS_JSON, RunDirectory, cycle_number
 
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER_ORG = "your-org"
-RUN_FOLDER, SAES_FOLDER = "run", "saes"
+# Folders of the run repo on the Hub (the local run folder's layout is trainer.run.layout's).
 DISTILLED_TAG, DISTILLED_FOLDER = "distilled", "distilled_core"
-CORE_FILES = ("core.json", "core_directions.safetensors")
+FIGURES_FOLDER, RUN_CONFIG = "figures", "run_config.yaml"
 # The model code transformers runs with trust_remote_code; it looks for it at the repo root.
 CODE_FILES = ("configuration_dmsae.py", "modeling_dmsae.py")
 SAELENS_FOLDER = "saelens"
@@ -104,41 +104,18 @@ BINARY_SUFFIXES = (".safetensors", ".png", ".bin")
 T = TypeVar("T")
 
 
-@dataclass
-class HubSettings:
-    """Where and how a run is published on the Hub. Never holds a token: the token comes from
-    ``HF_TOKEN`` or ``hf auth login``."""
-
-    repo_id: str = ""
-    """Run repo ``ORG/NAME`` for every cycle and the distilled core (``--push-to-hub``); empty: only
-    build the Hub-ready folders in RUN_DIR/hub."""
-    sae_repo_pattern: str = "{org}/dmsae-{model}-l{layer}-k{k}{suffix}"
-    """Repo of each transfer-stage SAE. Fields: org, name (run repo name), model, layer, k, variant
-    and suffix ("" for the distilled dense core, "-sparse-core", "-random-core")."""
-    model_short_name: str = ""
-    """Base model name in SAE repo names; default: derived from base_model_id (gemma-2-2b -> gemma2)."""
-    private: bool = False
-    """Create the repos private."""
-    license: str = "apache-2.0"
-    """License in the cards' metadata."""
-    datasets: list[str] = field(default_factory=list)
-    """Hub ids of the datasets the activations came from (cards' metadata and model-index); empty:
-    the run's data.dataset (the embedded corpus is named as such)."""
-    max_attempts: int = 4
-    """Attempts per commit or tag on transient failures (network errors, HTTP 5xx / 429)."""
-    retry_wait_s: float = 2.0
-    """Wait before the first retry; doubled after each."""
-
-    def run_repo_id(self, run_dir: Path) -> str:
-        if self.repo_id:
-            try:
-                validate_repo_id(self.repo_id)
-            except ValueError as error:
-                raise ValueError(f"HubSettings.repo_id (--push-to-hub) {self.repo_id!r} is not a valid repo id: {error}") from None
-            if "/" not in self.repo_id:
-                raise ValueError(f"HubSettings.repo_id (--push-to-hub) must be ORG/NAME, got {self.repo_id!r}")
-            return self.repo_id
-        return f"{PLACEHOLDER_ORG}/{re.sub(r'[^A-Za-z0-9._-]+', '-', run_dir.resolve().name).strip('-.') or 'dmsae-run'}"
+def run_repo_id(settings: HubSettings, run_dir: Path) -> str:
+    """The run repo: ``--push-to-hub ORG/NAME``, or ``your-org/<run folder name>`` for folders built
+    without one."""
+    if settings.repo_id:
+        try:
+            validate_repo_id(settings.repo_id)
+        except ValueError as error:
+            raise ConfigError(f"--push-to-hub {settings.repo_id!r} is not a valid repo id: {error}") from None
+        if "/" not in settings.repo_id:
+            raise ConfigError(f"--push-to-hub must be ORG/NAME, got {settings.repo_id!r}")
+        return settings.repo_id
+    return f"{PLACEHOLDER_ORG}/{re.sub(r'[^A-Za-z0-9._-]+', '-', run_dir.resolve().name).strip('-.') or 'dmsae-run'}"
 
 
 class PushUnit(NamedTuple):
@@ -162,10 +139,6 @@ class PushReport(NamedTuple):
     """Units committed by this call (``repo`` or ``repo@tag``)."""
     skipped: list[str]
     """Units already on the Hub with identical files."""
-
-
-class HubPushError(RuntimeError):
-    """A push failed. The run directory is intact; ``--push-only RUN_DIR`` retries what is missing."""
 
 
 class HubAuthError(HubPushError):
@@ -198,84 +171,41 @@ def short_model_name(base_model_id: str) -> str:
     return family
 
 
-def sae_repo_id(sae_dir: Path, config: DMSAEConfig, run_repo_id: str, settings: HubSettings) -> str:
-    # The comparison SAEs (trainer.distill_plan.final_runs) get repos of their own.
-    comparison = next((f"-{prefix}" for prefix in ("random-core", "baseline") if sae_dir.name.startswith(prefix)), "")
-    suffix = ("-sparse-core" if config.variant == "sparse_core" else "") + comparison
-    org, name = run_repo_id.split("/")
+def sae_repo_id(config: DMSAEConfig, core: str, run_repo: str, settings: HubSettings) -> str:
+    """The repo of a final SAE (``core``: distilled, random or none, as its metrics.json says)."""
+    suffix = ("-sparse-core" if config.variant == "sparse_core" else "") + CORE_SUFFIXES[core]
+    org, name = run_repo.split("/")
     try:
         repo_id = settings.sae_repo_pattern.format(
             org=org, name=name, model=settings.model_short_name or short_model_name(config.base_model_id),
             layer=config.hook_layer, k=config.k, variant=config.variant.replace("_", "-"), suffix=suffix,
         )
     except KeyError as error:
-        raise ValueError(
-            f"HubSettings.sae_repo_pattern {settings.sae_repo_pattern!r} uses an unknown field {error}; "
+        raise ConfigError(
+            f"--hub.sae_repo_pattern {settings.sae_repo_pattern!r} uses an unknown field {error}; "
             "known fields: org, name, model, layer, k, variant, suffix"
         ) from None
     validate_repo_id(repo_id)
     return repo_id
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """Atomically place ``source``'s bytes at ``target``: a hard link (no copy of large weights)
-    where the filesystem allows, a copy otherwise."""
-    if target.exists() and os.path.samefile(source, target):
-        return  # already linked (rename() onto the same inode would leave the temporary behind)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-    except OSError:
-        shutil.copy2(source, temporary)
-    os.replace(temporary, target)
-
-
-def _write_text(target: Path, text: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, target)
-
-
 def _mirror_folder(source: Path, target: Path) -> None:
     """Link the published files of ``source`` (top level only: a checkpoint or scratch folder
     the trainer keeps beside them is never pushed) into ``target``."""
     for path in _files(source):
-        _link_or_copy(path, target / path.name)
-
-
-@contextmanager
-def _built_whole(target: Path) -> Iterator[Path]:
-    """Build a Hub folder in a hidden sibling, then swap it in for ``target``: a run killed while
-    writing never leaves a half-written folder that a reader or a push would take for a whole one
-    (what a kill leaves behind is hidden, and removed by the next build)."""
-    staging, previous = target.with_name(f".{target.name}.partial"), target.with_name(f".{target.name}.previous")
-    for leftover in (staging, previous):
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(staging, target)
-    shutil.rmtree(previous, ignore_errors=True)
+        link_or_copy(path, target / path.name)
 
 
 def _run_config_section(run_dir: Path, section: str) -> dict:
     """One section of the run's run_config.yaml (empty when there is none)."""
-    path = run_dir / "run_config.yaml"
+    path = RunDirectory(run_dir).config_file
     return ((yaml.safe_load(path.read_text()) or {}).get(section) or {}) if path.exists() else {}
 
 
 def _card_settings(run_dir: Path, settings: HubSettings) -> CardSettings:
     datasets = settings.datasets or [_run_config_section(run_dir, "data").get("dataset") or ""]
     return CardSettings(
-        run_repo_id=settings.run_repo_id(run_dir), license=settings.license, datasets=[card_dataset(d) for d in datasets]
+        run_repo_id=run_repo_id(settings, run_dir), license=settings.license, datasets=[card_dataset(d) for d in datasets]
     )
 
 
@@ -288,84 +218,85 @@ def saelens_export_settings(run_dir: Path) -> dict:
     return {"context_size": int(data.get("context_length", 128)), "prepend_bos": True if prepend_bos is None else bool(prepend_bos)}
 
 
-def _cycle_dirs(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "cycles").glob("cycle-*"), key=lambda d: int(d.name.split("-")[-1]))
-
-
-def _cycle_dir(run_dir: Path, cycle: int) -> Path:
-    for cycle_dir in _cycle_dirs(run_dir):
-        if int(cycle_dir.name.split("-")[-1]) == cycle:
-            return cycle_dir
-    raise FileNotFoundError(f"{run_dir / 'cycles'} has no folder for cycle {cycle}")
-
-
 def build_cycle_folder(run_dir: Path, cycle: int, settings: HubSettings) -> PushUnit:
     """Write ``RUN_DIR/hub/run/cycle-<t>/`` (the cycle's files and card) and return its push unit."""
-    source = _cycle_dir(run_dir, cycle)
-    missing = [name for name in ("config.json", "model.safetensors", *CORE_FILES, "metrics.json") if not (source / name).exists()]
-    if missing:
-        raise FileNotFoundError(f"cycle {cycle} in {source} is incomplete: {', '.join(missing)} missing")
-    folder = f"cycle-{cycle}"
-    target = run_dir / "hub" / RUN_FOLDER / folder
-    with _built_whole(target) as staging:
+    paths = RunDirectory(run_dir)
+    source = paths.cycle(cycle)
+    require_files(source, CYCLE_FILES, f"delete {source} and rerun the run with --run.resume true: cycle {cycle} is trained again")
+    folder = hub_cycle_folder(cycle)
+    target = paths.hub_run / folder
+    with atomic_folder(target) as staging:
         _mirror_folder(source, staging)
         card = cycle_core_card(source, _card_settings(run_dir, settings), revision=folder, subfolder=folder)
-        _write_text(staging / "README.md", str(card))
+        write_text(staging / "README.md", str(card))
     files = {f"{folder}/{path.name}": path for path in _files(target)}
     for name in CODE_FILES:  # where trust_remote_code finds them for every cycle's subfolder
-        _link_or_copy(target / name, target.parent / name)
+        link_or_copy(target / name, target.parent / name)
         files[name] = target.parent / name
-    return PushUnit(settings.run_repo_id(run_dir), folder, files, f"Cycle {cycle}: SAE and core C({cycle})", target / "README.md")
+    return PushUnit(run_repo_id(settings, run_dir), folder, files, f"Cycle {cycle}: SAE and core C({cycle})", target / "README.md")
+
+
+def hub_cycle_folder(cycle: int) -> str:
+    """Cycle t's folder (and tag) in the run repo: ``cycle-7``."""
+    return f"cycle-{cycle}"
 
 
 def build_distilled_folder(run_dir: Path, settings: HubSettings) -> PushUnit | None:
     """Write the run repo's distilled core, figures, run config and root card; None before the
     run has a distilled core."""
-    if not (run_dir / DISTILLED_FOLDER / "core.json").exists():
+    paths = RunDirectory(run_dir)
+    if not (paths.distilled_core / CORE_JSON).exists():
         return None
-    target = run_dir / "hub" / RUN_FOLDER
-    for folder in (DISTILLED_FOLDER, "figures"):
-        if (run_dir / folder).is_dir():
-            with _built_whole(target / folder) as staging:
-                _mirror_folder(run_dir / folder, staging)
-    if (run_dir / "run_config.yaml").exists():
-        _link_or_copy(run_dir / "run_config.yaml", target / "run_config.yaml")
-    card = distilled_core_card(run_dir, _cycle_dirs(run_dir)[-1], _card_settings(run_dir, settings), subfolder=f"cycle-{_last_cycle(run_dir)}")
-    _write_text(target / "README.md", str(card))
-    files = {"README.md": target / "README.md", "run_config.yaml": target / "run_config.yaml"}
-    for folder in (DISTILLED_FOLDER, "figures"):
+    target = paths.hub_run
+    for local, folder in ((paths.distilled_core, DISTILLED_FOLDER), (paths.figures, FIGURES_FOLDER)):
+        if local.is_dir():
+            with atomic_folder(target / folder) as staging:
+                _mirror_folder(local, staging)
+    if paths.config_file.exists():
+        link_or_copy(paths.config_file, target / RUN_CONFIG)
+    last_cycle = paths.cycles()[-1]
+    card = distilled_core_card(run_dir, last_cycle, _card_settings(run_dir, settings), subfolder=hub_cycle_folder(cycle_number(last_cycle)))
+    write_text(target / "README.md", str(card))
+    files = {"README.md": target / "README.md", RUN_CONFIG: target / RUN_CONFIG}
+    for folder in (DISTILLED_FOLDER, FIGURES_FOLDER):
         files.update({f"{folder}/{path.name}": path for path in _files(target / folder)})
     files = {path: local for path, local in files.items() if local.exists()}
-    return PushUnit(settings.run_repo_id(run_dir), DISTILLED_TAG, files, "Distilled core C*, figures and run configuration")
+    return PushUnit(run_repo_id(settings, run_dir), DISTILLED_TAG, files, "Distilled core C*, figures and run configuration")
 
 
-def _last_cycle(run_dir: Path) -> int:
-    return int(_cycle_dirs(run_dir)[-1].name.split("-")[-1])
+# What a final SAE's repo name and card say of its core (metrics.json's "core": trainer.run.plan.FinalRun).
+CORE_SUFFIXES = {"distilled": "", "random": "-random-core", "none": "-baseline"}
+CORE_NAMES = {
+    "distilled": "the distilled core C* of that run",
+    "random": "a random core of the same size (the control of paper Figure 3)",
+    "none": "the distilled core C* of that run",
+}
 
 
 def build_sae_folders(run_dir: Path, settings: HubSettings) -> list[PushUnit]:
     """Write ``RUN_DIR/hub/saes/<repo name>/`` for every transfer-stage SAE."""
-    run_repo_id = settings.run_repo_id(run_dir)
+    paths = RunDirectory(run_dir)
+    run_repo = run_repo_id(settings, run_dir)
     units, sources = [], {}
-    for sae_dir in sorted(p for p in (run_dir / "transfer").glob("*") if (p / "config.json").exists()):
+    for sae_dir in paths.transfers():
         config = DMSAEConfig.from_pretrained(sae_dir)
-        repo_id = sae_repo_id(sae_dir, config, run_repo_id, settings)
+        core = read_json(sae_dir / METRICS_JSON)["core"]
+        repo_id = sae_repo_id(config, core, run_repo, settings)
         if repo_id in sources:
-            raise ValueError(
+            raise ConfigError(
                 f"transfer SAEs {sources[repo_id]} and {sae_dir} would both go to {repo_id}: add {{variant}} "
-                f"or another field to HubSettings.sae_repo_pattern ({settings.sae_repo_pattern!r})"
+                f"or another field to --hub.sae_repo_pattern ({settings.sae_repo_pattern!r})"
             )
         sources[repo_id] = sae_dir
-        target = run_dir / "hub" / SAES_FOLDER / repo_id.split("/")[-1]
-        core_name = "a random core of the same size (the control of paper Figure 3)" if sae_dir.name.startswith("random-core") else "the distilled core C* of that run"
-        with _built_whole(target) as staging:
+        target = paths.hub_saes / repo_id.split("/")[-1]
+        with atomic_folder(target) as staging:
             _mirror_folder(sae_dir, staging)
-            card = final_sae_card(sae_dir, _card_settings(run_dir, settings), repo_id=repo_id, core_name=core_name)
-            _write_text(staging / "README.md", str(card))
+            card = final_sae_card(sae_dir, _card_settings(run_dir, settings), repo_id=repo_id, core_name=CORE_NAMES[core])
+            write_text(staging / "README.md", str(card))
             to_saelens(DMSAEModel.from_pretrained(sae_dir), staging / SAELENS_FOLDER, overwrite=True, **saelens_export_settings(run_dir))
         files = {path.name: path for path in _files(target)}
         files.update({f"{SAELENS_FOLDER}/{path.name}": path for path in _files(target / SAELENS_FOLDER)})
-        units.append(PushUnit(repo_id, None, files, f"DMSAE k={config.k} ({config.variant}) from {run_repo_id}"))
+        units.append(PushUnit(repo_id, None, files, f"DMSAE k={config.k} ({config.variant}) from {run_repo}"))
     return units
 
 
@@ -373,7 +304,7 @@ def build_hub_folders(run_dir: str | Path, settings: HubSettings) -> list[PushUn
     """Write every Hub-ready folder of a run into ``RUN_DIR/hub`` (cards included) and return the
     push units in push order: cycles, the distilled core, the transfer SAEs."""
     run_dir = Path(run_dir)
-    units = [build_cycle_folder(run_dir, int(d.name.split("-")[-1]), settings) for d in _cycle_dirs(run_dir)]
+    units = [build_cycle_folder(run_dir, cycle_number(folder), settings) for folder in RunDirectory(run_dir).cycles()]
     distilled = build_distilled_folder(run_dir, settings)
     return units + ([distilled] if distilled else []) + build_sae_folders(run_dir, settings)
 
@@ -429,7 +360,7 @@ def push_units(run_dir: Path, units: list[PushUnit], settings: HubSettings, toke
     """Push ``units`` in order, skipping those already on the Hub. Any failure is a HubPushError
     that names what failed and how to retry; nothing in ``run_dir`` is changed."""
     if not settings.repo_id:
-        raise ValueError("HubSettings.repo_id is empty: pass --push-to-hub ORG/NAME to say where the run goes")
+        raise ConfigError("--hub.repo_id is empty: pass --push-to-hub ORG/NAME to say where the run goes")
     if constants.is_offline_mode():
         raise HubPushError(f"HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it to push.\n{_retry_hint(run_dir)}")
     try:
@@ -599,12 +530,12 @@ def parse_core_spec(spec: str) -> CoreSpec:
     try:
         validate_repo_id(repo_id)
     except ValueError as error:
-        raise ValueError(f"--core {spec!r} is neither a local folder nor ORG/NAME[@cycle-T]: {error}") from None
+        raise ConfigError(f"--core {spec!r} is neither a local folder nor ORG/NAME[@cycle-T]: {error}") from None
     if re.fullmatch(r"cycle-\d+", revision):
         return CoreSpec(repo_id, revision, revision)
     if revision == DISTILLED_TAG:
         return CoreSpec(repo_id, DISTILLED_TAG, DISTILLED_FOLDER)
-    raise ValueError(f"--core {spec!r}: the revision must be cycle-<t> or {DISTILLED_TAG}, got {revision!r}")
+    raise ConfigError(f"--core {spec!r}: the revision must be cycle-<t> or {DISTILLED_TAG}, got {revision!r}")
 
 
 def resolve_core(spec: str | Path, cache_dir: str | Path | None = None, token: str | None = None) -> Path:
@@ -619,17 +550,17 @@ def resolve_core(spec: str | Path, cache_dir: str | Path | None = None, token: s
         try:
             snapshot = snapshot_download(core.repo_id, revision=core.revision, allow_patterns=patterns, cache_dir=cache_dir, token=token)
         except RevisionNotFoundError:
-            raise ValueError(f"--core {spec}: {core.repo_id} has no tag {core.revision}; its cycles are tagged cycle-0, cycle-1, ...") from None
+            raise ConfigError(f"--core {spec}: {core.repo_id} has no tag {core.revision}; its cycles are tagged cycle-0, cycle-1, ...") from None
         except RepositoryNotFoundError:
-            raise ValueError(f"--core {spec}: repo {core.repo_id} not found (or private and no token with access)") from None
+            raise ConfigError(f"--core {spec}: repo {core.repo_id} not found (or private and no token with access)") from None
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-            raise ValueError(
+            raise ConfigError(
                 f"--core {spec}: not in the Hugging Face cache and the Hub cannot be reached ({type(error).__name__}); "
                 "download it once online (unset HF_HUB_OFFLINE) or pass a local core folder"
             ) from None
         folder = Path(snapshot) / core.folder
     missing = [name for name in CORE_FILES if not (folder / name).exists()]
     if missing:
-        raise ValueError(f"--core {spec}: {folder} has no {', '.join(missing)}; is it a DMSAE run's core folder?")
+        raise ConfigError(f"--core {spec}: {folder} has no {', '.join(missing)}; is it a DMSAE run's core folder?")
     return folder
 

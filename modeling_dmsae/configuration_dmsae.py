@@ -130,7 +130,7 @@ class DMSAEConfig(PreTrainedConfig):
         self.base_model_id = base_model_id
         self.base_model_file = base_model_file
         self.hook_module = hook_module
-        self.hook_layer = hook_layer if hook_layer is not None else _layer_index(hook_module)
+        self.hook_layer = hook_layer if hook_layer is not None else hook_layer_index(hook_module)
         self.hook_name = hook_name or transformer_lens_hook_name(self.hook_layer)
         self.cycle = cycle
         self.core_lineage = (
@@ -217,8 +217,9 @@ class DMSAEConfig(PreTrainedConfig):
             raise ValueError(f"DMSAEConfig.hook_layer must be >= 0, got {self.hook_layer!r}")
 
 
-def _layer_index(hook_module: str) -> int:
-    """The last integer in a module path: ``model.layers.12`` -> 12."""
+def hook_layer_index(hook_module: str) -> int:
+    """The layer of a module path, its last integer: ``model.layers.12`` -> 12 (the one parser of
+    hook paths; SAEBench's hook names are built from it)."""
     numbers = re.findall(r"\d+", hook_module)
     if not numbers:
         raise ValueError(

@@ -501,7 +501,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
         if config.threshold < 0:
             raise ValueError(
                 "this DMSAE has no inference threshold yet (config.threshold < 0): calibrate it "
-                "(trainer.sae_training.SAETrainer.calibrate_threshold), or encode with use_threshold=False "
+                "(trainer.sae.training.SAETrainer.calibrate_threshold), or encode with use_threshold=False "
                 "(BatchTopK over the batch)"
             )
         rows, cols = _entries_above(relu_pre, config.threshold, unmasked_columns)

@@ -3,7 +3,8 @@
     python ddp_worker.py replicas            train one DMSAE, check the replicas and the frozen core
     python ddp_worker.py global-batch OUT    train one DMSAE on a fixed stream of global batches, each
                                              process on its slice; save the result to OUT (any world size)
-    python ddp_worker.py distill ARGS...     run trainer/distill.py's main with ARGS
+    python ddp_worker.py distill ARGS...     run trainer/distill.py's main with ARGS, the second process
+                                             arriving late at the distilled core (a race to cover)
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from accelerate import Accelerator
 
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from trainer import distill
-from trainer.sae_training import OptimizerConfig, SAETrainer
+from trainer.config import OptimizerConfig
+from trainer.sae.training import SAETrainer
 
 
 def train_two_replicas() -> Accelerator:
@@ -86,11 +88,29 @@ def train_on_global_batches(output: str) -> Accelerator:
     return accelerator
 
 
+def late_at_the_distilled_core() -> None:
+    """Process 1 reaches the distilled core two seconds after process 0, which writes it: a process
+    that decided whether to wait by whether the folder exists would skip the barrier and hang both."""
+    import time
+
+    from trainer.pipeline import cycles
+
+    save = cycles.save_distilled_core
+
+    def late(run, *args):
+        if run.accelerator.process_index == 1:
+            time.sleep(2)
+        return save(run, *args)
+
+    cycles.save_distilled_core = late
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "replicas":
         distill.shut_down(train_two_replicas())
     elif sys.argv[1] == "global-batch":
         distill.shut_down(train_on_global_batches(sys.argv[2]))
     else:
+        late_at_the_distilled_core()
         sys.exit(distill.main(sys.argv[2:]))
 

@@ -15,21 +15,21 @@ import torch
 from accelerate import PartialState, debug_launcher
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_models import tiny_model, tiny_tokenizer
 from test_text_corpus import DOCUMENTS, write_jsonl
+from tiny_models import tiny_model, tiny_tokenizer
 
-from trainer.activations import (
+from trainer.config import BaseModelConfig, DataConfig, HarvestConfig
+from trainer.harvest.base_model import capture_activations, next_token_gradients, resolve_hook_module
+from trainer.harvest.cache import (
     ActivationCache,
     ActivationStream,
     CacheMismatchError,
-    HarvestConfig,
     IncompleteCacheError,
     NonFiniteActivationsError,
     harvest_activations,
     harvest_attribution_sample,
 )
-from trainer.base_model import BaseModelConfig, capture_activations, next_token_gradients, resolve_hook_module
-from trainer.text_corpus import ContextSharding, DataConfig, context_batches, packed_contexts, process_state
+from trainer.harvest.text_corpus import ContextSharding, context_batches, packed_contexts, process_state
 
 TESTS = Path(__file__).parent
 BASE = BaseModelConfig(model="tiny-random", hook_module="model.layers.1")
@@ -111,10 +111,7 @@ def test_16_bit_cache(tmp_path, data):
 # A harvest in its own process, slowed down so that it can be killed halfway.
 SLOW_HARVEST = """
 import sys, time
-from tiny_models import tiny_model, tiny_tokenizer
 from test_activations import BASE, CONTEXT_LENGTH, harvest_config
-from trainer.activations import harvest_activations
-from trainer.text_corpus import DataConfig
 
 model = tiny_model()
 model.model.layers[1].register_forward_hook(lambda *args: time.sleep(0.3))

@@ -14,9 +14,9 @@ import torch
 from tiny_models import random_batch, tiny_model, tiny_tokenizer
 from transformers import LlamaForCausalLM
 
-from trainer import base_model
-from trainer.base_model import (
-    BaseModelConfig,
+from trainer.config import BaseModelConfig
+from trainer.harvest import base_model
+from trainer.harvest.base_model import (
     ContextTooLongError,
     EmbeddedModelMissingError,
     HookPathError,
@@ -187,8 +187,9 @@ def embedded_model(no_network):
 
 
 def test_embedded_default_model_and_corpus_load_offline(embedded_model, tmp_path):
-    from trainer.activations import HarvestConfig, harvest_activations
-    from trainer.text_corpus import DataConfig, context_batches, packed_contexts
+    from trainer.config import DataConfig, HarvestConfig
+    from trainer.harvest.cache import harvest_activations
+    from trainer.harvest.text_corpus import context_batches, packed_contexts
 
     model, tokenizer = embedded_model
     assert isinstance(model, LlamaForCausalLM)

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from trainer import distill_plan
-from trainer.distill_config import parse_config
-from trainer.distill_plan import base_model_key, describe_plan, final_runs, steps_for
+from trainer.config import parse_config
+from trainer.report import dry_run
+from trainer.report.dry_run import base_model_key, describe_plan
+from trainer.run.plan import final_runs, steps_for
 
 STEP_S, CALIBRATION, EVALUATION, SELECTION = 0.5, 1e-4, 2e-4, 3e-4
 BASE = {"load_s": 10.0, "activation_tokens_per_s": 1000.0, "attribution_tokens_per_s": 100.0, "full_forward_tokens_per_s": 400.0}
@@ -25,7 +26,7 @@ def table(tmp_path, monkeypatch):
     ]  # fmt: skip
     path = tmp_path / "throughputs.json"
     path.write_text(json.dumps({"test-kind": {"measured": "now", "base_model": {base_model_key(config): BASE}, "sae": sae}}))
-    monkeypatch.setattr(distill_plan, "THROUGHPUTS_FILE", path)
+    monkeypatch.setattr(dry_run, "THROUGHPUTS_FILE", path)
     return config
 
 

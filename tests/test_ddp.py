@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,17 @@ import torch
 from test_distill import tiny_args, tiny_setup  # noqa: F401  (fixture)
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def kill_launched(marker: str) -> None:
+    """SIGKILL every process of one launch: the launcher's group, and the workers, which torchrun
+    starts in sessions of their own (found by the marker in their environment)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
 
 
 def accelerate_launch(*args: str, finished: Callable[[str], bool]) -> None:
@@ -29,15 +41,16 @@ def accelerate_launch(*args: str, finished: Callable[[str], bool]) -> None:
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), *args,
     ]  # fmt: skip
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch_id = uuid.uuid4().hex
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "DMSAE_TEST_LAUNCH": launch_id}
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True
     ) as launch:
         try:
             stdout, stderr = launch.communicate(timeout=240)
         except subprocess.TimeoutExpired:
-            os.killpg(launch.pid, signal.SIGKILL)
-            stdout, stderr = launch.communicate()
+            kill_launched(f"DMSAE_TEST_LAUNCH={launch_id}")
+            stdout, stderr = launch.communicate(timeout=60)
             assert finished(stdout), "the two-process launch hung before finishing:\n" + stderr[-5000:]
             return
     assert launch.returncode == 0 and finished(stdout), stdout[-3000:] + stderr[-5000:]

@@ -13,7 +13,7 @@ from transformers import AutoModel
 
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from trainer import distill
-from trainer.sae_training import SAETrainer
+from trainer.sae.training import SAETrainer
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,14 @@ def tiny_args(setup: dict[str, Path], output: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def finished_run(tiny_setup, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("run") / "run"
-    assert distill.main(tiny_args(tiny_setup, output)) == 0
+    assert distill.main(tiny_args(tiny_setup, output, "--run.log_with", "tensorboard")) == 0
     return output
+
+
+def test_tracker_events_go_to_logs(finished_run):
+    """README: logs/ holds the training curves, the tracker's events included."""
+    assert list((finished_run / "logs" / "dmsae").rglob("events.out.tfevents.*"))
+    assert not (finished_run / "dmsae").exists()
 
 
 def test_every_stage_leaves_its_artifacts(finished_run):

@@ -17,12 +17,16 @@ from safetensors.torch import load, save_file
 from test_distill import tiny_args, tiny_setup  # noqa: F401 (a fixture)
 
 from modeling_dmsae import DMSAEConfig, DMSAEModel
-from trainer import distill, distill_stages
-from trainer.activations import CorruptShardError
-from trainer.distill_config import ConfigError
-from trainer.run_directory import CorruptRunFileError
-from trainer.sae_training import NonFiniteTrainingError
-from trainer.text_corpus import DataConfig, load_text_dataset
+from trainer import distill
+from trainer.config import DataConfig
+from trainer.errors import ConfigError, CorruptRunFileError
+from trainer.harvest.cache import CorruptShardError
+from trainer.harvest.text_corpus import load_text_dataset
+from trainer.pipeline import cycles
+from trainer.pipeline import run as pipeline_run
+from trainer.pipeline.context import RunContext
+from trainer.run.timings import StageTimer
+from trainer.sae.training import NonFiniteTrainingError
 
 RESULT_FILES = ("model.safetensors", "core.json", "core_directions.safetensors")
 
@@ -93,12 +97,12 @@ def test_kill_at_every_stage_boundary_then_resume_gives_the_same_run(tiny_setup,
 
         return wrapper
 
-    run = distill_stages.DistillationRun
-    monkeypatch.setattr(run, "distill", before(run.distill, lambda *a: "harvest"))  # harvested, no cycle started
+    run = pipeline_run.DistillationRun
+    monkeypatch.setattr(run, "distilled_core", before(run.distilled_core, lambda *a: "harvest"))  # harvested, no cycle started
     # Before the checkpoint's removal: the stage folder is in place, its checkpoint still there.
-    monkeypatch.setattr(run, "_finish_stage", before(run._finish_stage, lambda self, stage: f"finish {stage}"))
-    monkeypatch.setattr(run, "_distilled_core", after(run._distilled_core, lambda *a: "distilled core"))
-    monkeypatch.setattr(distill_stages, "write_report", before(distill_stages.write_report, lambda *a: "report"))
+    monkeypatch.setattr(RunContext, "finish_stage", before(RunContext.finish_stage, lambda self, stage: f"finish {stage}"))
+    monkeypatch.setattr(cycles, "save_distilled_core", after(cycles.save_distilled_core, lambda *a: "distilled core"))
+    monkeypatch.setattr(pipeline_run, "write_report", before(pipeline_run.write_report, lambda *a: "report"))
     output = tmp_path / "killed"
     for attempt in range(20):
         try:
@@ -121,14 +125,14 @@ def test_kill_at_every_stage_boundary_then_resume_gives_the_same_run(tiny_setup,
 
 def test_a_harvest_killed_midway_keeps_the_time_of_its_written_shards(tiny_setup, reference, tmp_path, monkeypatch):  # noqa: F811
     """SIGKILL leaves no chance to write anything: the time of every written shard must be on disk already."""
-    written = distill_stages.DistillationRun._write_timings
+    written = StageTimer.save
 
     def killed_after_the_first_shard(self) -> None:
         written(self)
         monkeypatch.undo()
         raise KeyboardInterrupt("killed after the first shard")
 
-    monkeypatch.setattr(distill_stages.DistillationRun, "_write_timings", killed_after_the_first_shard)
+    monkeypatch.setattr(StageTimer, "save", killed_after_the_first_shard)
     output = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         distill.main(fault_args(tiny_setup, output))
@@ -200,7 +204,7 @@ def test_shards_get_normal_permissions(reference):
 
 
 def test_a_shard_written_over_with_garbage_is_named(tmp_path, reference):
-    from trainer.activations import read_shard
+    from trainer.harvest.cache import read_shard
 
     shard = tmp_path / "shard_000000.safetensors"
     shard.write_bytes(b"\x00" * 64)
@@ -352,28 +356,29 @@ def test_a_bare_dataset_name_out_of_reach_is_reported_as_such(monkeypatch):
 def test_resume_rules(tiny_setup, reference, tmp_path, caplog):  # noqa: F811
     """What a resume may change: anything while no work started, what no started work depends on,
     the run folder's own path; local paths are compared resolved."""
-    from trainer.distill_config import parse_config
-    from trainer.run_directory import RunDirectory
+    from trainer.config import parse_config
+    from trainer.run.layout import RunDirectory
+    from trainer.run.resume import start_run
 
     def config(output, *extra):
         return parse_config(fault_args(tiny_setup, output, *extra))
 
     failed_early = copy_run(reference, tmp_path / "failed-early", keep=("run_config.yaml",))
-    RunDirectory(failed_early).start(config(failed_early, "--cycles.k", "12"))  # nothing started: taken over, no --resume needed
+    start_run(RunDirectory(failed_early), config(failed_early, "--cycles.k", "12"))  # nothing started: taken over, no --resume needed
     assert yaml.safe_load((failed_early / "run_config.yaml").read_text())["cycles"]["k"] == 12
 
     harvested = copy_run(reference, tmp_path / "harvested", keep=("cache", "run_config.yaml"))
-    RunDirectory(harvested).start(config(harvested, "--run.resume", "true", "--cycles.k", "12", "--data.dataset", f"{tiny_setup['corpus'].parent}/./{tiny_setup['corpus'].name}"))
+    start_run(RunDirectory(harvested), config(harvested, "--run.resume", "true", "--cycles.k", "12", "--data.dataset", f"{tiny_setup['corpus'].parent}/./{tiny_setup['corpus'].name}"))
     assert "cycles.k: 8 -> 12" in caplog.text and "data.dataset" not in caplog.text  # the same file, spelled otherwise
     with pytest.raises(FileExistsError, match="--run.resume true"):
-        RunDirectory(harvested).start(config(harvested))
+        start_run(RunDirectory(harvested), config(harvested))
     with pytest.raises(ValueError, match=r"finished work \(harvest\) depends on changed settings:\n  data.context_length: 32 -> 16"):
-        RunDirectory(harvested).start(config(harvested, "--run.resume", "true", "--data.context_length", "16"))
+        start_run(RunDirectory(harvested), config(harvested, "--run.resume", "true", "--data.context_length", "16"))
 
     finished = copy_run(reference, tmp_path / "finished")
     with pytest.raises(ValueError, match=r"  optimizer.lr: 0.003 -> 0.001\n.*--harvest.cache_dir .*/finished/cache"):
-        RunDirectory(finished).start(config(finished, "--run.resume", "true", "--optimizer.lr", "0.001"))
-    RunDirectory(finished).start(config(finished, "--run.resume", "true", "--transfer.ks", "4", "16", "32", "--hub.license", "mit"))
+        start_run(RunDirectory(finished), config(finished, "--run.resume", "true", "--optimizer.lr", "0.001"))
+    start_run(RunDirectory(finished), config(finished, "--run.resume", "true", "--transfer.ks", "4", "16", "32", "--hub.license", "mit"))
 
 
 def test_a_damaged_finished_cycle_names_the_folder_to_delete(tiny_setup, reference, tmp_path):  # noqa: F811

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from test_distill import tiny_args, tiny_setup  # noqa: F401  (fixture)
 
-from trainer import distill, run_data
-from trainer.base_model import load_base_model
+from trainer import distill
+from trainer.harvest import run_data
+from trainer.harvest.base_model import load_base_model
 
 CONTEXT_LENGTH = 32  # tiny_args' data.context_length
 
@@ -40,7 +41,7 @@ class ForwardCounter:
 
         prepare = run_data.prepare_run_data
         monkeypatch.setattr(run_data, "load_base_model", counted_load)
-        monkeypatch.setattr("trainer.distill_stages.prepare_run_data", counted_prepare)
+        monkeypatch.setattr("trainer.pipeline.run.prepare_run_data", counted_prepare)
 
     def _record(self, module, args):
         input_ids = args[0]

@@ -22,13 +22,19 @@ from huggingface_hub import HfApi, ModelCard, constants
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from hub_cards.cards import EMBEDDED_CORPUS, PAPER_TITLE, CardSettings, card_dataset, cycle_core_card, final_sae_card, hub_model_id
 from hub_cards import publish
+from hub_cards.cards import (
+    EMBEDDED_CORPUS,
+    PAPER_TITLE,
+    CardSettings,
+    card_dataset,
+    cycle_core_card,
+    final_sae_card,
+    hub_model_id,
+)
 from hub_cards.publish import (
     HubAuthError,
-    HubPushError,
     HubRepoConflictError,
-    HubSettings,
     build_hub_folders,
     parse_core_spec,
     push_cycle,
@@ -40,6 +46,8 @@ from modeling_dmsae import DMSAEConfig, DMSAEModel
 from tests.hub_fixtures import HUB_ORG, HubTestEnv, hub  # noqa: F401  (fixture)
 from tests.hub_server import HubError, card_metadata_errors
 from tests.tiny_models import tiny_tokenizer
+from trainer.config import HubSettings
+from trainer.errors import HubPushError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +106,8 @@ def make_run(run_dir: Path) -> Path:
     for name, core_directions in (("k-0008-dense_core", directions), ("random-core-k-0008", torch.randn_like(directions))):
         config = last.config.with_core(distilled["lineage"], cycle=NUM_CYCLES, k=8, threshold=0.05)
         DMSAEModel.from_core(config, core_directions).save_pretrained(run_dir / "transfer" / name)
-        (run_dir / "transfer" / name / "metrics.json").write_text(json.dumps(_metrics(2, 10)))
+        core = "distilled" if name.startswith("k-") else "random"  # what the trainer records of each final SAE
+        (run_dir / "transfer" / name / "metrics.json").write_text(json.dumps({**_metrics(2, 10), "core": core}))
     (run_dir / "figures").mkdir()
     for figure in ("core_lineage", "l0_core_distilled_vs_random", "coverage_curve"):
         matplotlib.image.imsave(run_dir / "figures" / f"{figure}.png", np.random.default_rng(0).random((4, 4)))
@@ -533,9 +542,8 @@ def test_a_file_holding_the_token_is_never_pushed(hub: HubTestEnv, run_dir: Path
 
 def test_the_embedded_default_is_named_by_its_hub_id(tmp_path: Path):
     """The run's base_model_id is a Hub id; the GGUF file and its wheel go to a field of their own."""
-    from trainer.base_model import EMBEDDED_MODEL_FILE, BaseModelConfig
-    from trainer.distill_config import parse_config
-    from trainer.distill_plan import cycle0_sae_config
+    from trainer.config import EMBEDDED_MODEL_FILE, BaseModelConfig, parse_config
+    from trainer.run.plan import cycle0_sae_config
 
     embedded = BaseModelConfig()
     assert embedded.model_id == BASE_MODEL_ID and hub_model_id(embedded.model_id) == BASE_MODEL_ID

@@ -11,7 +11,7 @@ import simple_parsing
 from simple_parsing import ArgumentGenerationMode, NestedMode
 
 from modeling_dmsae.convert_checkpoints import ConvertArgs
-from trainer.distill_config import ALIASES, DistillConfig, parse_config
+from trainer.config import ALIASES, DistillConfig, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("modeling_dmsae", "trainer", "hub_cards")

@@ -13,7 +13,8 @@ import torch
 from transformers import AutoModel
 
 from modeling_dmsae import DMSAEConfig, DMSAEModel
-from trainer.sae_training import OptimizerConfig, SAETrainer
+from trainer.config import OptimizerConfig
+from trainer.sae.training import SAETrainer
 
 
 def make_config(**overrides) -> DMSAEConfig:

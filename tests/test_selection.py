@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modeling_dmsae import DMSAEConfig, DMSAEModel
-from trainer.selection import (
+from trainer.sae.selection import (
     attribution_scores,
     distilled_core,
     quantile_with_implicit_zeros,

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_models import SENTENCES, tiny_tokenizer
 
-from trainer.text_corpus import (
+from trainer.config import DataConfig
+from trainer.errors import EmptyDatasetError
+from trainer.harvest.text_corpus import (
     ContextSharding,
-    DataConfig,
-    EmptyDatasetError,
     MissingTextColumnError,
     context_batches,
     embedded_corpus_documents,

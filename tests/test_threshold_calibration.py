@@ -9,7 +9,8 @@ from test_modeling import make_config, make_model
 
 from modeling_dmsae import DMSAEModel
 from modeling_dmsae.modeling_dmsae import calibrated_threshold
-from trainer.sae_training import OptimizerConfig, SAETrainer
+from trainer.config import OptimizerConfig
+from trainer.sae.training import SAETrainer
 
 TRUE_FEATURES = torch.nn.functional.normalize(torch.randn(200, 24, generator=torch.Generator().manual_seed(1)), dim=-1)
 

@@ -8,8 +8,9 @@ import torch
 from test_modeling import make_model
 from test_threshold_calibration import sparse_data
 
-from trainer.sae_metrics import chance_max_cosine, decoder_consistency
-from trainer.sae_training import OptimizerConfig, SAETrainer
+from trainer.config import OptimizerConfig
+from trainer.sae.metrics import chance_max_cosine, decoder_consistency
+from trainer.sae.training import SAETrainer
 
 
 def test_decoder_cosine_to_init_falls_with_training_and_survives_a_checkpoint(tmp_path):

@@ -17,8 +17,12 @@ directory (see the run's SUMMARY.md):
 6. report    metrics, figures, summary, Hub-ready folders (and the push with --push-to-hub).
 
 Everything that can be checked without the base model's weights is checked before anything is
-loaded or written (see :func:`check_before_loading`). Errors a user can fix (settings, run files)
-print one line naming the setting or file and the fix; ``DMSAE_DEBUG=1`` shows the traceback.
+loaded or written (``trainer.pipeline.checks``). A user's mistake (``trainer.errors.UserError``:
+a setting, a run file, the dataset, the Hub) prints one line naming the problem and the fix;
+``DMSAE_DEBUG=1`` shows its traceback. Anything else is a bug and shows its traceback.
+
+This entry point only wires the rooms of ``trainer/`` together, and imports them once the
+arguments are parsed: ``--help`` needs neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -29,20 +33,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+if __package__ in (None, ""):  # run as a script: the package's root, not trainer/, is where imports start
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from hub_cards.publish import push_run, resolve_core
-from trainer.base_model import hook_layer_index
-from trainer.distill_config import ConfigError, DistillConfig, parse_config
-from trainer.distill_plan import base_model_width, cycle0_sae_config, describe_plan, final_runs
-from trainer.distill_stages import DistillationRun, check_compatible, load_core, read_cycle0_checkpoint
-from trainer.run_directory import CorruptRunFileError, RunDirectory
-from trainer.text_corpus import load_text_dataset
+import yaml  # noqa: E402
 
-# Errors a user fixes by changing a setting or a run file: one line, no traceback (DMSAE_DEBUG=1 shows it).
-USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError, CorruptRunFileError)
+from trainer.config import DistillConfig, parse_config  # noqa: E402
+from trainer.errors import ConfigError, UserError  # noqa: E402
 
 
 def flat_hyperparameters(config: DistillConfig) -> dict[str, int | float | str | bool]:
@@ -54,7 +51,7 @@ def flat_hyperparameters(config: DistillConfig) -> dict[str, int | float | str |
     return flat
 
 
-def shut_down(accelerator: Accelerator) -> None:
+def shut_down(accelerator) -> None:
     """Finish the trackers and destroy the process group, once every process is done.
 
     The sleep releases the GIL: gloo's worker thread still has to free the last collectives'
@@ -69,73 +66,15 @@ def shut_down(accelerator: Accelerator) -> None:
 def push_only(run_dir: str, argv: list[str]) -> int:
     """``--push-only RUN_DIR``: push a finished (or partly finished) run's artifacts, e.g. after
     a Hub failure. The run's own configuration decides what is pushed; --push-to-hub names the repo."""
-    config = parse_config(["--config", str(Path(run_dir) / "run_config.yaml"), *argv])
+    from hub_cards.publish import push_run
+    from trainer.run.layout import RunDirectory
+
+    config = parse_config(["--config", str(RunDirectory(run_dir).config_file), *argv])
     if not config.hub.repo_id:
-        raise ValueError("--push-only needs the run repository: add --push-to-hub ORG/NAME")
+        raise ConfigError("--push-only needs the run repository: add --push-to-hub ORG/NAME")
     report = push_run(run_dir, config.hub)
     print(f"pushed {report.pushed or 'nothing'}; already on the Hub: {report.skipped or 'nothing'}")
     return 0
-
-
-def known_core_size(config: DistillConfig) -> int | None:
-    """Size of the core the transfer stage will start from, when it is known before any training."""
-    if config.transfer.core:
-        return len(load_core(resolve_core(config.transfer.core)).lineage)
-    finished = RunDirectory(config.run.output_dir).distilled_core
-    return len(load_core(finished).lineage) if config.run.resume and finished.exists() else None
-
-
-def check_sparsities(config: DistillConfig, d_in: int) -> None:
-    """Every k of every stage against K (and the core size when it is known): the DMSAE configs the
-    stages will build, built now."""
-    K = config.dictionary.num_latents
-    try:
-        base = cycle0_sae_config(config, d_in, hook_layer_index(config.model.hook_module))
-    except ValueError as error:
-        raise ConfigError(f"--cycles.k {config.cycles.k} with --dictionary.num_latents {K}: {error}") from None
-    core_size = known_core_size(config)
-    for run in final_runs(config):
-        c = 0 if run.core == "none" else core_size or 0
-        try:
-            base.with_core([[0, j] for j in range(c)], cycle=1, k=run.k, variant=run.variant)
-        except ValueError as error:
-            core = f"a core of {c} latents" if core_size is not None or run.core == "none" else "the smallest possible core"
-            raise ConfigError(
-                f"--transfer.ks {run.k} ({run.name}) is impossible with --dictionary.num_latents {K} and {core}: {error}. "
-                "Lower --transfer.ks or raise --dictionary.num_latents"
-            ) from None
-
-
-def check_paths(config: DistillConfig) -> None:
-    """The output folder, the cycle-0 checkpoint and the dataset, before anything is loaded."""
-    output = Path(config.run.output_dir).expanduser()
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--run.output_dir {output} is a file, not a folder: choose another --run.output_dir")
-    parent = next(p for p in [output, *output.parents] if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--run.output_dir {output}: {parent} is not writable: choose another --run.output_dir")
-    checkpoint = config.cycles.cycle0_checkpoint
-    if checkpoint and not Path(checkpoint).exists():
-        raise ConfigError(
-            f"--cycles.cycle0_checkpoint {checkpoint}: no such file or folder (a SAEBench / dictionary_learning trainer "
-            "folder or ae.pt, a SAELens folder, or a DMSAE folder)"
-        )
-    load_text_dataset(config.data)  # streamed: opens the files (or the Hub id), reads nothing
-
-
-def check_before_loading(config: DistillConfig) -> int:
-    """Everything a dry run checks, every run checks before loading the base model or writing
-    anything: returns the activation width d."""
-    check_paths(config)
-    d_in = config.dictionary.d_in or base_model_width(config)
-    check_sparsities(config, d_in)
-    if config.cycles.cycle0_checkpoint and not config.transfer.core:
-        try:
-            sae = read_cycle0_checkpoint(config.cycles.cycle0_checkpoint)
-        except (ValueError, KeyError, OSError) as error:
-            raise ConfigError(f"--cycles.cycle0_checkpoint {config.cycles.cycle0_checkpoint}: {error}") from None
-        check_compatible(sae.config, d_in, hook_layer_index(config.model.hook_module), config)
-    return d_in
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,31 +83,40 @@ def main(argv: list[str] | None = None) -> int:
         index = argv.index("--push-only")
         return push_only(argv[index + 1], argv[:index] + argv[index + 2 :])
     config = parse_config(argv)
+    from trainer.pipeline.checks import check_before_loading
+
     d_in = check_before_loading(config)
     if config.run.dry_run:
+        from trainer.report.dry_run import describe_plan
+
         print(describe_plan(config, d_in))
         return 0
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    from trainer.pipeline.run import DistillationRun
+    from trainer.run.layout import TRACKER_PROJECT, RunDirectory
+
     accelerator = Accelerator(
         gradient_accumulation_steps=config.run.gradient_accumulation_steps,
         log_with=None if config.run.log_with == "none" else config.run.log_with,
-        project_dir=config.run.output_dir,
+        project_config=ProjectConfiguration(project_dir=config.run.output_dir, logging_dir=str(RunDirectory(config.run.output_dir).logs)),
     )
     set_seed(config.run.seed)
-    accelerator.init_trackers("dmsae", config=flat_hyperparameters(config))
+    accelerator.init_trackers(TRACKER_PROJECT, config=flat_hyperparameters(config))
     DistillationRun(config, accelerator).run()
     shut_down(accelerator)
     return 0
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``main`` with a user's errors as one line on stderr (exit status 1); DMSAE_DEBUG=1 raises them."""
+    """``main`` with a user's mistakes as one line on stderr (exit status 1); DMSAE_DEBUG=1 raises them."""
     try:
         return main(argv)
-    except USER_ERRORS as error:
+    except UserError as error:
         if os.environ.get("DMSAE_DEBUG", "") not in ("", "0"):
             raise
-        message = " ".join(str(error).split("\n")) if isinstance(error, ConfigError) else str(error)
-        print(f"distill.py: error: {message} [DMSAE_DEBUG=1 shows the traceback]", file=sys.stderr)
+        print(f"distill.py: error: {error.one_line()} [DMSAE_DEBUG=1 shows the traceback]", file=sys.stderr)
         return 1
 
 

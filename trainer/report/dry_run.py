@@ -1,11 +1,11 @@
 """``--run.dry_run``: validate a configuration and print the plan without loading any weights:
 the stages, the base-model passes, the cache's disk per process, memory per process, and the
 wall time per stage estimated from throughputs measured by ``bench/bench_throughputs.py`` on the
-same kind of device (``bench/throughputs.json``; a kind or base model never measured is said so)."""
+same kind of device (``trainer/report/throughputs.json``, shipped with the package; a kind or base
+model never measured is said so). What the run trains comes from ``trainer.run.plan``."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -13,107 +13,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 from modeling_dmsae import DMSAEConfig
-from modeling_dmsae.configuration_dmsae import matryoshka_group_sizes
-from trainer.distill_config import DistillConfig
+from trainer.config import DistillConfig
+from trainer.harvest.base_model import base_model_width, pretrained_source
+from trainer.run.files import read_json
+from trainer.run.plan import cycle0_sae_config, final_runs, planned_processes, steps_for
 
 GIB = 1024**3
-THROUGHPUTS_FILE = Path(__file__).resolve().parent.parent / "bench" / "throughputs.json"
+THROUGHPUTS_FILE = Path(__file__).resolve().parent / "throughputs.json"
 SAE_SHAPE_FIELDS = ("d_in", "num_latents", "k", "batch_size")
 STORAGE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 MAX_SCALING = 4  # the farthest an SAE shape's N d K may lie from a measured one to be scaled from it
-
-
-def world_size() -> int:
-    """Processes of this launch (``accelerate launch`` sets WORLD_SIZE), 1 for plain python."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def planned_processes(config: DistillConfig) -> int:
-    """The processes the plan is for: plan.num_processes, or this launch's."""
-    return config.plan.num_processes or world_size()
-
-
-def steps_for(tokens: int, config: DistillConfig, processes: int | None = None) -> int:
-    """Micro-batches per process that consume ``tokens`` across all ``processes`` (default: this
-    launch's) as a whole number of optimiser steps under gradient accumulation."""
-    accumulation = config.run.gradient_accumulation_steps
-    per_step = config.cycles.batch_size * (processes or world_size()) * accumulation
-    return max(1, math.ceil(tokens / per_step)) * accumulation
-
-
-class FinalRun(NamedTuple):
-    """One SAE of the transfer stage: its folder under ``transfer/``, sparsity k, masking variant,
-    and which core it starts from: ``distilled`` (C*, Algorithm 3), ``random`` (the Figure-3
-    control: random unit directions, frozen, of |C*| latents) or ``none`` (the plain Matryoshka
-    baseline, c = 0)."""
-
-    name: str
-    k: int
-    variant: str
-    core: str
-
-    @property
-    def stage(self) -> str:
-        """Name of its training stage (checkpoints and logs)."""
-        return f"transfer-{self.name}"
-
-
-def final_runs(config: DistillConfig) -> list[FinalRun]:
-    """Every SAE the transfer stage trains, in training order.
-
-    The DMSAEs at each k in transfer.ks and variant; with transfer.random_core_control, the
-    dense distilled core against a random core at the distillation k (Figure 3); with
-    transfer.sparsity_matched, the sparse-core variant at the distillation k (global L0 = k, as the
-    baseline's); with transfer.baseline, a plain Matryoshka SAE (c = 0) at every k trained above.
-    """
-    transfer, k = config.transfer, config.cycles.k
-    runs = [FinalRun(f"k-{kk:04d}-{variant}", kk, variant, "distilled") for kk in transfer.ks for variant in transfer.variants]
-    comparisons = [(k, "dense_core")] * transfer.random_core_control + [(k, "sparse_core")] * transfer.sparsity_matched
-    for kk, variant in comparisons:
-        if (kk, variant) not in {(r.k, r.variant) for r in runs}:
-            runs.append(FinalRun(f"k-{kk:04d}-{variant}", kk, variant, "distilled"))
-    if transfer.random_core_control:
-        runs.append(FinalRun(f"random-core-k-{k:04d}", k, "dense_core", "random"))
-    if transfer.baseline:
-        runs += [FinalRun(f"baseline-k-{kk:04d}", kk, "dense_core", "none") for kk in sorted({r.k for r in runs})]
-    return runs
-
-
-def cycle0_sae_config(config: DistillConfig, d_in: int, hook_layer: int | None = None) -> DMSAEConfig:
-    """The DMSAE configuration of a from-scratch cycle 0 (validates the dictionary settings)."""
-    dictionary = config.dictionary
-    return DMSAEConfig(
-        d_in=d_in,
-        num_latents=dictionary.num_latents,
-        core_size=0,
-        group_sizes=matryoshka_group_sizes(dictionary.num_latents, dictionary.group_fractions),
-        k=config.cycles.k,
-        variant=config.cycles.variant,
-        aux_k=dictionary.aux_k,
-        aux_alpha=dictionary.aux_alpha,
-        dead_tokens_threshold=dictionary.dead_tokens_threshold,
-        base_model_id=config.model.model_id,
-        base_model_file=config.model.model_file,
-        hook_module=config.model.hook_module,
-        hook_layer=hook_layer,
-    )
-
-
-def base_model_width(config: DistillConfig) -> int:
-    """The base model's hidden size from its configuration alone (no weights)."""
-    from transformers import AutoConfig
-
-    from trainer.base_model import pretrained_source
-
-    source, kwargs = pretrained_source(config.model)
-    try:
-        model_config = AutoConfig.from_pretrained(source, **kwargs)
-    except OSError as error:
-        raise ValueError(
-            f"cannot read the configuration of {config.model.model_id} to learn the activation width ({error}). "
-            "Set --dictionary.d_in (e.g. 2304 for Gemma-2-2B) or make the model reachable"
-        ) from error
-    return model_config.get_text_config().hidden_size
 
 
 def sae_training_bytes(sae: DMSAEConfig, batch_size: int) -> int:
@@ -126,7 +35,7 @@ def sae_training_bytes(sae: DMSAEConfig, batch_size: int) -> int:
 
 def describe_plan(config: DistillConfig, d_in: int | None = None) -> str:
     """The run's stages with tokens, steps and the per-process memory of SAE training."""
-    d_in = d_in or config.dictionary.d_in or base_model_width(config)
+    d_in = d_in or config.dictionary.d_in or base_model_width(config.model)
     sae = cycle0_sae_config(config, d_in)
     processes = planned_processes(config)
     cycle_steps = steps_for(config.cycles.tokens_per_cycle, config, processes)
@@ -164,7 +73,7 @@ def describe_plan(config: DistillConfig, d_in: int | None = None) -> str:
 
 
 def device_kind() -> str:
-    """This machine's kind of device as bench/throughputs.json names it: the GPU's name
+    """This machine's kind of device as throughputs.json names it: the GPU's name
     (``cuda-nvidia-h100-80gb-hbm3``) or ``cpu-<cores>core``."""
     import torch
 
@@ -189,7 +98,7 @@ class Throughputs(NamedTuple):
 
 def load_throughputs(config: DistillConfig, kind: str) -> Throughputs | None:
     """The figures measured on ``kind`` (None when that kind was never measured)."""
-    table = json.loads(THROUGHPUTS_FILE.read_text()) if THROUGHPUTS_FILE.exists() else {}
+    table = read_json(THROUGHPUTS_FILE) if THROUGHPUTS_FILE.exists() else {}
     if kind not in table:
         return None
     entry = table[kind]
@@ -240,8 +149,6 @@ def _base_model_bytes(config: DistillConfig, processes: int) -> str:
     try:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
-
-        from trainer.base_model import pretrained_source
 
         source, kwargs = pretrained_source(config.model)
         with init_empty_weights():

@@ -24,6 +24,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from modeling_dmsae import DMSAEModel
+from trainer.errors import ConfigError
 
 
 class CoreSelection(NamedTuple):
@@ -107,7 +108,7 @@ def select_by_coverage(pool_scores: torch.Tensor, tau: float) -> CoreSelection:
     scores = pool_scores.double().cpu()
     total = scores.sum()
     if not total > 0:
-        raise ValueError(
+        raise ConfigError(
             "no candidate latent has a positive attribution score: nothing in core + prefix-0 fired on the "
             "attribution sample. Use a larger attribution sample, or check that the SAE is trained"
         )

@@ -14,7 +14,7 @@ Public API:
 - :func:`harvest_attribution_sample` ``(model, tokenizer, base, data, cfg) -> AttributionSample``:
   ``x_u`` and ``g_u = dL/dx_u`` at sampled token positions (Algorithm 2, line 1), from the base
   model alone, cached under ``cfg.cache_dir`` too. ``L`` is the **sum** of the next-token
-  cross-entropies of the context (see ``trainer.base_model``), so ``g`` is not scaled by the batch
+  cross-entropies of the context (see ``trainer.harvest.base_model``), so ``g`` is not scaled by the batch
   or context size.
 
 Cache layout (one directory per kind, ``<cache_dir>/activations`` and ``<cache_dir>/attribution``)::
@@ -44,14 +44,15 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.base_model import (
+from trainer.config import BaseModelConfig, DataConfig, HarvestConfig
+from trainer.errors import ConfigError, CorruptRunFileError, EmptyDatasetError, UserError
+from trainer.harvest.base_model import (
     IGNORE_INDEX,
-    BaseModelConfig,
     capture_activations,
     check_context_length,
     model_fingerprint,
@@ -59,78 +60,22 @@ from trainer.base_model import (
     next_token_targets,
     resolve_hook_module,
 )
-from trainer.run_directory import CorruptRunFileError, write_json
-from trainer.text_corpus import (
+from trainer.harvest.text_corpus import (
     ContextSharding,
-    DataConfig,
-    EmptyDatasetError,
     PackedContext,
     context_batches,
+    describe_data,
     packed_contexts,
     process_state,
 )
+from trainer.run.files import read_json, write_bytes, write_json
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 2  # 2: BOS prepended by default, massive-norm positions excluded, position census
 # Manifest entries that describe a cache without deciding its content: never compared.
 INFO_KEYS = ("model_id", "compute_dtype", "complete", "num_shards", "num_rows", "positions", "shard_bytes")
 REHARVEST = "delete that file and rerun with --run.resume true: the harvest recomputes only the missing shard"
-
-
-@dataclass
-class HarvestConfig:
-    """How many activations and gradients to harvest, and where to keep them."""
-
-    train_tokens: int = 1_000_000
-    """Context positions read for SAE training (the paper: 500M); the cache keeps the unmasked ones."""
-
-    attribution_tokens: int = 16_384
-    """Token positions u sampled for attribution (Algorithm 2, line 1)."""
-
-    positions_per_context: int = 64
-    """Attribution positions sampled per context, among those whose next-token prediction counts."""
-
-    batch_size: int = 8
-    """Contexts per forward pass when harvesting activations."""
-
-    attribution_batch_size: int = 2
-    """Contexts per forward and backward pass when harvesting gradients."""
-
-    contexts_per_shard: int = 64
-    """Contexts per cache shard; the shuffle buffer: a shard's tokens are shuffled together."""
-
-    storage_dtype: str = "bfloat16"
-    """Cache dtype: bfloat16 or float16 (16-bit, half the disk) or float32."""
-
-    cache_dir: str | None = None
-    """Directory for the activation and attribution caches, best on each node's local disk (each rank writes and reads only its own shards; a cache is shared by every run reading the same model, hook, tokenizer and data). None: the run directory's cache/."""
-
-    loss_chunk_tokens: int = 1024
-    """Positions per LM-head chunk in the gradient pass (bounds the logits kept in memory)."""
-
-    seed: int = 0
-    """Seeds the shard shuffles and the attribution position sampling."""
-
-    max_norm_ratio: float = 10.0
-    """Exclude positions whose activation norm exceeds this multiple of the median norm of their forward batch (attention sinks, massive activations) from SAE training, attribution, calibration and every metric; 0 keeps them. The default sits in the gap measured on SmolLM2-135M layer 12: ordinary tokens stay below 3x the median, sink positions lie at 15-200x (README, "Activation hygiene")."""
-
-    def context_ranges(self, context_length: int) -> ContextRanges:
-        train = range(0, math.ceil(self.train_tokens / context_length))
-        attribution_contexts = math.ceil(self.attribution_tokens / self.positions_per_context)
-        attribution = range(train.stop, train.stop + attribution_contexts)
-        return ContextRanges(train=train, attribution=attribution, heldout_start=attribution.stop)
-
-
-class ContextRanges(NamedTuple):
-    """Disjoint ranges of packed-context indices."""
-
-    train: range  # activations for SAE training
-    attribution: range  # (x, g) sample for core selection
-    heldout_start: int  # first context used by neither, e.g. for evaluation
 
 
 class AttributionSample(NamedTuple):
@@ -140,15 +85,15 @@ class AttributionSample(NamedTuple):
     g: Tensor  # [U, d] float32
 
 
-class NonFiniteActivationsError(FloatingPointError):
+class NonFiniteActivationsError(UserError, FloatingPointError):
     """NaN or Inf in harvested activations or gradients."""
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(ConfigError):
     """The cache directory holds a cache written by another model, hook, tokenizer or data."""
 
 
-class IncompleteCacheError(FileNotFoundError):
+class IncompleteCacheError(CorruptRunFileError, FileNotFoundError):
     """The cache is missing or still being written."""
 
 
@@ -241,10 +186,7 @@ def _read_manifest(directory: Path) -> dict | None:
     path = directory / MANIFEST
     if not path.exists():
         return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise CorruptShardError(f"{path} is not valid JSON: delete {directory} and rerun with --run.resume true to harvest again") from None
+    return read_json(path, fix=f"delete {directory} and rerun with --run.resume true to harvest again")
 
 
 def _rows_summary(rows: Tensor) -> str:
@@ -476,7 +418,7 @@ def _manifest(
         "hook_module": base.hook_module,
         "d_model": width,
         "tokenizer_fingerprint": _tokenizer_fingerprint(tokenizer),
-        "data": data.describe(),
+        "data": describe_data(data),
         "first_context": contexts.start,
         "num_contexts": len(contexts),
         "contexts_per_shard": cfg.contexts_per_shard,
@@ -564,10 +506,9 @@ def _harvest_to_cache(
             "process_index": str(state.process_index),
             "census": json.dumps(asdict(harvested.census)),
         }
-        temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_file(harvested.tensors, temporary, metadata=metadata)
-        os.chmod(temporary, FILE_MODE)  # safetensors creates 0600; a shared cache must be readable by the group
-        os.replace(temporary, path)
+        # Written as bytes with open(): the file gets the umask's mode, so a shared cache is readable
+        # by the group (safetensors' save_file would create it 0600).
+        write_bytes(path, save(harvested.tensors, metadata=metadata))
         after_shard()
         progress.update()
     progress.close()
@@ -604,7 +545,7 @@ def _harvest_setup(
 ) -> tuple[torch.nn.Module, int]:
     """The hook module and the width d of its output, after checking the settings."""
     if cfg.storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}; got {cfg.storage_dtype!r}")
+        raise ConfigError(f"--harvest.storage_dtype {cfg.storage_dtype}: must be one of {', '.join(STORAGE_DTYPES)}")
     check_context_length(model, data.context_length)
     hook = resolve_hook_module(model, base.hook_module)
     with torch.inference_mode():  # a two-token probe: d is not always the model's hidden size

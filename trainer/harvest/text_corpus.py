@@ -52,72 +52,35 @@ from datasets import IterableDataset, load_dataset
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from trainer.config import DataConfig
+from trainer.errors import ConfigError, EmptyDatasetError
+from trainer.run.files import atomic_path
+
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 TOKENIZE_BATCH_DOCUMENTS = 16  # documents per tokenizer call (the fast tokenizer batches in Rust)
 
 
-@dataclass
-class DataConfig:
-    """Where the text comes from and how it becomes fixed-length token contexts."""
-
-    dataset: str = ""
-    """Hub dataset id (streamed, e.g. monology/pile-uncopyrighted) or a local .txt/.json/.jsonl/.parquet
-    file, directory or glob. Empty: the embedded offline corpus (Python's documentation and source)."""
-
-    dataset_config: str | None = None
-    """Configuration (subset) name of a Hub dataset."""
-
-    split: str = "train"
-    """Dataset split to read."""
-
-    text_column: str = "text"
-    """Column holding the text."""
-
-    context_length: int = 128
-    """Tokens per context (the paper: 1024)."""
-
-    prepend_bos: bool | None = None
-    """Start every context with BOS. None: whenever the tokenizer has a BOS token (it then carries the attention sink, and is masked)."""
-
-    append_eos: bool = True
-    """Follow every document with EOS, separating documents packed into one context."""
-
-    mask_bos: bool = True
-    """Exclude BOS positions from SAE training and attribution."""
-
-    mask_eos: bool = False
-    """Exclude EOS positions from SAE training and attribution."""
-
-    pad_last_context: bool = False
-    """Keep the last, incomplete context, right-padded (padding is always masked); default: drop it."""
-
-    embedded_code: bool = True
-    """Embedded corpus only: mix the standard library's source code (in chunks) into the documentation."""
-
-    corpus_dir: str | None = None
-    """Embedded corpus only: where to write it (default ~/.cache/dmsae/embedded-corpus)."""
-
-    def describe(self) -> dict:
-        """The fields that decide which tokens the contexts hold (recorded in activation caches)."""
-        fields = asdict(self)
-        del fields["corpus_dir"]
-        if self.dataset:
-            del fields["embedded_code"]
-            if Path(self.dataset).expanduser().exists():  # ./x, x/ and /abs/x are one dataset
-                fields["dataset"] = str(Path(self.dataset).expanduser().resolve())
-        else:
-            fields["python"] = sys.version.split()[0]  # the embedded text comes with the interpreter
-            fields["embedded_layout"] = EMBEDDED_LAYOUT
-        return fields
-
-
-class MissingTextColumnError(KeyError):
+class MissingTextColumnError(ConfigError, KeyError):
     def __str__(self) -> str:  # KeyError would show the message in quotes
         return str(self.args[0])
 
 
-class EmptyDatasetError(ValueError):
-    """The dataset holds no text to make a context from."""
+class DatasetNotFoundError(ConfigError, FileNotFoundError):
+    """--data.dataset names neither a local file nor a reachable Hub dataset."""
+
+
+def describe_data(cfg: DataConfig) -> dict:
+    """The fields that decide which tokens the contexts hold (recorded in activation caches)."""
+    fields = asdict(cfg)
+    del fields["corpus_dir"]
+    if cfg.dataset:
+        del fields["embedded_code"]
+        if Path(cfg.dataset).expanduser().exists():  # ./x, x/ and /abs/x are one dataset
+            fields["dataset"] = str(Path(cfg.dataset).expanduser().resolve())
+    else:
+        fields["python"] = sys.version.split()[0]  # the embedded text comes with the interpreter
+        fields["embedded_layout"] = EMBEDDED_LAYOUT
+    return fields
 
 
 class PackedContext(NamedTuple):
@@ -197,11 +160,9 @@ def materialize_embedded_corpus(directory: str | os.PathLike | None = None, incl
     path = directory / f"python{version}-{'docs-code' if include_code else 'docs'}-shuffled.jsonl"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        with open(temporary, "w", encoding="utf-8") as file:
+        with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as file:
             for text in embedded_corpus_documents(include_code):
                 file.write(json.dumps({"text": text}) + "\n")
-        os.replace(temporary, path)
     return path
 
 
@@ -223,19 +184,19 @@ def load_text_dataset(cfg: DataConfig) -> IterableDataset:
         return load_dataset("json", data_files=[str(corpus)], split="train", streaming=True)
     files = _local_data_files(cfg.dataset)
     if files is None and (Path(cfg.dataset).suffix in LOCAL_BUILDERS or cfg.dataset.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"--data.dataset {cfg.dataset!r}: no such file, directory or glob match in {Path.cwd()}")
+        raise DatasetNotFoundError(f"--data.dataset {cfg.dataset!r}: no such file, directory or glob match in {Path.cwd()}")
     if files is None:
         try:
             return load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=True)
         except (ConnectionError, FileNotFoundError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
-            raise FileNotFoundError(
+            raise DatasetNotFoundError(
                 f"--data.dataset {cfg.dataset!r} is neither a local path (no file, directory or glob match in {Path.cwd()}) "
                 f"nor reachable on the Hub ({error}): fix the path, or check the dataset id and the network"
             ) from None
     builders = {LOCAL_BUILDERS.get(Path(f).suffix) for f in files}
     if not files or None in builders or len(builders) > 1:
-        raise ValueError(
-            f"local dataset {cfg.dataset!r} must be .txt, .json/.jsonl or .parquet files of one kind; "
+        raise ConfigError(
+            f"--data.dataset {cfg.dataset!r}: a local dataset must be .txt, .json/.jsonl or .parquet files of one kind; "
             f"found {files[:5]}"
         )
     if all(Path(f).stat().st_size == 0 for f in files):
@@ -264,7 +225,7 @@ def _documents(dataset: IterableDataset, cfg: DataConfig) -> Iterator[str]:
 def _wants_bos(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> bool:
     if cfg.prepend_bos is not None:
         if cfg.prepend_bos and tokenizer.bos_token_id is None:
-            raise ValueError("data.prepend_bos is set but the tokenizer has no BOS token; set --data.prepend_bos false")
+            raise ConfigError("--data.prepend_bos is set but the tokenizer has no BOS token; set --data.prepend_bos false")
         return cfg.prepend_bos
     return tokenizer.bos_token_id is not None
 
@@ -272,11 +233,11 @@ def _wants_bos(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> bool:
 def _pack(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, documents: Iterable[str]) -> Iterator[PackedContext]:
     """All contexts of the stream, in order."""
     if cfg.context_length < 2:
-        raise ValueError(f"context_length must be at least 2 (a token and its successor), got {cfg.context_length}")
+        raise ConfigError(f"--data.context_length {cfg.context_length}: must be at least 2 (a token and its successor)")
     bos = [tokenizer.bos_token_id] if _wants_bos(tokenizer, cfg) else []
     eos = tokenizer.eos_token_id
     if cfg.append_eos and eos is None:
-        raise ValueError("append_eos is set but the tokenizer has no EOS token; set --data.append_eos false")
+        raise ConfigError("--data.append_eos is set but the tokenizer has no EOS token; set --data.append_eos false")
     body = cfg.context_length - len(bos)
     tokens: list[int] = []
     kept: list[bool] = []

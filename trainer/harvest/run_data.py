@@ -16,7 +16,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from trainer.activations import (
+from modeling_dmsae.configuration_dmsae import hook_layer_index
+from trainer.config import DistillConfig
+from trainer.errors import ConfigError, EmptyDatasetError
+from trainer.harvest.base_model import capture_activations, load_base_model, mean_next_token_loss, resolve_hook_module
+from trainer.harvest.cache import (
     ActivationCache,
     ActivationStream,
     PositionCensus,
@@ -24,11 +28,8 @@ from trainer.activations import (
     harvest_attribution_sample,
     kept_positions,
 )
-from trainer.base_model import capture_activations, hook_layer_index, load_base_model, resolve_hook_module
-from trainer.distill_config import DistillConfig
-from trainer.run_directory import RunDirectory
-from trainer.sae_metrics import mean_next_token_loss
-from trainer.text_corpus import EmptyDatasetError, context_batches, packed_contexts, process_state
+from trainer.harvest.text_corpus import context_batches, packed_contexts, process_state
+from trainer.run.layout import RunDirectory
 
 
 @dataclass
@@ -118,12 +119,12 @@ def prepare_run_data(
     hook = resolve_hook_module(base_model, config.model.hook_module)
     d_in = base_model.config.get_text_config().hidden_size
     if config.dictionary.d_in is not None and config.dictionary.d_in != d_in:
-        raise ValueError(
-            f"dictionary.d_in = {config.dictionary.d_in} but {config.model.model_id} has hidden size {d_in}: "
-            "fix dictionary.d_in or the base model"
+        raise ConfigError(
+            f"--dictionary.d_in {config.dictionary.d_in}: {config.model.model_id} has hidden size {d_in}; "
+            "fix --dictionary.d_in or the base model"
         )
     # Cached under the run unless told otherwise; the attribution sample is small and always cached.
-    harvest = config.harvest if config.harvest.cache_dir else dataclasses.replace(config.harvest, cache_dir=str(paths.cache))
+    harvest = config.harvest if config.harvest.cache_dir else dataclasses.replace(config.harvest, cache_dir=str(paths.cache_dir()))
     streamed = dataclasses.replace(harvest, cache_dir=None) if config.run.stream_activations else harvest
     training = harvest_activations(base_model, tokenizer, config.model, config.data, streamed, after_shard)
     attribution = harvest_attribution_sample(base_model, tokenizer, config.model, config.data, harvest, after_shard)

@@ -8,15 +8,13 @@ consistency across sparsities. The terminal gets the same tables.
 
 from __future__ import annotations
 
-import json
 from itertools import combinations
 from pathlib import Path
 from typing import NamedTuple
 
 from modeling_dmsae import DMSAEModel
-from trainer.distill_config import DistillConfig
-from trainer.distill_plan import FinalRun, final_runs
-from trainer.figures import (
+from trainer.config import DistillConfig
+from trainer.report.figures import (
     ConsistencyBar,
     SparsityPoint,
     consistency_figure,
@@ -25,8 +23,11 @@ from trainer.figures import (
     l0_core_figure,
     sparsity_fidelity_figure,
 )
-from trainer.run_directory import RunDirectory, read_json, write_json
-from trainer.sae_metrics import MATCH_COSINE, chance_max_cosine, decoder_consistency
+from trainer.run.files import read_json, write_json, write_text
+from trainer.run.layout import CORE_JSON, METRICS_JSON, RunDirectory, figure_file
+from trainer.run.logs import read_curve
+from trainer.run.plan import FinalRun, final_runs
+from trainer.sae.metrics import MATCH_COSINE, chance_max_cosine, decoder_consistency
 
 FAMILIES = {("distilled", "dense_core"): "DMSAE (dense core)", ("distilled", "sparse_core"): "DMSAE (sparse core)"}
 FAMILIES.update({("none", "dense_core"): "Matryoshka baseline", ("random", "dense_core"): "random core"})
@@ -35,15 +36,6 @@ FAMILIES.update({("none", "dense_core"): "Matryoshka baseline", ("random", "dens
 CHANCE_MARGIN = 0.05
 # Above this median cosine to its initialisation, most of a dictionary has not learned anything yet.
 UNDERTRAINED_COSINE = 0.8
-
-
-def _log_curve(path: Path, name: str) -> tuple[list[int], list[float]]:
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return [r["step"] for r in records], [r[name] for r in records]
-
-
-def _cycle_folders(paths: RunDirectory) -> list[Path]:
-    return sorted((paths.root / "cycles").glob("cycle-*")) if (paths.root / "cycles").exists() else []
 
 
 def family(metrics: dict) -> str:
@@ -60,12 +52,12 @@ def batchtopk_l0(metrics: dict) -> float:
 def collect_metrics(paths: RunDirectory, runs: list[FinalRun]) -> dict:
     """{"cycles": {name: metrics}, "transfer": {name: metrics}}."""
     metrics = {"cycles": {}, "transfer": {}}
-    for folder in _cycle_folders(paths):
-        metrics["cycles"][folder.name] = read_json(folder / "metrics.json")
+    for folder in paths.cycles():
+        metrics["cycles"][folder.name] = read_json(folder / METRICS_JSON)
     for run in runs:
         folder = paths.transfer(run.name)
         if folder.exists():
-            metrics["transfer"][run.name] = read_json(folder / "metrics.json")
+            metrics["transfer"][run.name] = read_json(folder / METRICS_JSON)
     return metrics
 
 
@@ -97,18 +89,18 @@ class CoreUsage(NamedTuple):
     held_out: float  # L0_core on held-out tokens, inference threshold
 
 
-def _core_usage(paths: RunDirectory, name: str, metrics: dict) -> CoreUsage | None:
-    _, curve = _log_curve(paths.logs / f"transfer-{name}.jsonl", "l0_core")
-    if not curve or name not in metrics:
+def _core_usage(paths: RunDirectory, run: FinalRun, metrics: dict) -> CoreUsage | None:
+    _, curve = read_curve(paths.log(run.stage), "l0_core")
+    if not curve or run.name not in metrics:
         return None
     tenth = max(1, len(curve) // 10)
-    return CoreUsage(sum(curve[:tenth]) / tenth, sum(curve[-tenth:]) / tenth, metrics[name]["l0_core"])
+    return CoreUsage(sum(curve[:tenth]) / tenth, sum(curve[-tenth:]) / tenth, metrics[run.name]["l0_core"])
 
 
-def _core_biases(paths: RunDirectory, name: str) -> str:
+def _core_biases(paths: RunDirectory, run: FinalRun) -> str:
     """How many core encoder biases ended positive, and their mean: in the dense-core variant nothing
     penalises core activity, so a positive bias lets a core latent fire on most tokens."""
-    sae = DMSAEModel.from_pretrained(paths.transfer(name))
+    sae = DMSAEModel.from_pretrained(paths.transfer(run.name))
     core = sae.b_enc.detach()[: sae.config.core_size]
     return f"{int((core > 0).sum())} of {len(core)} positive (mean {float(core.mean()):+.3f})"
 
@@ -117,24 +109,27 @@ def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics
     """Figure 3 in words: did the random core's L0_core fall during training, and did the distilled
     core end above it? Measured, never tuned for."""
     k = config.cycles.k
-    distilled = _core_usage(paths, f"k-{k:04d}-dense_core", transfer_metrics)
-    random = _core_usage(paths, f"random-core-k-{k:04d}", transfer_metrics)
+    distilled_run, random_run = FinalRun.of(k, "dense_core", "distilled"), FinalRun.of(k, "dense_core", "random")
+    distilled = _core_usage(paths, distilled_run, transfer_metrics)
+    random = _core_usage(paths, random_run, transfer_metrics)
     if distilled is None or random is None:
         return None
-    c = transfer_metrics[f"random-core-k-{k:04d}"]["core_size"]
+    c = transfer_metrics[random_run.name]["core_size"]
     fell = random.end < 0.9 * random.start
     above = distilled.end > random.end
     agrees = fell and above
+    # A random core that never fired early on has no relative change to state.
+    change = f"{(random.end / random.start - 1) * 100:+.0f}%" if random.start > 0 else "it did not fire in the first tenth"
     return (
         f"At k = {k}, both cores of {c} latents: the random core's L0_core went from {random.start:.1f} "
         f"(first tenth of training) to {random.end:.1f} (last tenth): it "
-        f"{'fell' if fell else 'did not fall'} ({(random.end / random.start - 1) * 100:+.0f}%). "
+        f"{'fell' if fell else 'did not fall'} ({change}). "
         f"The distilled core went from {distilled.start:.1f} to {distilled.end:.1f} and ended "
         f"{'above' if above else 'below'} the random core. On held-out tokens L0_core is {distilled.held_out:.1f} "
         f"(distilled) against {random.held_out:.1f} (random). The paper reports a random core driven toward "
         f"0 while a distilled core keeps firing: this run {'agrees' if agrees else 'does not reproduce that'}. "
-        f"Core encoder biases after training: random core {_core_biases(paths, f'random-core-k-{k:04d}')}, "
-        f"distilled core {_core_biases(paths, f'k-{k:04d}-dense_core')}."
+        f"Core encoder biases after training: random core {_core_biases(paths, random_run)}, "
+        f"distilled core {_core_biases(paths, distilled_run)}."
     )
 
 
@@ -143,27 +138,27 @@ def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics
 
 def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: dict, consistency: list[dict]) -> list[Path]:
     figures = []
-    cores = [read_json(folder / "core.json") for folder in _cycle_folders(paths)]
+    cores = [read_json(folder / CORE_JSON) for folder in paths.cycles()]
     if cores:
         origins = [[origin for origin, _ in core["lineage"]] for core in cores]
-        figures.append(core_lineage_figure(origins, paths.figures / "core_lineage.png"))
+        figures.append(core_lineage_figure(origins, paths.figure("core_lineage")))
         curves = {f"cycle {core['cycle']}": core["coverage_curve"] for core in cores}
-        figures.append(coverage_figure(curves, config.cycles.tau, paths.figures / "coverage_curve.png"))
+        figures.append(coverage_figure(curves, config.cycles.tau, paths.figure("coverage_curve")))
     k = config.cycles.k
-    distilled = paths.logs / f"transfer-k-{k:04d}-dense_core.jsonl"
-    random_core = paths.logs / f"transfer-random-core-k-{k:04d}.jsonl"
+    distilled = paths.log(FinalRun.of(k, "dense_core", "distilled").stage)
+    random_core = paths.log(FinalRun.of(k, "dense_core", "random").stage)
     if distilled.exists() and random_core.exists():
         curves = {
-            "distilled core": _log_curve(distilled, "l0_core"),
-            "random core": _log_curve(random_core, "l0_core"),
+            "distilled core": read_curve(distilled, "l0_core"),
+            "random core": read_curve(random_core, "l0_core"),
         }
-        figures.append(l0_core_figure(curves, paths.figures / "l0_core_distilled_vs_random.png"))
+        figures.append(l0_core_figure(curves, paths.figure("l0_core")))
     points = [
         SparsityPoint(family(m), m["k"], m["l0"], m["l0_noncore"], m["loss_recovered"], m["fve"])
         for m in metrics["transfer"].values()
     ]
     if points:
-        figures.append(sparsity_fidelity_figure(points, paths.figures / "sparsity_fidelity.png"))
+        figures.append(sparsity_fidelity_figure(points, paths.figure("sparsity_fidelity")))
     if consistency:
         bars = [
             ConsistencyBar(
@@ -173,7 +168,7 @@ def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: dict, cons
             )
             for row in consistency
         ]  # fmt: skip
-        figures.append(consistency_figure(bars, paths.figures / "consistency_across_sparsities.png"))
+        figures.append(consistency_figure(bars, paths.figure("consistency")))
     return figures
 
 
@@ -208,10 +203,14 @@ def cycles_table(cycles: dict) -> str:
     return _table(header, rows)
 
 
+FAMILY_ORDER = list(FAMILIES.values())
+
+
 def finals_table(transfer: dict) -> str:
+    """One row per final SAE, by family (DMSAEs, sparse core, baselines, random core), then k."""
     baselines = {m["k"]: m for m in transfer.values() if m["core"] == "none"}
     rows = []
-    for name, m in transfer.items():
+    for name, m in sorted(transfer.items(), key=lambda item: (FAMILY_ORDER.index(family(item[1])), item[1]["k"])):
         base = baselines.get(m["k"]) if m["core"] != "none" else None
         versus = f"{m['loss_recovered'] - base['loss_recovered']:+.3f} / {m['fve'] - base['fve']:+.3f}" if base else ""
         rows.append([
@@ -293,7 +292,7 @@ FILES = """| path | what it is |
 | `metrics.json` | every metric of every SAE, and feature consistency across sparsities |
 | `harvest.json` | which positions reached the SAEs and why others did not; the activation-norm profile |
 | `figures/` | the figures above |
-| `logs/STAGE.jsonl` | training curves (loss, L0 core / non-core, dead fraction, BatchTopK's cut) every `run.log_every` steps |
+| `logs/STAGE.jsonl` | training curves (loss, L0 core / non-core, dead fraction, BatchTopK's cut) every `run.log_every` steps; `logs/dmsae/`: the same in the tracker's format (tensorboard events by default) |
 | `hub/` | the exact folders pushed to the Hub, with their model cards |
 | `cache/` | harvested activations and the (x, g) attribution sample (reused by every cycle and by a resumed run) |
 | `checkpoints/` | training checkpoints of unfinished stages (`--run.resume true` continues from them) |
@@ -320,17 +319,17 @@ def summary_markdown(config: DistillConfig, paths: RunDirectory, metrics: dict, 
     ]
     if metrics["cycles"]:
         sections.append("## Distillation cycles\n\n" + cycles_table(metrics["cycles"]))
-        sections.append("![Figure 2](figures/core_lineage.png)\n\n![coverage](figures/coverage_curve.png)")
+        sections.append(f"![Figure 2]({figure_file('core_lineage')})\n\n![coverage]({figure_file('coverage_curve')})")
     if metrics["transfer"]:
         sections.append("## Final SAEs against the Matryoshka baseline\n\n" + finals_table(metrics["transfer"]))
-        sections.append("![Figure 4 analogue](figures/sparsity_fidelity.png)")
+        sections.append(f"![Figure 4 analogue]({figure_file('sparsity_fidelity')})")
     if metrics.get("figure3"):
         sections.append("## Figure 3: distilled against random core\n\n" + metrics["figure3"])
-        sections.append("![Figure 3](figures/l0_core_distilled_vs_random.png)")
+        sections.append(f"![Figure 3]({figure_file('l0_core')})")
     if metrics.get("consistency"):
         sections.append("## Feature consistency across sparsities\n\n" + consistency_table(metrics["consistency"]))
         sections.append(consistency_outcome(metrics["consistency"], metrics["transfer"]))
-        sections.append("![consistency](figures/consistency_across_sparsities.png)")
+        sections.append(f"![consistency]({figure_file('consistency')})")
     sections += ["## Definitions\n\n" + DEFINITIONS, "## Files\n\n" + FILES]
     return "\n\n".join(sections) + "\n"
 
@@ -345,7 +344,7 @@ def terminal_summary(paths: RunDirectory, metrics: dict) -> str:
         parts.append(metrics["figure3"])
     if metrics.get("consistency"):
         parts.append("Feature consistency across sparsities: " + consistency_outcome(metrics["consistency"], metrics["transfer"]))
-    parts.append(f"Tables, figures and definitions: {paths.root / 'SUMMARY.md'}")
+    parts.append(f"Tables, figures and definitions: {paths.summary}")
     return "\n\n".join(parts)
 
 
@@ -356,8 +355,7 @@ def write_report(config: DistillConfig, paths: RunDirectory) -> str:
     core_sizes = {m["core_size"] for m in metrics["transfer"].values() if m["core"] == "distilled"}
     metrics["consistency"] = consistency_across_sparsities(paths, runs, core_sizes.pop()) if core_sizes else []
     metrics["figure3"] = figure3_outcome(paths, config, metrics["transfer"])
-    write_json(paths.root / "metrics.json", metrics)
+    write_json(paths.metrics, metrics)
     draw_figures(config, paths, metrics, metrics["consistency"])
-    harvest = read_json(paths.root / "harvest.json")
-    (paths.root / "SUMMARY.md").write_text(summary_markdown(config, paths, metrics, harvest))
+    write_text(paths.summary, summary_markdown(config, paths, metrics, read_json(paths.harvest)))
     return terminal_summary(paths, metrics)

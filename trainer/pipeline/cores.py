@@ -1,0 +1,90 @@
+"""The SAEs and cores a stage starts from: a saved core C(t) or C*, a finished cycle, a published
+cycle-0 SAE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from modeling_dmsae import DMSAEConfig, DMSAEModel
+from modeling_dmsae.convert_checkpoints import from_checkpoint
+from trainer.config import DistillConfig
+from trainer.errors import ConfigError, CorruptRunFileError
+from trainer.run.files import read_json, require_files, write_json
+from trainer.run.layout import CORE_DIRECTIONS, CORE_FILES, CORE_JSON, CYCLE_FILES
+from trainer.sae.selection import CoreSelection
+from trainer.sae.training import check_finite_weights
+
+
+class Core(NamedTuple):
+    """A core to freeze into the next SAE: encoder directions [c, d] and their lineage."""
+
+    directions: torch.Tensor
+    lineage: list[list[int]]
+
+
+def save_core(folder: Path, cycle: int, selection: CoreSelection, model: DMSAEModel, config: DistillConfig) -> None:
+    """core.json (indices, scores, lineage, coverage) and core_directions.safetensors."""
+    lineage = model.lineage()[selection.selected].tolist()
+    write_json(
+        folder / CORE_JSON,
+        {
+            "cycle": cycle,
+            "selected": selection.selected,
+            "scores": selection.scores,
+            "lineage": lineage,
+            "coverage_curve": selection.coverage_curve.tolist(),
+            "candidate_pool_size": len(selection.pool_scores),
+            "tau": config.cycles.tau,
+            "q": config.cycles.quantile,
+        },
+    )
+    directions = model.encoder_weight.detach()[selection.selected].float().cpu().contiguous()
+    save_file({"core_directions": directions}, str(folder / CORE_DIRECTIONS))
+
+
+def load_core(folder: Path) -> Core:
+    """A core saved by :func:`save_core` (a cycle folder or distilled_core/)."""
+    fix = f"delete {folder} and rerun with --run.resume true to compute it again"
+    require_files(folder, CORE_FILES, fix)
+    directions = load_file(str(folder / CORE_DIRECTIONS))["core_directions"]
+    if not torch.isfinite(directions).all():
+        raise CorruptRunFileError(f"{folder / CORE_DIRECTIONS} holds NaN/Inf: delete {folder} and compute it again")
+    return Core(directions, read_json(folder / CORE_JSON, fix)["lineage"])
+
+
+def load_finished_cycle(folder: Path, t: int) -> DMSAEModel:
+    """The SAE of a cycle finished before a restart, or what to delete when its folder is damaged."""
+    fix = f"delete {folder} and rerun with --run.resume true: cycle {t} is trained again"
+    require_files(folder, CYCLE_FILES, fix)
+    try:
+        return check_finite_weights(DMSAEModel.from_pretrained(folder), str(folder))
+    except Exception as error:
+        raise CorruptRunFileError(f"{folder} is unreadable ({type(error).__name__}: {error}): {fix}") from None
+
+
+def read_cycle0_checkpoint(path: str) -> DMSAEModel:
+    """A published SAE as cycle 0: a DMSAE folder, or whatever convert_checkpoints imports."""
+    config_file = Path(path) / "config.json"
+    is_dmsae = config_file.is_file() and read_json(config_file).get("model_type") == "dmsae"
+    return check_finite_weights(DMSAEModel.from_pretrained(path) if is_dmsae else from_checkpoint(path), path)
+
+
+def check_compatible(sae: DMSAEConfig, d_in: int, hook_layer: int, config: DistillConfig) -> None:
+    """Refuse, before any training, a cycle-0 checkpoint that reads other activations."""
+    problems = []
+    if sae.d_in != d_in:
+        problems.append(f"its width d = {sae.d_in}, the base model's hidden size is {d_in}")
+    if sae.hook_layer != hook_layer:
+        problems.append(f"it reads layer {sae.hook_layer} ({sae.hook_name}), the run hooks {config.model.hook_module}")
+    ours, theirs = config.model.model_id.lower().split("/")[-1], (sae.base_model_id or "").lower().split("/")[-1]
+    if theirs and ours != theirs:
+        problems.append(f"it was trained on {sae.base_model_id}, the run reads {config.model.model_id}")
+    if problems:
+        raise ConfigError(
+            f"--cycles.cycle0_checkpoint {config.cycles.cycle0_checkpoint} does not match the run: "
+            + "; ".join(problems) + ". Point --model.model / --model.hook_module at what it was trained on, or drop the checkpoint"
+        )

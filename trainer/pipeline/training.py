@@ -1,0 +1,105 @@
+"""Training one SAE as a stage of the run: the loop (``trainer.sae.training.fit``) with the run's
+bookkeeping as callbacks: a progress bar, the training log, checkpoints every
+``run.checkpoint_every`` steps (with the timings so far), and a resume from the last checkpoint.
+Then the inference threshold is calibrated."""
+
+from __future__ import annotations
+
+import zlib
+from itertools import islice
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from modeling_dmsae import DMSAEModel
+from trainer.errors import CorruptRunFileError
+from trainer.harvest.run_data import RunData
+from trainer.pipeline.context import RunContext
+from trainer.run.logs import append_record, truncate_log
+from trainer.run.plan import calibration_batches, steps_for
+from trainer.sae.training import NonFiniteTrainingError, SAETrainer, StepStats, TrainingCallback, check_finite_weights, fit
+
+
+class ProgressBar(TrainingCallback):
+    def __init__(self, stage: str, total_steps: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total_steps, initial=initial, desc=stage, disable=not enabled)
+
+    def on_step_end(self, trainer: SAETrainer, step: int, stats: StepStats) -> None:
+        self.bar.update()
+
+    def on_train_end(self, trainer: SAETrainer) -> None:
+        self.bar.close()
+
+
+class TrainingLog(TrainingCallback):
+    """Every ``every`` steps and the last: the step's statistics to the trackers (tensorboard, ...)
+    and, from the main process, to ``logs/STAGE.jsonl``."""
+
+    def __init__(self, run: RunContext, stage: str, total_steps: int):
+        self.run, self.stage, self.total_steps = run, stage, total_steps
+        self.path = run.paths.log(stage)
+
+    def on_step_end(self, trainer: SAETrainer, step: int, stats: StepStats) -> None:
+        if step % self.run.config.run.log_every != 0 and step != self.total_steps - 1:
+            return
+        record = {"step": step, **{name: float(value) for name, value in stats._asdict().items()}}
+        self.run.accelerator.log({f"{self.stage}/{name}": value for name, value in record.items() if name != "step"}, step=step)
+        if self.run.is_main:
+            append_record(self.path, record)
+
+
+class Checkpoints(TrainingCallback):
+    """Every ``run.checkpoint_every`` steps (but the last: the stage's folder follows): everything a
+    resumed stage needs to continue bit for bit, and the timings up to here."""
+
+    def __init__(self, run: RunContext, path: Path, total_steps: int):
+        self.run, self.path, self.total_steps = run, path, total_steps
+
+    def on_step_end(self, trainer: SAETrainer, step: int, stats: StepStats) -> None:
+        if (step + 1) % self.run.config.run.checkpoint_every == 0 and step + 1 < self.total_steps:
+            trainer.save_checkpoint(self.path)
+            self.run.timer.save()
+
+
+def stage_failure(stage: str, step: int, error: Exception, checkpoint: Path) -> Exception:
+    """The error of a training stage stopped at ``step``, saying what is kept and what to do."""
+    kept = (
+        f"the last good checkpoint {checkpoint} is kept" if checkpoint.exists() else "no checkpoint of this stage was written yet"
+    )
+    fix = (
+        " Lower --optimizer.lr or raise --optimizer.warmup_steps, then rerun with --run.resume true"
+        if isinstance(error, NonFiniteTrainingError) else ""
+    )
+    return type(error)(f"stage {stage}, step {step}: {error} ({kept}; finished stages are kept).{fix}")
+
+
+def _seed(run: RunContext, stage: str, purpose: str = "") -> int:
+    """The data-order seed of a stage: its name, not its position, decides it."""
+    return zlib.crc32(f"{run.config.run.seed}/{stage}{purpose}".encode())
+
+
+def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, data: RunData) -> tuple[DMSAEModel, dict[str, float]]:
+    """Train one SAE for ``tokens`` tokens, resuming from the stage's checkpoint when there is one;
+    returns it calibrated, with what training alone can tell (how far its decoder moved from the start)."""
+    config = run.config
+    steps = steps_for(tokens, config)
+    trainer = SAETrainer(model, config.optimizer, steps // config.run.gradient_accumulation_steps, run.accelerator)
+    checkpoint = run.paths.checkpoint(stage) / "checkpoint.pt"
+    if checkpoint.exists():
+        trainer.load_checkpoint(checkpoint)
+    if run.is_main:
+        truncate_log(run.paths.log(stage), trainer.steps_taken)
+    batches = data.training_batches(config.cycles.batch_size, seed=_seed(run, stage), start_step=trainer.steps_taken)
+    callbacks = [
+        ProgressBar(stage, steps, trainer.steps_taken, run.accelerator.is_local_main_process),
+        TrainingLog(run, stage, steps),
+        Checkpoints(run, checkpoint, steps),
+    ]
+    try:
+        fit(trainer, batches, steps, callbacks)
+    except (FloatingPointError, CorruptRunFileError) as error:
+        raise stage_failure(stage, trainer.steps_taken, error, checkpoint) from error
+    calibration = islice(data.training_batches(config.cycles.batch_size, seed=_seed(run, stage, "/calibration")), calibration_batches(config))
+    # Never evaluate, save or push a NaN SAE (the step guard keeps training from making one).
+    trained = check_finite_weights(trainer.calibrate_threshold(calibration), stage)
+    return trained, {"decoder_cosine_to_init": trainer.decoder_cosine_to_init()}

@@ -1,0 +1,121 @@
+"""Where everything of a run lives: the one description of the run folder. The trainer, the
+report and ``hub_cards`` all find files through :class:`RunDirectory`.
+
+    run_config.yaml            the configuration (a resume compares against it)
+    cache/activations/         harvested training activations (unless --harvest.cache_dir)
+    cache/attribution/         the (x, g) attribution sample
+    cycles/cycle-NNN/          cycle t's SAE, its metrics and the core C(t) it selected
+    distilled_core/            C* = C(T) ∩ C(T-1)
+    transfer/NAME/             each final SAE (names: trainer.run.plan.FinalRun)
+    checkpoints/STAGE/         training checkpoints of unfinished stages
+    logs/STAGE.jsonl           training curves; logs/dmsae/: the tracker's (tensorboard) events
+    figures/, metrics.json, SUMMARY.md, harvest.json, timings.json
+    hub/run/, hub/saes/NAME/   the Hub-ready folders
+
+A stage's folder appears only once complete (``trainer.run.files.atomic_folder``), so "the folder
+exists" means "the stage is done" and a resume skips it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trainer.errors import CorruptRunFileError
+from trainer.run.files import read_json
+
+# The files of a stage folder: an SAE (save_pretrained and its held-out metrics), and a core.
+CORE_JSON, CORE_DIRECTIONS, METRICS_JSON = "core.json", "core_directions.safetensors", "metrics.json"
+CORE_FILES = (CORE_JSON, CORE_DIRECTIONS)
+SAE_FILES = ("config.json", "model.safetensors", METRICS_JSON)
+CYCLE_FILES = (*SAE_FILES, *CORE_FILES)
+CACHE_KINDS = ("activations", "attribution")
+FIGURES = {  # the run's figures, by what they show, as files under figures/
+    "core_lineage": "core_lineage.png",
+    "coverage_curve": "coverage_curve.png",
+    "l0_core": "l0_core_distilled_vs_random.png",
+    "sparsity_fidelity": "sparsity_fidelity.png",
+    "consistency": "consistency_across_sparsities.png",
+}
+TRACKER_PROJECT = "dmsae"
+
+
+def figure_file(name: str) -> str:
+    """A figure's path relative to the run folder (and to the run repo on the Hub)."""
+    return f"figures/{FIGURES[name]}"  # the trackers' project name: tensorboard writes logs/dmsae/
+
+
+def cycle_stage(t: int) -> str:
+    """Name of cycle t's stage: its folder, checkpoint and log."""
+    return f"cycle-{t:03d}"
+
+
+def cycle_number(folder: Path) -> int:
+    return int(folder.name.split("-")[-1])
+
+
+class RunDirectory:
+    """Paths of a run."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    config_file = property(lambda self: self.root / "run_config.yaml")
+    cache = property(lambda self: self.root / "cache")
+    figures = property(lambda self: self.root / "figures")
+    logs = property(lambda self: self.root / "logs")
+    hub = property(lambda self: self.root / "hub")
+    hub_run = property(lambda self: self.root / "hub" / "run")
+    hub_saes = property(lambda self: self.root / "hub" / "saes")
+    distilled_core = property(lambda self: self.root / "distilled_core")
+    metrics = property(lambda self: self.root / "metrics.json")
+    summary = property(lambda self: self.root / "SUMMARY.md")
+    harvest = property(lambda self: self.root / "harvest.json")
+    timings = property(lambda self: self.root / "timings.json")
+
+    def figure(self, name: str) -> Path:
+        return self.root / figure_file(name)
+
+    def cycle(self, t: int) -> Path:
+        return self.root / "cycles" / cycle_stage(t)
+
+    def cycles(self) -> list[Path]:
+        """The finished cycles' folders, by cycle number."""
+        return sorted(self.root.joinpath("cycles").glob("cycle-*"), key=cycle_number)
+
+    def transfer(self, name: str) -> Path:
+        return self.root / "transfer" / name
+
+    def transfers(self) -> list[Path]:
+        """The finished final SAEs' folders, by name."""
+        return sorted(p for p in self.root.joinpath("transfer").glob("*") if (p / "config.json").exists())
+
+    def checkpoint(self, stage: str) -> Path:
+        """The folder of a stage's training checkpoint (``checkpoint.pt``)."""
+        return self.root / "checkpoints" / stage
+
+    def log(self, stage: str) -> Path:
+        return self.logs / f"{stage}.jsonl"
+
+    def cache_dir(self, cache_dir: str | None = None) -> Path:
+        """Where the caches are: ``--harvest.cache_dir`` when set, else the run's cache/."""
+        return Path(cache_dir) if cache_dir else self.cache
+
+    def started_work(self) -> set[str]:
+        """The kinds of work (harvest, cycles, distilled_core, transfer) finished or under way."""
+        checkpoints = [p.name for p in self.root.joinpath("checkpoints").glob("*")]
+        started = {
+            "harvest": any(self.cache.glob("*/manifest.json")),
+            "cycles": any(self.root.joinpath("cycles").glob("cycle-*")) or any(n.startswith("cycle-") for n in checkpoints),
+            "distilled_core": self.distilled_core.exists(),
+            "transfer": any(self.root.joinpath("transfer").glob("*")) or any(n.startswith("transfer-") for n in checkpoints),
+        }
+        return {work for work, yes in started.items() if yes}
+
+    def harvest_complete(self, cache_dir: str | None = None) -> bool:
+        """Whether the activation and attribution caches are both complete."""
+        cache = self.cache_dir(cache_dir)
+        try:  # an unreadable manifest is reported, with the fix, when the harvest opens the cache
+            return all(read_json(cache / kind / "manifest.json").get("complete") for kind in CACHE_KINDS)
+        except CorruptRunFileError:
+            return False

@@ -1,0 +1,103 @@
+"""What a run trains, from its configuration alone: the final SAEs (:func:`final_runs`), the
+DMSAE configuration of cycle 0, the optimisation steps of a stage and the world size. The
+pipeline, the report, the dry run and the checks before loading all read it here."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+from modeling_dmsae import DMSAEConfig
+from modeling_dmsae.configuration_dmsae import matryoshka_group_sizes
+from trainer.config import DistillConfig
+
+CORE_KINDS = ("distilled", "random", "none")
+
+
+def world_size() -> int:
+    """Processes of this launch (``accelerate launch`` sets WORLD_SIZE), 1 for plain python: the
+    one source of the process count the step counts, the calibration and the plan use."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def planned_processes(config: DistillConfig) -> int:
+    """The processes the plan is for: plan.num_processes, or this launch's."""
+    return config.plan.num_processes or world_size()
+
+
+def steps_for(tokens: int, config: DistillConfig, processes: int | None = None) -> int:
+    """Micro-batches per process that consume ``tokens`` across all ``processes`` (default: this
+    launch's) as a whole number of optimiser steps under gradient accumulation."""
+    accumulation = config.run.gradient_accumulation_steps
+    per_step = config.cycles.batch_size * (processes or world_size()) * accumulation
+    return max(1, math.ceil(tokens / per_step)) * accumulation
+
+
+def calibration_batches(config: DistillConfig) -> int:
+    """Batches per process the inference threshold is calibrated on (optimizer.calibration_tokens
+    over all processes)."""
+    return max(1, config.optimizer.calibration_tokens // (config.cycles.batch_size * world_size()))
+
+
+class FinalRun(NamedTuple):
+    """One SAE of the transfer stage: its folder under ``transfer/``, sparsity k, masking variant,
+    and which core it starts from: ``distilled`` (C*, Algorithm 3), ``random`` (the Figure-3
+    control: random unit directions, frozen, of |C*| latents) or ``none`` (the plain Matryoshka
+    baseline, c = 0)."""
+
+    name: str
+    k: int
+    variant: str
+    core: str
+
+    @classmethod
+    def of(cls, k: int, variant: str, core: str) -> FinalRun:
+        """The final SAE at ``k``, ``variant`` and ``core``, named as its folder is."""
+        name = {"distilled": f"k-{k:04d}-{variant}", "random": f"random-core-k-{k:04d}", "none": f"baseline-k-{k:04d}"}[core]
+        return cls(name, k, variant, core)
+
+    @property
+    def stage(self) -> str:
+        """Name of its training stage (checkpoints and logs)."""
+        return f"transfer-{self.name}"
+
+
+def final_runs(config: DistillConfig) -> list[FinalRun]:
+    """Every SAE the transfer stage trains, in training order.
+
+    The DMSAEs at each k in transfer.ks and variant; with transfer.random_core_control, the
+    dense distilled core against a random core at the distillation k (Figure 3); with
+    transfer.sparsity_matched, the sparse-core variant at the distillation k (global L0 = k, as the
+    baseline's); with transfer.baseline, a plain Matryoshka SAE (c = 0) at every k trained above.
+    """
+    transfer, k = config.transfer, config.cycles.k
+    runs = [FinalRun.of(kk, variant, "distilled") for kk in transfer.ks for variant in transfer.variants]
+    comparisons = [(k, "dense_core")] * transfer.random_core_control + [(k, "sparse_core")] * transfer.sparsity_matched
+    for kk, variant in comparisons:
+        if (kk, variant) not in {(r.k, r.variant) for r in runs}:
+            runs.append(FinalRun.of(kk, variant, "distilled"))
+    if transfer.random_core_control:
+        runs.append(FinalRun.of(k, "dense_core", "random"))
+    if transfer.baseline:
+        runs += [FinalRun.of(kk, "dense_core", "none") for kk in sorted({r.k for r in runs})]
+    return runs
+
+
+def cycle0_sae_config(config: DistillConfig, d_in: int) -> DMSAEConfig:
+    """The DMSAE configuration of a from-scratch cycle 0 (validates the dictionary settings)."""
+    dictionary = config.dictionary
+    return DMSAEConfig(
+        d_in=d_in,
+        num_latents=dictionary.num_latents,
+        core_size=0,
+        group_sizes=matryoshka_group_sizes(dictionary.num_latents, dictionary.group_fractions),
+        k=config.cycles.k,
+        variant=config.cycles.variant,
+        aux_k=dictionary.aux_k,
+        aux_alpha=dictionary.aux_alpha,
+        dead_tokens_threshold=dictionary.dead_tokens_threshold,
+        base_model_id=config.model.model_id,
+        base_model_file=config.model.model_file,
+        hook_module=config.model.hook_module,
+    )
