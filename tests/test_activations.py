@@ -111,7 +111,10 @@ def test_16_bit_cache(tmp_path, data):
 # A harvest in its own process, slowed down so that it can be killed halfway.
 SLOW_HARVEST = """
 import sys, time
+from tiny_models import tiny_model, tiny_tokenizer
 from test_activations import BASE, CONTEXT_LENGTH, harvest_config
+from trainer.config import DataConfig
+from trainer.harvest.cache import harvest_activations
 
 model = tiny_model()
 model.model.layers[1].register_forward_hook(lambda *args: time.sleep(0.3))

@@ -122,6 +122,13 @@ def test_the_leaves_import_nothing_above_them():
     assert {m for m in graph["trainer.config"] if m.startswith("trainer")} <= {"trainer.errors"}
 
 
+def test_one_sae_knows_neither_the_data_source_nor_the_run_folder():
+    """As SAELens's trainer: handed a data iterator and callbacks."""
+    graph = import_graph()
+    sae_imports = {target for module, targets in graph.items() if module.startswith("trainer.sae.") for target in targets}
+    assert not sae_imports & {"trainer.harvest.cache", "trainer.harvest.run_data", "trainer.run.layout", "trainer.run.plan"}
+
+
 def test_help_imports_neither_torch_nor_transformers():
     result = subprocess.run(
         [sys.executable, "-X", "importtime", str(ROOT / "trainer" / "distill.py"), "--help"], capture_output=True, text=True, timeout=120
