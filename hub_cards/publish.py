@@ -269,7 +269,7 @@ CORE_SUFFIXES = {"distilled": "", "random": "-random-core", "none": "-baseline"}
 CORE_NAMES = {
     "distilled": "the distilled core C* of that run",
     "random": "a random core of the same size (the control of paper Figure 3)",
-    "none": "the distilled core C* of that run",
+    "none": "the distilled core C* of that run",  # unused by the card of a c = 0 baseline, which says it has no core
 }
 
 

@@ -69,7 +69,8 @@ def load_finished_cycle(folder: Path, t: int) -> DMSAEModel:
 def read_cycle0_checkpoint(path: str) -> DMSAEModel:
     """A published SAE as cycle 0: a DMSAE folder, or whatever convert_checkpoints imports."""
     config_file = Path(path) / "config.json"
-    is_dmsae = config_file.is_file() and read_json(config_file).get("model_type") == "dmsae"
+    fix = "point --cycles.cycle0_checkpoint at a complete checkpoint folder"
+    is_dmsae = config_file.is_file() and read_json(config_file, fix).get("model_type") == "dmsae"
     return check_finite_weights(DMSAEModel.from_pretrained(path) if is_dmsae else from_checkpoint(path), path)
 
 
