@@ -38,7 +38,7 @@ from trainer.harvest.base_model import load_base_model, mean_next_token_loss, re
 from trainer.harvest.cache import _activation_shard, _attribution_shard  # noqa: E402
 from trainer.harvest.text_corpus import context_batches, packed_contexts  # noqa: E402
 from trainer.report.dry_run import SAE_SHAPE_FIELDS, THROUGHPUTS_FILE, base_model_key, device_kind  # noqa: E402
-from trainer.run.plan import cycle0_sae_config, final_runs  # noqa: E402
+from trainer.run.plan import batch_shape, cycle0_sae_config, final_runs  # noqa: E402
 from trainer.sae.metrics import reconstruction_metrics  # noqa: E402
 from trainer.sae.selection import select_core  # noqa: E402
 from trainer.sae.training import SAETrainer  # noqa: E402
@@ -77,7 +77,7 @@ def measure_sae(config, k: int, x: torch.Tensor, attribution_x, attribution_g, s
     sae_config = cycle0_sae_config(config, x.shape[1])
     sae_config.k = k
     sae_config.normalization_factor = float(x.pow(2).sum(-1).mean().sqrt())
-    batch_size = config.cycles.batch_size
+    batch_size = batch_shape(config).per_process  # what one process trains on per step
     rows = x.repeat(max(1, -(-batch_size * 2 // len(x))), 1)
     trainer = SAETrainer(DMSAEModel(sae_config), config.optimizer, total_steps=steps + 2)
     batches = [rows[torch.randperm(len(rows))[:batch_size]] for _ in range(steps + 2)]

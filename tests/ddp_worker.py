@@ -5,6 +5,10 @@
                                              process on its slice; save the result to OUT (any world size)
     python ddp_worker.py distill ARGS...     run trainer/distill.py's main with ARGS, the second process
                                              arriving late at the distilled core (a race to cover)
+    python ddp_worker.py fail-on-main FILE ARGS...
+                                             run trainer/distill.py as the command line does, the main
+                                             process failing in cycle 0's evaluation (work it does alone);
+                                             the time of the failure goes to FILE
 """
 
 from __future__ import annotations
@@ -105,8 +109,26 @@ def late_at_the_distilled_core() -> None:
     cycles.save_distilled_core = late
 
 
+def failing_on_main(record: str) -> None:
+    import time
+    from pathlib import Path
+
+    from trainer.pipeline import cycles
+
+    def evaluate(run, *args):
+        if run.is_main:
+            Path(record).write_text(str(time.time()))
+            raise RuntimeError("injected failure in a main-only step")
+        return {}
+
+    cycles.evaluate = evaluate
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "replicas":
+    if sys.argv[1] == "fail-on-main":
+        failing_on_main(sys.argv[2])
+        sys.exit(distill.cli(sys.argv[3:]))
+    elif sys.argv[1] == "replicas":
         distill.shut_down(train_two_replicas())
     elif sys.argv[1] == "global-batch":
         distill.shut_down(train_on_global_batches(sys.argv[2]))

@@ -39,7 +39,7 @@ def stage_seconds(plan: str, stage: str) -> float:
 def test_wall_time_per_stage_follows_the_measured_throughputs(table):
     config = parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind"])
     plan = describe_plan(config)
-    steps = steps_for(config.cycles.tokens_per_cycle, config, 1)
+    steps = steps_for(config.cycles.tokens_per_cycle, config)
     per_sae = steps * STEP_S + config.optimizer.calibration_tokens * CALIBRATION
     assert stage_seconds(plan, "cycle training") == pytest.approx(4 * per_sae, abs=1)  # cycle 0 + 3 cycles
     assert stage_seconds(plan, "transfer training") == pytest.approx(len(final_runs(config)) * per_sae, abs=1)
@@ -51,12 +51,25 @@ def test_wall_time_per_stage_follows_the_measured_throughputs(table):
     assert "2 passes: activations cached once" in plan
 
 
-def test_processes_share_the_cache_and_the_steps(table):
+def test_processes_share_the_cache_and_the_batch(table):
+    """The batch is global: 8 processes at 8x the batch take the measured per-process step 8x less often."""
     one = describe_plan(parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind"]))
-    eight = describe_plan(parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind", "--plan.num_processes", "8"]))
+    eight = describe_plan(
+        parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind", "--plan.num_processes", "8", "--cycles.batch_size", "8192"])
+    )
     assert "DMSAE distillation plan (8 process(es)" in eight
+    assert "8,192 tokens per optimisation step, all processes together: 1 micro-batch(es) of 1,024 tokens per process" in eight
+    assert "400 steps (409,600 tokens, 409,600 per process) each" in one and "50 steps (409,600 tokens, 51,200 per process) each" in eight
     assert stage_seconds(eight, "cycle training") < stage_seconds(one, "cycle training") / 4
     assert "0.1 GB per process" in one and "0.0 GB per process" in eight
+
+
+def test_the_same_batch_on_more_processes_is_the_same_steps(table):
+    """The plan's steps do not depend on the processes; each one's micro-batch does, and so its memory."""
+    one = describe_plan(parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind"]))
+    two = describe_plan(parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind", "--plan.num_processes", "2"]))
+    assert "400 steps (409,600 tokens, 204,800 per process) each" in two
+    assert "micro-batch of 512 tokens" in two and "micro-batch of 1,024 tokens" in one
 
 
 def test_unmeasured_kinds_and_shapes_are_not_guessed(table):

@@ -8,13 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 
 from test_distill import tiny_args, tiny_setup  # noqa: F401  (fixture)
+from trainer import distill
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -30,13 +33,10 @@ def kill_launched(marker: str) -> None:
             continue
 
 
-def accelerate_launch(*args: str, finished: Callable[[str], bool]) -> None:
-    """Run the worker on two CPU processes exactly as a user would launch a multi-GPU job.
-
-    ``finished(stdout)`` says whether the work itself completed. torch 2.13's gloo can deadlock
-    while tearing the process group down (trainer.distill.shut_down makes it rare); a launch that
-    finished its work and then hangs in teardown is killed and counts as passed.
-    """
+def launch_two(*args: str, timeout: float = 240) -> tuple[int | None, str, str]:
+    """Run the worker on two CPU processes exactly as a user would launch a multi-GPU job:
+    (exit status, stdout, stderr); the status is None when the launch hung past ``timeout`` and
+    was killed."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), *args,
@@ -47,13 +47,24 @@ def accelerate_launch(*args: str, finished: Callable[[str], bool]) -> None:
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True
     ) as launch:
         try:
-            stdout, stderr = launch.communicate(timeout=240)
+            stdout, stderr = launch.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_launched(f"DMSAE_TEST_LAUNCH={launch_id}")
             stdout, stderr = launch.communicate(timeout=60)
-            assert finished(stdout), "the two-process launch hung before finishing:\n" + stderr[-5000:]
-            return
-    assert launch.returncode == 0 and finished(stdout), stdout[-3000:] + stderr[-5000:]
+            return None, stdout, stderr
+    return launch.returncode, stdout, stderr
+
+
+def accelerate_launch(*args: str, finished: Callable[[str], bool]) -> None:
+    """Launch two processes and require them to finish. ``finished(stdout)`` says whether the work
+    itself completed. torch 2.13's gloo can deadlock while tearing the process group down
+    (trainer.distill.shut_down makes it rare); a launch that finished its work and then hangs in
+    teardown is killed and counts as passed."""
+    status, stdout, stderr = launch_two(*args)
+    if status is None:
+        assert finished(stdout), "the two-process launch hung before finishing:\n" + stderr[-5000:]
+        return
+    assert status == 0 and finished(stdout), stdout[-3000:] + stderr[-5000:]
 
 
 def test_ddp_replicas_stay_identical_and_core_frozen():
@@ -78,13 +89,35 @@ def test_two_processes_train_the_same_sae_as_one(tmp_path):
         torch.testing.assert_close(double["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_distillation_runs_on_two_processes(tiny_setup, tmp_path):
-    output = tmp_path / "run"
-    args = tiny_args(tiny_setup, output, "--transfer.ks", "16", "--transfer.random_core_control", "false")
-    accelerate_launch("distill", *args, finished=lambda stdout: (output / "SUMMARY.md").exists())
-    manifest = json.loads((output / "cache" / "activations" / "manifest.json").read_text())
+def test_distillation_runs_on_two_processes_to_the_same_saes_as_on_one(tiny_setup, tmp_path):
+    """The batch is global and the data go by lane: one config on 1 and on 2 processes trains the
+    same SAEs (up to the summation order of the gradient's all-reduce) and selects the same cores."""
+    args = ("--transfer.ks", "16", "--transfer.random_core_control", "false", "--transfer.sparsity_matched", "false")
+    two, one = tmp_path / "two", tmp_path / "one"
+    accelerate_launch("distill", *tiny_args(tiny_setup, two, *args), finished=lambda stdout: (two / "SUMMARY.md").exists())
+    manifest = json.loads((two / "cache" / "activations" / "manifest.json").read_text())
     assert manifest["complete"]
-    logged_steps = {json.loads(line)["step"] for line in (output / "logs" / "cycle-001.jsonl").read_text().splitlines()}
+    logged_steps = {json.loads(line)["step"] for line in (two / "logs" / "cycle-001.jsonl").read_text().splitlines()}
     assert logged_steps, "training logged nothing"
-    assert (output / "transfer" / "k-0016-dense_core" / "model.safetensors").exists()
-    assert json.loads((output / "distilled_core" / "core.json").read_text())["selected"]
+    assert json.loads((two / "distilled_core" / "core.json").read_text())["selected"]
+    assert distill.main(tiny_args(tiny_setup, one, *args)) == 0
+    for stage in ("cycles/cycle-000", "cycles/cycle-001", "cycles/cycle-002", "transfer/k-0016-dense_core", "transfer/baseline-k-0016"):
+        single, double = load_file(one / stage / "model.safetensors"), load_file(two / stage / "model.safetensors")
+        for name, tensor in single.items():
+            torch.testing.assert_close(double[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{stage} {name}")
+    for t in range(3):
+        core = lambda run: json.loads((run / "cycles" / f"cycle-{t:03d}" / "core.json").read_text())["selected"]  # noqa: E731
+        assert core(one) == core(two), f"cycle {t}"
+
+
+def test_a_failure_on_the_main_process_ends_both_with_the_cause(tiny_setup, tmp_path):
+    """Rank 0 fails in work it does alone while rank 1 waits in a collective: both exit promptly,
+    rank 1 naming rank 0's error rather than a closed connection."""
+    failed_at = tmp_path / "failed_at"
+    status, stdout, stderr = launch_two("fail-on-main", str(failed_at), *tiny_args(tiny_setup, tmp_path / "run"), timeout=200)
+    ended = time.time()
+    assert status not in (None, 0), stderr[-5000:]
+    assert ended - float(failed_at.read_text()) < 30, "the processes did not end promptly after the failure"
+    assert "RuntimeError: injected failure in a main-only step" in stderr  # process 0's own traceback
+    assert "distill.py: error: process 0 stopped the run: RuntimeError: injected failure in a main-only step" in stderr
+    assert "Connection closed by peer" not in stderr

@@ -337,7 +337,7 @@ def test_a_resume_refuses_changes_to_finished_work(tiny_setup, reference, tmp_pa
     """A run killed after its harvest may change what no finished work depends on (see the NaN test), not the rest."""
     run = copy_run(reference, tmp_path / "late", keep=("cache", "run_config.yaml"))
     with pytest.raises(ValueError, match=r"finished work \(harvest\) depends on changed settings:\n  harvest.train_tokens"):
-        resume(tiny_setup, run, "--harvest.train_tokens", "4096")
+        resume(tiny_setup, run, "--harvest.train_tokens", "16384")
 
 
 def test_a_bare_dataset_name_out_of_reach_is_reported_as_such(monkeypatch):

@@ -263,9 +263,13 @@ class CycleConfig:
     tokens_per_cycle: int = 500_000_000
     """Training tokens of each cycle (and of a from-scratch cycle 0)."""
     batch_size: int = 2048
-    """Tokens per optimisation step and per process."""
+    """Tokens per optimisation step, all processes together (the global batch of every cycle and final SAE): each of P processes takes batch_size / (P x run.gradient_accumulation_steps) per micro-batch."""
+    data_lanes: int = 8
+    """Training shards are dealt to this many lanes (shard s to lane s mod data_lanes) and every micro-batch takes the same share of each; process p reads lanes p, p+P, ... So the trained SAEs do not depend on the number of processes P, which must divide data_lanes."""
     cycle0_checkpoint: str | None = None
-    """Cycle 0 from a published SAE: a dictionary_learning / SAEBench trainer folder or ae.pt, a SAELens folder, or a DMSAE save_pretrained folder. None: train one with c = 0."""
+    """Cycle 0 from a published SAE: a dictionary_learning / SAEBench trainer folder or ae.pt, a SAELens folder, or a DMSAE save_pretrained folder. None: train one with c = 0. The run's k, variant, AuxK and dead-latent settings replace the checkpoint's for the attribution and every later cycle."""
+    accept_checkpoint_k: bool = False
+    """Run the cycles at cycles.k although the cycle-0 checkpoint was trained at another k (otherwise refused)."""
 
 
 @dataclass
@@ -323,13 +327,13 @@ class RunConfig:
     stream_activations: bool = False
     """Harvest activations while training instead of caching them (runs too large for disk); every cycle then reruns the base model."""
     checkpoint_every: int = 200
-    """Optimisation steps between training checkpoints."""
+    """Optimisation steps between training checkpoints (with gradient accumulation, a checkpoint falls after a whole step)."""
     log_every: int = 10
-    """Optimisation steps between logged metrics."""
+    """Optimisation steps between logged metrics (each record: the last micro-batch of that step)."""
     log_with: str = "tensorboard"
     """Accelerate tracker: tensorboard, wandb, trackio, or none."""
     gradient_accumulation_steps: int = 1
-    """Batches accumulated per optimisation step."""
+    """Micro-batches accumulated per optimisation step; cycles.batch_size stays the tokens per step (BatchTopK then selects over each micro-batch)."""
 
 
 @dataclass
@@ -360,7 +364,14 @@ class DistillConfig:
             ("cycles.variant", cycles.variant in VARIANTS, f"must be one of {', '.join(VARIANTS)}"),
             ("transfer.variants", all(v in VARIANTS for v in transfer.variants), f"must be among {', '.join(VARIANTS)}"),
             ("transfer.ks", len(transfer.ks) > 0 and all(k > 0 for k in transfer.ks), "must be positive integers, e.g. --transfer.ks 16 64"),
-            ("cycles.batch_size", cycles.batch_size > 0, "must be positive: tokens per step and process"),
+            ("cycles.batch_size", cycles.batch_size > 0, "must be positive: tokens per optimisation step, all processes together"),
+            ("cycles.data_lanes", cycles.data_lanes >= 1, "must be >= 1 (a multiple of the number of processes)"),
+            (
+                "cycles.batch_size",
+                cycles.batch_size % max(1, cycles.data_lanes * run.gradient_accumulation_steps) == 0,
+                f"must be a multiple of cycles.data_lanes x run.gradient_accumulation_steps = "
+                f"{cycles.data_lanes * run.gradient_accumulation_steps}: every micro-batch takes the same share of every lane",
+            ),
             ("cycles.tokens_per_cycle", cycles.tokens_per_cycle >= cycles.batch_size, f"must cover one batch (--cycles.batch_size {cycles.batch_size}): raise it or lower the batch"),
             ("transfer.tokens", transfer.tokens >= cycles.batch_size, f"must cover one batch (--cycles.batch_size {cycles.batch_size}): raise it or lower the batch"),
             ("eval.tokens", self.eval.tokens > 0, "must be positive: the held-out tokens of every metric"),

@@ -85,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     from trainer.pipeline.checks import check_before_loading
 
-    d_in = check_before_loading(config)
+    preflight = check_before_loading(config)
     if config.run.dry_run:
         from trainer.report.dry_run import describe_plan
 
-        print(describe_plan(config, d_in))
+        print(describe_plan(config, preflight.d_in, preflight.skipped, preflight.model_config_read))
         return 0
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    from trainer.pipeline.failures import fail_together
     from trainer.pipeline.run import DistillationRun
     from trainer.run.layout import TRACKER_PROJECT, RunDirectory
 
@@ -103,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         project_config=ProjectConfiguration(project_dir=config.run.output_dir, logging_dir=str(RunDirectory(config.run.output_dir).logs)),
     )
     set_seed(config.run.seed)
-    accelerator.init_trackers(TRACKER_PROJECT, config=flat_hyperparameters(config))
-    DistillationRun(config, accelerator).run()
+    with fail_together(accelerator, RunDirectory(config.run.output_dir)):
+        accelerator.init_trackers(TRACKER_PROJECT, config=flat_hyperparameters(config))
+        DistillationRun(config, accelerator).run()
     shut_down(accelerator)
     return 0
 

@@ -22,9 +22,10 @@ Cache layout (one directory per kind, ``<cache_dir>/activations`` and ``<cache_d
     manifest.json              what wrote the cache; "complete": true once every shard is there
     shard_000000.safetensors   tensors "x" (and "g") of contexts_per_shard consecutive contexts
 
-Shard ``s`` holds contexts ``first + s * contexts_per_shard ...`` and process ``s % num_processes``
-writes it and reads it, so under Accelerate each process harvests and reads only its own shards,
-and the cache's content does not depend on the number of processes. Activation rows in a shard are shuffled (seeded by the shard),
+Shard ``s`` holds contexts ``first + s * contexts_per_shard ...``; process ``s % num_processes``
+writes it, and reads it as part of data lane ``s % cycles.data_lanes`` (the process count divides
+the lanes), so under Accelerate each process harvests and reads only its own shards, and neither
+the cache's content nor the batches depend on the number of processes. Activation rows in a shard are shuffled (seeded by the shard),
 mixing the tokens of all its contexts: the shard is the shuffle buffer. A shard is written to a
 temporary file and renamed, so a killed harvest leaves only whole shards; rerunning skips them.
 The manifest records the model (a fingerprint of its weights), hook, tokenizer, data and layout;
@@ -262,12 +263,12 @@ class ActivationCache:
         drop_last: bool = True,
         process: ContextSharding | None = None,
     ) -> Iterator[Tensor]:
-        """[batch_size, d] float32 batches of this process's rows.
+        """[batch_size, d] float32 batches of the rows of the shards ``process`` owns (shard s
+        belongs to s % num_processes; default: this process's).
 
-        Each process reads only its own shards (shard s belongs to process s % num_processes, the
-        one that harvested it), so on a node each rank reads its share of the local disk once per
-        epoch and never a shard of another rank. Processes may get a batch more or less than each
-        other: stop on a fixed step count. ``shuffle`` visits the shards in a seeded random order
+        The trainer reads by data lane (``process`` = lane l of L, see ``RunData.training_batches``):
+        lane l is read by process l % P, which harvested its shards (P divides L), so on a node each
+        rank reads only the shards it wrote. ``shuffle`` visits the shards in a seeded random order
         and shuffles each one again.
         """
         process = process or ContextSharding.current()
@@ -288,8 +289,8 @@ class ActivationCache:
 class ActivationStream:
     """Harvests activations while they are read, for runs too large to cache.
 
-    Under Accelerate each process harvests its own contexts (blocks of ``contexts_per_shard``),
-    so processes may get a batch more or less than each other: stop on a fixed step count.
+    Under Accelerate each process harvests the shards (blocks of ``contexts_per_shard`` contexts)
+    of its own data lanes, when they are read.
     """
 
     def __init__(
@@ -303,7 +304,8 @@ class ActivationStream:
         self.d_model = d_model
 
     def batches(self, batch_size: int, seed: int = 0, process: ContextSharding | None = None) -> Iterator[Tensor]:
-        """[batch_size, d] float32 batches of this process's contexts, shuffled within each shard."""
+        """[batch_size, d] float32 batches of the contexts ``process`` owns (a data lane, or by
+        default this process), whole shards of them, shuffled within each shard."""
         shards = self._shards(process or ContextSharding.current())
         chunks = (self._harvest_shard(contexts, _shard_seed(seed, shard)).tensors["x"].float() for shard, contexts in shards)
         for rows in _rebatch(chunks, batch_size):
@@ -576,7 +578,10 @@ def harvest_activations(
     if cfg.cache_dir is None:
         return ActivationStream(
             shard_tensors,
-            lambda process: _contexts_by_shard(tokenizer, data, cfg, contexts, process),
+            # A lane (or process) owns whole shards: blocks of contexts_per_shard contexts.
+            lambda owner: _contexts_by_shard(
+                tokenizer, data, cfg, contexts, ContextSharding(owner.process_index, owner.num_processes, cfg.contexts_per_shard)
+            ),
             width,
         )
     directory = Path(cfg.cache_dir) / "activations"

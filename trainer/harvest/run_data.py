@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterator, NamedTuple
@@ -28,8 +29,9 @@ from trainer.harvest.cache import (
     harvest_attribution_sample,
     kept_positions,
 )
-from trainer.harvest.text_corpus import context_batches, packed_contexts, process_state
+from trainer.harvest.text_corpus import ContextSharding, context_batches, packed_contexts, process_state
 from trainer.run.layout import RunDirectory
+from trainer.run.plan import BatchShape
 
 
 @dataclass
@@ -54,23 +56,26 @@ class RunData:
     positions: dict
     """Position census of the training cache (None when streamed) and of the held-out set (PositionCensus.report)."""
 
-    def training_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """Endless [batch_size, d] batches of this process (epochs reshuffled), from ``start_step``
-        on: a resumed stage continues with exactly the batches it would have seen."""
+    def training_batches(self, shape: BatchShape, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """Endless micro-batches of this process, ``[shape.per_process, d]``, from ``start_step`` on:
+        the same share of each of its data lanes (``shape.lanes_of``), each lane reshuffled every
+        epoch. Together the processes' micro-batches are the same tokens whatever their number, and a
+        resumed stage continues with exactly the batches it would have seen."""
+        lanes = [self._lane_batches(lane, shape, seed) for lane in shape.lanes_of(process_state().process_index)]
+        return islice((torch.cat(rows) for rows in zip(*lanes)), start_step, None)
 
-        def epochs() -> Iterator[torch.Tensor]:
-            for epoch in range(10**9):
-                empty = True
-                for batch in self.training.batches(batch_size, seed=seed * 1_000_003 + epoch):
-                    empty = False
-                    yield batch
-                if empty:
-                    raise EmptyDatasetError(
-                        f"the training activations hold fewer than one batch of {batch_size} tokens per process: "
-                        "raise harvest.train_tokens or lower cycles.batch_size"
-                    )
-
-        return islice(epochs(), start_step, None)
+    def _lane_batches(self, lane: int, shape: BatchShape, seed: int) -> Iterator[torch.Tensor]:
+        sharding = ContextSharding(lane, shape.lanes)
+        for epoch in range(10**9):
+            empty = True
+            for batch in self.training.batches(shape.per_lane, seed=zlib.crc32(f"{seed}/{lane}/{epoch}".encode()), process=sharding):
+                empty = False
+                yield batch
+            if empty:
+                raise EmptyDatasetError(
+                    f"data lane {lane} of {shape.lanes} holds fewer than {shape.per_lane} training tokens: raise "
+                    "harvest.train_tokens, or lower cycles.batch_size or cycles.data_lanes"
+                )
 
     def held_out_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         return iter(self.held_out.split(batch_size))

@@ -166,7 +166,7 @@ def materialize_embedded_corpus(directory: str | os.PathLike | None = None, incl
     return path
 
 
-def _local_data_files(dataset: str) -> list[str] | None:
+def local_data_files(dataset: str) -> list[str] | None:
     """The files of a local dataset path or glob, None for a Hub id."""
     path = Path(dataset).expanduser()
     if path.is_file():
@@ -182,7 +182,7 @@ def load_text_dataset(cfg: DataConfig) -> IterableDataset:
     if not cfg.dataset:
         corpus = materialize_embedded_corpus(cfg.corpus_dir, cfg.embedded_code)
         return load_dataset("json", data_files=[str(corpus)], split="train", streaming=True)
-    files = _local_data_files(cfg.dataset)
+    files = local_data_files(cfg.dataset)
     if files is None and (Path(cfg.dataset).suffix in LOCAL_BUILDERS or cfg.dataset.startswith((".", "/", "~"))):
         raise DatasetNotFoundError(f"--data.dataset {cfg.dataset!r}: no such file, directory or glob match in {Path.cwd()}")
     if files is None:

@@ -1,21 +1,25 @@
 """Everything that can be checked before the base model's weights are loaded or anything is
-written: the folders, the dataset, every sparsity against K, the cycle-0 checkpoint. A dry run
-checks the same."""
+written: the folders, the dataset, every sparsity against K, the batch against the processes and
+data lanes, the Hub repo names, the cycle-0 checkpoint. A dry run checks the same, except what
+needs a Hub it cannot reach: it says what it skipped."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
-from hub_cards.publish import resolve_core
+from hub_cards.publish import resolve_core, run_repo_id, sae_repo_id
 from modeling_dmsae.configuration_dmsae import hook_layer_index
 from trainer.config import DistillConfig
 from trainer.errors import ConfigError, CorruptRunFileError
 from trainer.harvest.base_model import base_model_width
+from trainer.harvest.hub_access import dataset_on_hub, hub_unreachable, model_on_hub
 from trainer.harvest.text_corpus import load_text_dataset
 from trainer.pipeline.cores import check_compatible, load_core, read_cycle0_checkpoint
 from trainer.run.layout import RunDirectory
-from trainer.run.plan import cycle0_sae_config, final_runs
+from trainer.run.plan import batch_shape, cycle0_sae_config, final_runs, planned_processes
 
 
 def known_core_size(config: DistillConfig) -> int | None:
@@ -33,19 +37,27 @@ def check_hook_layer(config: DistillConfig) -> int:
         raise ConfigError(f"--model.hook_module {config.model.hook_module}: {error}") from None
 
 
+def _final_sae_configs(config: DistillConfig, d_in: int, core_size: int | None):
+    """(final run, the DMSAE configuration it will have) for every final SAE: a core of
+    ``core_size`` latents (the smallest possible, one, when not known yet)."""
+    base = cycle0_sae_config(config, d_in)
+    for run in final_runs(config):
+        c = 0 if run.core == "none" else core_size or 0
+        yield run, c, lambda c=c, run=run: base.with_core([[0, j] for j in range(c)], cycle=1, k=run.k, variant=run.variant)
+
+
 def check_sparsities(config: DistillConfig, d_in: int) -> None:
     """Every k of every stage against K (and the core size when it is known): the DMSAE configs the
     stages will build, built now."""
     K = config.dictionary.num_latents
     try:
-        base = cycle0_sae_config(config, d_in)
+        cycle0_sae_config(config, d_in)
     except ValueError as error:
         raise ConfigError(f"--cycles.k {config.cycles.k} with --dictionary.num_latents {K}: {error}") from None
     core_size = known_core_size(config)
-    for run in final_runs(config):
-        c = 0 if run.core == "none" else core_size or 0
+    for run, c, build in _final_sae_configs(config, d_in, core_size):
         try:
-            base.with_core([[0, j] for j in range(c)], cycle=1, k=run.k, variant=run.variant)
+            build()
         except ValueError as error:
             core = f"a core of {c} latents" if core_size is not None or run.core == "none" else "the smallest possible core"
             raise ConfigError(
@@ -54,8 +66,36 @@ def check_sparsities(config: DistillConfig, d_in: int) -> None:
             ) from None
 
 
+def check_hub_names(config: DistillConfig, d_in: int) -> None:
+    """With --push-to-hub: the run repo and every final SAE's repo are valid Hub names, before
+    days of training rather than at the first push."""
+    if not config.hub.repo_id:
+        return
+    run_repo = run_repo_id(config.hub, Path(config.run.output_dir))
+    for run, _, build in _final_sae_configs(config, d_in, known_core_size(config)):
+        try:
+            sae_repo_id(build(), run.core, run_repo, config.hub)
+        except ValueError as error:
+            raise ConfigError(
+                f"--hub.sae_repo_pattern {config.hub.sae_repo_pattern!r} makes an invalid repo id for {run.name}: {error}"
+            ) from None
+
+
+def check_batch(config: DistillConfig) -> None:
+    """The processes share the data lanes evenly, and every lane holds a training shard."""
+    batch_shape(config, planned_processes(config))
+    contexts = len(config.harvest.context_ranges(config.data.context_length).train)
+    shards = math.ceil(contexts / config.harvest.contexts_per_shard)
+    if shards < config.cycles.data_lanes:
+        raise ConfigError(
+            f"--cycles.data_lanes {config.cycles.data_lanes}: the training activations make only {shards} shards of "
+            f"{config.harvest.contexts_per_shard} contexts, so some lane would be empty. Lower --cycles.data_lanes or "
+            "--harvest.contexts_per_shard, or raise --harvest.train_tokens"
+        )
+
+
 def check_paths(config: DistillConfig) -> None:
-    """The output folder, the cycle-0 checkpoint and the dataset, before anything is loaded."""
+    """The output folder and the cycle-0 checkpoint, before anything is loaded."""
     output = Path(config.run.output_dir).expanduser()
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--run.output_dir {output} is a file, not a folder: choose another --run.output_dir")
@@ -68,20 +108,47 @@ def check_paths(config: DistillConfig) -> None:
             f"--cycles.cycle0_checkpoint {checkpoint}: no such file or folder (a SAEBench / dictionary_learning trainer "
             "folder or ae.pt, a SAELens folder, or a DMSAE folder)"
         )
-    load_text_dataset(config.data)  # streamed: opens the files (or the Hub id), reads nothing
 
 
-def check_before_loading(config: DistillConfig) -> int:
+class Preflight(NamedTuple):
+    """What the checks before loading found: the activation width d, and the checks a dry run
+    skipped because the Hub is unreachable (a real run skips none)."""
+
+    d_in: int
+    skipped: list[str]
+    model_config_read: bool
+    """Whether the base model's configuration can be read (the plan's model size needs it)."""
+
+
+def check_before_loading(config: DistillConfig) -> Preflight:
     """Everything a dry run checks, every run checks before loading the base model or writing
-    anything: returns the activation width d."""
+    anything. Only a dry run skips, saying so, what needs a Hub it cannot reach."""
     check_paths(config)
     hook_layer = check_hook_layer(config)
-    d_in = config.dictionary.d_in or base_model_width(config.model)
+    check_batch(config)
+    needs_hub = dataset_on_hub(config.data) or model_on_hub(config.model)
+    offline = hub_unreachable() if config.run.dry_run and needs_hub else None
+    skipped = []
+    if offline and model_on_hub(config.model):
+        skipped.append(f"the configuration of {config.model.model_id} was not read: its size is not estimated")
+    if offline and dataset_on_hub(config.data):
+        skipped.append(f"the dataset {config.data.dataset} was not opened")
+    else:
+        load_text_dataset(config.data)  # streamed: opens the files (or the Hub id), reads nothing
+    if config.dictionary.d_in:
+        d_in = config.dictionary.d_in
+    elif offline:
+        raise ConfigError(f"the width of {config.model.model_id} needs its configuration from the Hub ({offline}): set --dictionary.d_in")
+    else:
+        d_in = base_model_width(config.model)
     check_sparsities(config, d_in)
+    check_hub_names(config, d_in)
     if config.cycles.cycle0_checkpoint and not config.transfer.core:
         try:
             sae = read_cycle0_checkpoint(config.cycles.cycle0_checkpoint)
         except (ValueError, KeyError, OSError, CorruptRunFileError) as error:
             raise ConfigError(f"--cycles.cycle0_checkpoint {config.cycles.cycle0_checkpoint}: {error}") from None
         check_compatible(sae.config, d_in, hook_layer, config)
-    return d_in
+    if skipped:
+        skipped.append(f"the Hub: {offline}. A real run checks these before loading anything")
+    return Preflight(d_in, skipped, not (offline and model_on_hub(config.model)))

@@ -44,8 +44,9 @@ class RunContext(NamedTuple):
         self.on_main(lambda: shutil.rmtree(self.paths.checkpoint(stage), ignore_errors=True))
 
     def publish(self, push: Callable) -> None:
-        """Push to the Hub when asked. A Hub failure never stops the run: the error (which says
-        how to retry with --push-only) is logged and the local artifacts stay."""
+        """Push to the Hub when asked. Nothing that goes wrong on the Hub stops the run: a Hub
+        failure is logged with how to retry (--push-only), any other error with its traceback,
+        and the local artifacts stay."""
         if not self.config.hub.repo_id or not self.is_main:
             return
         try:
@@ -53,3 +54,5 @@ class RunContext(NamedTuple):
             logger.info("hub: pushed %s, already there %s", report.pushed, report.skipped)
         except HubPushError as error:
             logger.error("%s", error)
+        except Exception:  # a bug in publishing must not cost days of training: the artifacts are local
+            logger.exception("hub: the push failed; the run goes on. Retry with --push-only %s", self.paths.root)

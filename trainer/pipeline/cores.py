@@ -15,6 +15,7 @@ from trainer.config import DistillConfig
 from trainer.errors import ConfigError, CorruptRunFileError
 from trainer.run.files import read_json, require_files, write_json
 from trainer.run.layout import CORE_DIRECTIONS, CORE_FILES, CORE_JSON, CYCLE_FILES
+from trainer.run.plan import cycle0_sae_config
 from trainer.sae.selection import CoreSelection
 from trainer.sae.training import check_finite_weights
 
@@ -74,8 +75,32 @@ def read_cycle0_checkpoint(path: str) -> DMSAEModel:
     return check_finite_weights(DMSAEModel.from_pretrained(path) if is_dmsae else from_checkpoint(path), path)
 
 
+# What the run's configuration decides for every cycle, whatever a cycle-0 checkpoint was trained with.
+RUN_SETTINGS = ("k", "variant", "aux_k", "aux_alpha", "dead_tokens_threshold")
+
+
+def with_run_settings(model: DMSAEModel, config: DistillConfig) -> DMSAEModel:
+    """An imported cycle-0 SAE with the run's k, variant, AuxK and dead-latent settings, which the
+    attribution of C(0) and, through ``next_cycle``, every later cycle use. A threshold calibrated
+    at another k is dropped: cycle 0's held-out metrics then take BatchTopK over each batch."""
+    wanted = {name: getattr(cycle0_sae_config(config, model.config.d_in), name) for name in RUN_SETTINGS}
+    if model.config.k != wanted["k"]:
+        model.config.threshold = -1.0
+    for name, value in wanted.items():
+        setattr(model.config, name, value)
+    model.config.validate_dmsae()
+    return model
+
+
 def check_compatible(sae: DMSAEConfig, d_in: int, hook_layer: int, config: DistillConfig) -> None:
-    """Refuse, before any training, a cycle-0 checkpoint that reads other activations."""
+    """Refuse, before any training, a cycle-0 checkpoint that reads other activations, or that was
+    trained at another k than the run's cycles (unless --cycles.accept_checkpoint_k)."""
+    if sae.k != config.cycles.k and not config.cycles.accept_checkpoint_k:
+        raise ConfigError(
+            f"--cycles.cycle0_checkpoint {config.cycles.cycle0_checkpoint} was trained at k = {sae.k}, the run's cycles "
+            f"train at --cycles.k {config.cycles.k}: set --cycles.k {sae.k}, or add --cycles.accept_checkpoint_k true "
+            f"to select its core and train every later cycle at k = {config.cycles.k}"
+        )
     problems = []
     if sae.d_in != d_in:
         problems.append(f"its width d = {sae.d_in}, the base model's hidden size is {d_in}")

@@ -13,9 +13,17 @@ from modeling_dmsae import DMSAEModel
 from trainer.errors import ConfigError
 from trainer.harvest.run_data import RunData
 from trainer.pipeline.context import RunContext
-from trainer.pipeline.cores import Core, check_compatible, load_core, load_finished_cycle, read_cycle0_checkpoint, save_core
+from trainer.pipeline.cores import (
+    Core,
+    check_compatible,
+    load_core,
+    load_finished_cycle,
+    read_cycle0_checkpoint,
+    save_core,
+    with_run_settings,
+)
 from trainer.pipeline.evaluation import evaluate, save_stage
-from trainer.pipeline.training import train_stage
+from trainer.pipeline.training import stage_seed, train_stage
 from trainer.run.files import atomic_folder, read_json
 from trainer.run.layout import CORE_JSON, cycle_stage
 from trainer.run.plan import cycle0_sae_config
@@ -37,7 +45,7 @@ def cycle_zero(run: RunContext, data: RunData) -> tuple[DMSAEModel, bool]:
     if checkpoint:
         model = read_cycle0_checkpoint(checkpoint)
         check_compatible(model.config, data.d_in, data.hook_layer, run.config)
-        return model, False
+        return with_run_settings(model, run.config), False
     sae_config = cycle0_sae_config(run.config, data.d_in)
     sae_config.normalization_factor = data.normalization_factor
     return DMSAEModel(sae_config), True
@@ -79,7 +87,7 @@ def distill(run: RunContext, data: RunData) -> Core:
             run.finish_stage(cycle_stage(t))  # a kill may have landed before its checkpoint was removed
             previous = (model, read_json(folder / CORE_JSON)["selected"])
             continue
-        set_seed(run.config.run.seed + t)
+        set_seed(stage_seed(run, cycle_stage(t)))
         if previous is None:
             model, needs_training = cycle_zero(run, data)
         else:

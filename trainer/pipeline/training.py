@@ -16,7 +16,7 @@ from trainer.errors import CorruptRunFileError
 from trainer.harvest.run_data import RunData
 from trainer.pipeline.context import RunContext
 from trainer.run.logs import append_record, truncate_log
-from trainer.run.plan import calibration_batches, steps_for
+from trainer.run.plan import batch_shape, calibration_batches, steps_for
 from trainer.sae.training import NonFiniteTrainingError, SAETrainer, StepStats, TrainingCallback, check_finite_weights, fit
 
 
@@ -32,31 +32,35 @@ class ProgressBar(TrainingCallback):
 
 
 class TrainingLog(TrainingCallback):
-    """Every ``every`` steps and the last: the step's statistics to the trackers (tensorboard, ...)
-    and, from the main process, to ``logs/STAGE.jsonl``."""
+    """Every ``run.log_every`` optimisation steps and after the last: the statistics of the step's
+    last micro-batch to the trackers (tensorboard, ...) and, from the main process, to
+    ``logs/STAGE.jsonl``, numbered by optimisation step."""
 
     def __init__(self, run: RunContext, stage: str, total_steps: int):
         self.run, self.stage, self.total_steps = run, stage, total_steps
         self.path = run.paths.log(stage)
 
     def on_step_end(self, trainer: SAETrainer, step: int, stats: StepStats) -> None:
-        if step % self.run.config.run.log_every != 0 and step != self.total_steps - 1:
+        optimizer_step = trainer.optimizer_steps - 1
+        last = step == self.total_steps - 1
+        if not trainer.at_step_boundary or (optimizer_step % self.run.config.run.log_every != 0 and not last):
             return
-        record = {"step": step, **{name: float(value) for name, value in stats._asdict().items()}}
-        self.run.accelerator.log({f"{self.stage}/{name}": value for name, value in record.items() if name != "step"}, step=step)
+        record = {"step": optimizer_step, **{name: float(value) for name, value in stats._asdict().items()}}
+        self.run.accelerator.log({f"{self.stage}/{name}": value for name, value in record.items() if name != "step"}, step=optimizer_step)
         if self.run.is_main:
             append_record(self.path, record)
 
 
 class Checkpoints(TrainingCallback):
-    """Every ``run.checkpoint_every`` steps (but the last: the stage's folder follows): everything a
-    resumed stage needs to continue bit for bit, and the timings up to here."""
+    """Every ``run.checkpoint_every`` optimisation steps (but the last: the stage's folder follows):
+    everything a resumed stage needs to continue bit for bit, and the timings up to here."""
 
     def __init__(self, run: RunContext, path: Path, total_steps: int):
         self.run, self.path, self.total_steps = run, path, total_steps
 
     def on_step_end(self, trainer: SAETrainer, step: int, stats: StepStats) -> None:
-        if (step + 1) % self.run.config.run.checkpoint_every == 0 and step + 1 < self.total_steps:
+        due = trainer.at_step_boundary and trainer.optimizer_steps % self.run.config.run.checkpoint_every == 0
+        if due and step + 1 < self.total_steps:
             trainer.save_checkpoint(self.path)
             self.run.timer.save()
 
@@ -73,23 +77,26 @@ def stage_failure(stage: str, step: int, error: Exception, checkpoint: Path) -> 
     return type(error)(f"stage {stage}, step {step}: {error} ({kept}; finished stages are kept).{fix}")
 
 
-def _seed(run: RunContext, stage: str, purpose: str = "") -> int:
-    """The data-order seed of a stage: its name, not its position, decides it."""
+def stage_seed(run: RunContext, stage: str, purpose: str = "") -> int:
+    """The seed of a stage's initialisation (``purpose`` ""), data order and calibration: the
+    stage's name decides it, not its position, so the same named SAE comes out the same whatever
+    else the run trains."""
     return zlib.crc32(f"{run.config.run.seed}/{stage}{purpose}".encode())
 
 
 def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, data: RunData) -> tuple[DMSAEModel, dict[str, float]]:
     """Train one SAE for ``tokens`` tokens, resuming from the stage's checkpoint when there is one;
-    returns it calibrated, with what training alone can tell (how far its decoder moved from the start)."""
+    returns it calibrated, with what training alone can tell (how far its decoder moved from the
+    start), and with the optimiser and everything Accelerate kept for it released."""
     config = run.config
-    steps = steps_for(tokens, config)
+    steps, shape = steps_for(tokens, config), batch_shape(config)
     trainer = SAETrainer(model, config.optimizer, steps // config.run.gradient_accumulation_steps, run.accelerator)
     checkpoint = run.paths.checkpoint(stage) / "checkpoint.pt"
     if checkpoint.exists():
         trainer.load_checkpoint(checkpoint)
     if run.is_main:
-        truncate_log(run.paths.log(stage), trainer.steps_taken)
-    batches = data.training_batches(config.cycles.batch_size, seed=_seed(run, stage), start_step=trainer.steps_taken)
+        truncate_log(run.paths.log(stage), trainer.optimizer_steps)
+    batches = data.training_batches(shape, seed=stage_seed(run, stage, "/data"), start_step=trainer.steps_taken)
     callbacks = [
         ProgressBar(stage, steps, trainer.steps_taken, run.accelerator.is_local_main_process),
         TrainingLog(run, stage, steps),
@@ -99,7 +106,8 @@ def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, dat
         fit(trainer, batches, steps, callbacks)
     except (FloatingPointError, CorruptRunFileError) as error:
         raise stage_failure(stage, trainer.steps_taken, error, checkpoint) from error
-    calibration = islice(data.training_batches(config.cycles.batch_size, seed=_seed(run, stage, "/calibration")), calibration_batches(config))
+    calibration = islice(data.training_batches(shape, seed=stage_seed(run, stage, "/calibration")), calibration_batches(config))
     # Never evaluate, save or push a NaN SAE (the step guard keeps training from making one).
-    trained = check_finite_weights(trainer.calibrate_threshold(calibration), stage)
-    return trained, {"decoder_cosine_to_init": trainer.decoder_cosine_to_init()}
+    check_finite_weights(trainer.calibrate_threshold(calibration), stage)
+    drift = {"decoder_cosine_to_init": trainer.decoder_cosine_to_init()}
+    return trainer.release(), drift

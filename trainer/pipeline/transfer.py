@@ -11,17 +11,17 @@ from trainer.harvest.run_data import RunData
 from trainer.pipeline.context import RunContext
 from trainer.pipeline.cores import Core
 from trainer.pipeline.evaluation import evaluate, save_stage
-from trainer.pipeline.training import train_stage
+from trainer.pipeline.training import stage_seed, train_stage
 from trainer.run.plan import FinalRun, cycle0_sae_config, final_runs
 
 
 def transfer(run: RunContext, core: Core, data: RunData) -> None:
     """Train, evaluate and save every final SAE not finished yet."""
-    for index, final in enumerate(final_runs(run.config)):
+    for final in final_runs(run.config):
         if run.paths.transfer(final.name).exists():
             run.finish_stage(final.stage)  # a kill may have landed before its checkpoint was removed
             continue
-        set_seed(run.config.run.seed + 1000 + index)
+        set_seed(stage_seed(run, final.stage))  # by name: the same SAE whatever else transfer.ks lists
         train_final_sae(run, final, core, data)
 
 

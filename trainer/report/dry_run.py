@@ -10,13 +10,13 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from modeling_dmsae import DMSAEConfig
 from trainer.config import DistillConfig
 from trainer.harvest.base_model import base_model_width, pretrained_source
 from trainer.run.files import read_json
-from trainer.run.plan import cycle0_sae_config, final_runs, planned_processes, steps_for
+from trainer.run.plan import batch_shape, cycle0_sae_config, final_runs, planned_processes, steps_for
 
 GIB = 1024**3
 THROUGHPUTS_FILE = Path(__file__).resolve().parent / "throughputs.json"
@@ -33,17 +33,23 @@ def sae_training_bytes(sae: DMSAEConfig, batch_size: int) -> int:
     return 4 * (4 * parameters + activations)
 
 
-def describe_plan(config: DistillConfig, d_in: int | None = None) -> str:
-    """The run's stages with tokens, steps and the per-process memory of SAE training."""
+def describe_plan(config: DistillConfig, d_in: int | None = None, skipped: Sequence[str] = (), model_config_read: bool = True) -> str:
+    """The run's stages with tokens, steps and the per-process memory of SAE training; ``skipped``:
+    the checks a dry run without the Hub could not make."""
     d_in = d_in or config.dictionary.d_in or base_model_width(config.model)
     sae = cycle0_sae_config(config, d_in)
-    processes = planned_processes(config)
-    cycle_steps = steps_for(config.cycles.tokens_per_cycle, config, processes)
-    transfer_steps = steps_for(config.transfer.tokens, config, processes)
+    shape = batch_shape(config, planned_processes(config))
     finals = final_runs(config)
-    cycle0 = config.cycles.cycle0_checkpoint or f"train from scratch ({cycle_steps} steps)"
+
+    def stage(tokens: int) -> str:
+        steps = steps_for(tokens, config) // shape.accumulation
+        return f"{steps:,} steps ({tokens:,} tokens, {tokens // shape.processes:,} per process)"
+
+    cycle0 = config.cycles.cycle0_checkpoint or f"train from scratch: {stage(config.cycles.tokens_per_cycle)}"
     lines = [
-        f"DMSAE distillation plan ({processes} process(es), batch {config.cycles.batch_size} tokens per process)",
+        f"DMSAE distillation plan ({shape.processes} process(es))",
+        f"  batch           {shape.batch_size:,} tokens per optimisation step, all processes together: "
+        f"{shape.accumulation} micro-batch(es) of {shape.per_process:,} tokens per process; {shape.lanes} data lanes",
         f"  base model      {config.model.model_id} at {config.model.hook_module} (d = {d_in})",
         f"  dataset         {config.data.dataset or 'embedded offline corpus'}, context {config.data.context_length}",
         f"  dictionary      K = {sae.num_latents}, groups {sae.group_sizes}, k = {sae.k} ({sae.variant})",
@@ -55,18 +61,16 @@ def describe_plan(config: DistillConfig, d_in: int | None = None) -> str:
     else:
         lines += [
             f"  cycle 0         {cycle0}; select C(0) from the first {sae.group_sizes[0]} latents",
-            f"  cycles 1..{config.cycles.num_cycles}     {cycle_steps} steps each ({config.cycles.tokens_per_cycle:,} tokens); "
+            f"  cycles 1..{config.cycles.num_cycles}     {stage(config.cycles.tokens_per_cycle)} each; "
             f"select with tau = {config.cycles.tau}, q = {config.cycles.quantile}",
             f"  distilled core  C* = C({config.cycles.num_cycles}) ∩ C({config.cycles.num_cycles - 1})",
         ]
-    lines.append(f"  transfer        {len(finals)} SAE(s), {transfer_steps} steps each:")
+    lines.append(f"  transfer        {len(finals)} SAE(s), {stage(config.transfer.tokens)} each:")
     lines += [f"                    {run.name} (k = {run.k}, {run.variant}, core: {run.core})" for run in finals]
-    memory = sae_training_bytes(sae, config.cycles.batch_size)
-    lines.append(f"  memory          SAE training ~{memory / GIB:.2f} GiB per process (fp32 weights, grads, Adam, batch)")
     if config.hub.repo_id:
         lines.append(f"  hub             {config.hub.repo_id} (one tag per cycle), finals as {config.hub.sae_repo_pattern}")
-    return "\n".join(lines + describe_costs(config, d_in))
-
+    lines += [f"  not checked     {note}" for note in skipped]
+    return "\n".join(lines + describe_costs(config, d_in, model_config_read))
 
 
 # ---- the cost plan ----------------------------------------------------------------------------
@@ -176,10 +180,11 @@ def cycle_counts(config: DistillConfig) -> tuple[int, int]:
     return config.cycles.num_cycles + (0 if config.cycles.cycle0_checkpoint else 1), config.cycles.num_cycles + 1
 
 
-def describe_costs(config: DistillConfig, d_in: int) -> list[str]:
+def describe_costs(config: DistillConfig, d_in: int, model_config_read: bool = True) -> list[str]:
     """Base-model passes, disk, memory and wall time per stage of the run on
     ``plan.num_processes`` processes of ``plan.device_kind``."""
     processes = planned_processes(config)
+    per_process = batch_shape(config, processes).per_process
     kind = device_kind() if config.plan.device_kind == "auto" else config.plan.device_kind
     ranges = config.harvest.context_ranges(config.data.context_length)
     context = config.data.context_length
@@ -209,9 +214,10 @@ def describe_costs(config: DistillConfig, d_in: int) -> list[str]:
     if not streamed and free is not None and total / processes > free:
         lines.append("  warning       the cache does not fit there: set --harvest.cache_dir to a larger local disk or --run.stream_activations true")
     sae = cycle0_sae_config(config, d_in)
+    base_model = _base_model_bytes(config, processes) if model_config_read else "not estimated (its configuration is on the Hub)"
     lines.append(
-        f"  memory        SAE training ~{sae_training_bytes(sae, config.cycles.batch_size) / GIB:.2f} GiB per process "
-        f"(fp32 weights, grads, Adam, batch); base model: {_base_model_bytes(config, processes)}"
+        f"  memory        SAE training ~{sae_training_bytes(sae, per_process) / GIB:.2f} GiB per process: one SAE at a "
+        f"time (fp32 weights, grads, Adam, a micro-batch of {per_process:,} tokens); base model: {base_model}"
     )
     return lines + _describe_times(config, d_in, processes, kind)
 
@@ -249,7 +255,7 @@ def estimate_stage_times(config: DistillConfig, d_in: int, processes: int, kind:
             + 2 * ce_tokens / base["full_forward_tokens_per_s"]
         )
         stages["harvest"] = harvest
-    batch = config.cycles.batch_size
+    batch = batch_shape(config, processes).per_process
     calibration_tokens = config.optimizer.calibration_tokens / processes
 
     def sae_time(k: int, tokens: int) -> tuple[float, dict] | None:
@@ -259,7 +265,7 @@ def estimate_stage_times(config: DistillConfig, d_in: int, processes: int, kind:
         figures, note = found
         if note and note not in notes:
             notes.append(note)
-        return steps_for(tokens, config, processes) * figures["step_s"] + calibration_tokens * figures["calibration_s_per_token"], figures
+        return steps_for(tokens, config) * figures["step_s"] + calibration_tokens * figures["calibration_s_per_token"], figures
 
     cycle = sae_time(config.cycles.k, config.cycles.tokens_per_cycle)
     transfers = [sae_time(run.k, config.transfer.tokens) for run in final_runs(config)]

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from modeling_dmsae import DMSAEConfig
 from modeling_dmsae.configuration_dmsae import matryoshka_group_sizes
 from trainer.config import DistillConfig
+from trainer.errors import ConfigError
 
 CORE_KINDS = ("distilled", "random", "none")
 
@@ -26,18 +27,60 @@ def planned_processes(config: DistillConfig) -> int:
     return config.plan.num_processes or world_size()
 
 
-def steps_for(tokens: int, config: DistillConfig, processes: int | None = None) -> int:
-    """Micro-batches per process that consume ``tokens`` across all ``processes`` (default: this
-    launch's) as a whole number of optimiser steps under gradient accumulation."""
+class BatchShape(NamedTuple):
+    """How the global batch of ``cycles.batch_size`` tokens per optimisation step is cut: into
+    ``accumulation`` micro-batches, each the same share of every data lane, each process taking
+    the lanes ``p, p + P, ...``. None of the sizes but ``per_process`` depends on P."""
+
+    batch_size: int
+    """Tokens per optimisation step, all processes together."""
+    accumulation: int
+    lanes: int
+    processes: int
+
+    @property
+    def micro_batch(self) -> int:
+        """Tokens per micro-batch, all processes together (what BatchTopK selects over)."""
+        return self.batch_size // self.accumulation
+
+    @property
+    def per_lane(self) -> int:
+        return self.micro_batch // self.lanes
+
+    @property
+    def per_process(self) -> int:
+        """Tokens of one process's micro-batch."""
+        return self.micro_batch // self.processes
+
+    def lanes_of(self, process_index: int) -> range:
+        return range(process_index, self.lanes, self.processes)
+
+
+def batch_shape(config: DistillConfig, processes: int | None = None) -> BatchShape:
+    """The run's batch on ``processes`` (default: this launch's); ConfigError when they cannot share
+    the data lanes evenly (config.validate has checked the batch against the lanes)."""
+    processes = processes or world_size()
+    lanes = config.cycles.data_lanes
+    if lanes % processes:
+        raise ConfigError(
+            f"{processes} processes cannot share --cycles.data_lanes {lanes} evenly: launch a number of processes that "
+            f"divides it, or set --cycles.data_lanes to a multiple of {processes} (another data order: the SAEs then "
+            "differ from a run with the old value)"
+        )
+    return BatchShape(config.cycles.batch_size, config.run.gradient_accumulation_steps, lanes, processes)
+
+
+def steps_for(tokens: int, config: DistillConfig) -> int:
+    """Micro-batches (every process takes the same number) that consume ``tokens`` as a whole
+    number of optimisation steps of ``cycles.batch_size`` tokens: independent of the world size."""
     accumulation = config.run.gradient_accumulation_steps
-    per_step = config.cycles.batch_size * (processes or world_size()) * accumulation
-    return max(1, math.ceil(tokens / per_step)) * accumulation
+    return max(1, math.ceil(tokens / config.cycles.batch_size)) * accumulation
 
 
 def calibration_batches(config: DistillConfig) -> int:
-    """Batches per process the inference threshold is calibrated on (optimizer.calibration_tokens
-    over all processes)."""
-    return max(1, config.optimizer.calibration_tokens // (config.cycles.batch_size * world_size()))
+    """Micro-batches the inference threshold is calibrated on (optimizer.calibration_tokens, all
+    processes together)."""
+    return max(1, config.optimizer.calibration_tokens // batch_shape(config, 1).micro_batch)
 
 
 class FinalRun(NamedTuple):

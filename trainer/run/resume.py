@@ -40,6 +40,7 @@ _DECIDES = {
     "cycles": ("cycles",),
     "cycles.k": ("cycles", "transfer"),
     "cycles.batch_size": ("cycles", "transfer"),
+    "cycles.data_lanes": ("cycles", "transfer"),
     "cycles.num_cycles": ("distilled_core", "transfer"),
     "transfer": ("transfer",),
 }

@@ -79,7 +79,9 @@ class TrainingCallback:
     transformers' TrainerCallback: every method does nothing unless a subclass overrides it."""
 
     def on_step_end(self, trainer: SAETrainer, step: int, stats: StepStats) -> None:
-        """After micro-step ``step`` (0-based) of the run; ``trainer.steps_taken`` is ``step + 1``."""
+        """After micro-step ``step`` (0-based) of the run; ``trainer.steps_taken`` is ``step + 1``.
+        With gradient accumulation, ``trainer.at_step_boundary`` says whether an optimisation step
+        was just taken (the only place to checkpoint: a half-accumulated gradient is not saved)."""
 
     def on_train_end(self, trainer: SAETrainer) -> None:
         """After the last step."""
@@ -121,6 +123,7 @@ class SAETrainer:
         device = self.accelerator.device
         self.tokens_since_fired = torch.zeros(sae_config.num_latents, dtype=torch.long, device=device)
         self.steps_taken = 0
+        self.accelerator.step = 0  # accelerate's micro-step counter decides when accumulate() syncs
         # Where a sample of the trainable decoder rows started: how far training moved them tells
         # an SAE that learned from one still near its random initialisation (decoder_cosine_to_init).
         trainable = torch.arange(sae_config.core_size, sae_config.num_latents, device=device)
@@ -130,6 +133,25 @@ class SAETrainer:
     @property
     def sae(self) -> DMSAEModel:
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimisation steps taken (micro-steps / gradient accumulation)."""
+        return self.steps_taken // self.accelerator.gradient_accumulation_steps
+
+    @property
+    def at_step_boundary(self) -> bool:
+        """No gradient is half accumulated: a checkpoint here resumes bit for bit."""
+        return self.steps_taken % self.accelerator.gradient_accumulation_steps == 0
+
+    def release(self) -> DMSAEModel:
+        """The trained SAE, with everything Accelerate keeps for training it (the DDP wrapper, the
+        optimiser and its Adam moments) dropped: without this, every stage's SAE and optimiser stay
+        referenced by the one Accelerator until the run ends."""
+        sae = self.sae
+        self.model = self.optimizer = self.scheduler = None
+        self.accelerator.free_memory()  # empties its lists of prepared models and optimisers
+        return sae
 
     def dead_latents(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.sae.config.dead_tokens_threshold
@@ -235,6 +257,7 @@ class SAETrainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.tokens_since_fired.copy_(state["tokens_since_fired"])
             self.steps_taken = int(state["steps_taken"])
+            self.accelerator.step = self.steps_taken % self.accelerator.gradient_accumulation_steps
             self.initial_decoder_rows.copy_(state["initial_decoder_rows"])
         except Exception as error:  # torch's own text would suggest an unsafe weights_only=False
             raise CorruptRunFileError(

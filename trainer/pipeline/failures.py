@@ -1,0 +1,113 @@
+"""Processes fail together, and each says why.
+
+Under ``accelerate launch`` an exception on one process leaves the others waiting inside a
+collective: they die later, killed by the launcher or by gloo/NCCL, with a traceback about a
+closed connection that says nothing of the cause. Work the main process does alone (selection,
+evaluation, saving, the report) makes this the common case.
+
+So every process of a run posts a failure to the run folder, ``logs/failures/<launch>/``, before
+it exits, and watches that folder from a background thread: a peer's failure makes it print that
+one line (``process 0 stopped the run: ...``) and exit at once, whatever it was waiting for. The
+failing process waits (at most ``ACK_TIMEOUT_S``) for every peer to acknowledge before it exits, so
+the launcher's teardown does not kill a peer before it has said why. One process runs nothing of
+this. The run folder is shared by the processes of a node (and, for several nodes, must be on a
+shared file system, like the cache).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from trainer.errors import UserError
+from trainer.run.files import write_text
+from trainer.run.layout import RunDirectory
+
+POLL_S = 0.2
+ACK_TIMEOUT_S = 10.0
+PROGRAM = "distill.py"
+
+
+def describe(error: BaseException) -> str:
+    """The one line a failure is known by on every process."""
+    if isinstance(error, UserError):
+        return error.one_line()
+    return f"{type(error).__name__}: {' '.join(str(error).split())} (an internal error: its traceback is on that process)"
+
+
+class FailureBoard:
+    """One launch's failure folder: ``failed-<rank>`` and ``ack-<rank>-of-<failed rank>`` files."""
+
+    def __init__(self, folder: Path, rank: int, world_size: int):
+        self.folder, self.rank, self.world_size = folder, rank, world_size
+        self._stop = threading.Event()
+
+    def post(self, error: BaseException) -> None:
+        """Say why this process stops, then give every peer the time to read it."""
+        write_text(self.folder / f"failed-{self.rank}", describe(error))
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while time.monotonic() < deadline and not self._all_acknowledged():
+            time.sleep(POLL_S)
+
+    def _all_acknowledged(self) -> bool:
+        return all(
+            (self.folder / f"ack-{peer}-of-{self.rank}").exists() or (self.folder / f"failed-{peer}").exists()
+            for peer in range(self.world_size)
+            if peer != self.rank
+        )
+
+    def watch(self) -> None:
+        """Background thread: on a peer's failure, print it, acknowledge it and end this process."""
+        while not self._stop.wait(POLL_S):
+            for posted in sorted(self.folder.glob("failed-*")):
+                peer = int(posted.name.split("-")[1])
+                if peer != self.rank and not (self.folder / f"failed-{self.rank}").exists():
+                    print(f"{PROGRAM}: error: process {peer} stopped the run: {posted.read_text()}", file=sys.stderr, flush=True)
+                    write_text(self.folder / f"ack-{self.rank}-of-{peer}", "")
+                    os._exit(1)  # the main thread may be blocked in a collective that never returns
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _launch_folder(accelerator: Accelerator, paths: RunDirectory) -> Path:
+    """A folder for this launch only (a resumed run must not read the last launch's failures)."""
+    name = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    root = paths.logs / "failures"
+    if accelerator.is_main_process:
+        shutil.rmtree(root, ignore_errors=True)
+        (root / name[0]).mkdir(parents=True)
+    return root / broadcast_object_list(name)[0]
+
+
+@contextmanager
+def fail_together(accelerator: Accelerator, paths: RunDirectory) -> Iterator[None]:
+    """Run the block so that an exception on any process ends every process promptly, each
+    printing the cause; the exception itself propagates on the process that raised it."""
+    if accelerator.num_processes == 1:
+        yield
+        return
+    board = FailureBoard(_launch_folder(accelerator, paths), accelerator.process_index, accelerator.num_processes)
+    watcher = threading.Thread(target=board.watch, name="dmsae-fail-together", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except BaseException as error:
+        board.stop()
+        board.post(error)
+        raise
+    board.stop()
+    watcher.join()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(board.folder.parent, ignore_errors=True)
