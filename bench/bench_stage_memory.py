@@ -25,7 +25,7 @@ from trainer import distill  # noqa: E402
 from trainer.sae.training import SAETrainer  # noqa: E402
 
 SHORT_RUN = [
-    "--dictionary.num_latents", "16384", "--harvest.train_tokens", "24576", "--cycles.num_cycles", "2",
+    "--dictionary.num_latents", "16384", "--harvest.train_tokens", "24576", "--harvest.contexts_per_shard", "16", "--cycles.num_cycles", "2",
     "--cycles.tokens_per_cycle", "8192", "--transfer.tokens", "8192", "--transfer.ks", "16", "64",
     "--transfer.sparsity_matched", "false", "--optimizer.calibration_tokens", "8192", "--eval.tokens", "4096",
     "--eval.ce_contexts", "4", "--run.log_with", "none",

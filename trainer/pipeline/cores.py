@@ -27,6 +27,16 @@ class Core(NamedTuple):
     lineage: list[list[int]]
 
 
+def random_core(like: Core, cycle: int, seed: int) -> Core:
+    """The Figure-3 control: as many random directions as ``like`` has, each with the norm of the
+    distilled row it stands in for (uniform on the sphere, then scaled), so the directions are the
+    only difference; their lineage says they were born in ``cycle``."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(like.directions.shape, generator=generator), dim=-1)
+    norms = like.directions.float().norm(dim=-1, keepdim=True)
+    return Core((directions * norms).to(like.directions.dtype), [[cycle, j] for j in range(len(like.lineage))])
+
+
 def save_core(folder: Path, cycle: int, selection: CoreSelection, model: DMSAEModel, config: DistillConfig) -> None:
     """core.json (indices, scores, lineage, coverage) and core_directions.safetensors."""
     lineage = model.lineage()[selection.selected].tolist()

@@ -23,10 +23,10 @@ from trainer.pipeline.cores import (
     with_run_settings,
 )
 from trainer.pipeline.evaluation import evaluate, save_stage
-from trainer.pipeline.training import stage_seed, train_stage
+from trainer.pipeline.training import train_stage
 from trainer.run.files import atomic_folder, read_json
 from trainer.run.layout import CORE_JSON, cycle_stage
-from trainer.run.plan import cycle0_sae_config
+from trainer.run.plan import cycle0_sae_config, stage_seed
 from trainer.sae.selection import CoreSelection, distilled_core, select_core
 
 
@@ -87,7 +87,7 @@ def distill(run: RunContext, data: RunData) -> Core:
             run.finish_stage(cycle_stage(t))  # a kill may have landed before its checkpoint was removed
             previous = (model, read_json(folder / CORE_JSON)["selected"])
             continue
-        set_seed(stage_seed(run, cycle_stage(t)))
+        set_seed(stage_seed(run.config, cycle_stage(t)))
         if previous is None:
             model, needs_training = cycle_zero(run, data)
         else:

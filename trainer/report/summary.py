@@ -120,14 +120,20 @@ def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics
     agrees = fell and above
     # A random core that never fired early on has no relative change to state.
     change = f"{(random.end / random.start - 1) * 100:+.0f}%" if random.start > 0 else "it did not fire in the first tenth"
+    fidelity = {name: transfer_metrics[run.name] for name, run in (("distilled", distilled_run), ("random", random_run))}
     return (
-        f"At k = {k}, both cores of {c} latents: the random core's L0_core went from {random.start:.1f} "
+        f"At k = {k}, both cores of {c} latents, frozen encoder rows of the same norms started the same way "
+        f"(DMSAEModel.from_core: the decoder unrelated to them); only the directions differ. "
+        f"The random core's L0_core went from {random.start:.1f} "
         f"(first tenth of training) to {random.end:.1f} (last tenth): it "
         f"{'fell' if fell else 'did not fall'} ({change}). "
         f"The distilled core went from {distilled.start:.1f} to {distilled.end:.1f} and ended "
         f"{'above' if above else 'below'} the random core. On held-out tokens L0_core is {distilled.held_out:.1f} "
         f"(distilled) against {random.held_out:.1f} (random). The paper reports a random core driven toward "
         f"0 while a distilled core keeps firing: this run {'agrees' if agrees else 'does not reproduce that'}. "
+        f"Held-out FVE {fidelity['distilled']['fve']:.3f} (distilled) against {fidelity['random']['fve']:.3f} (random), "
+        f"loss recovered {fidelity['distilled']['loss_recovered']:.3f} against {fidelity['random']['loss_recovered']:.3f} "
+        "(one seed: no spread to judge a small difference by). "
         f"Core encoder biases after training: random core {_core_biases(paths, random_run)}, "
         f"distilled core {_core_biases(paths, distilled_run)}."
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from typing import NamedTuple
 
 from modeling_dmsae import DMSAEConfig
@@ -25,6 +26,13 @@ def world_size() -> int:
 def planned_processes(config: DistillConfig) -> int:
     """The processes the plan is for: plan.num_processes, or this launch's."""
     return config.plan.num_processes or world_size()
+
+
+def stage_seed(config: DistillConfig, stage: str, purpose: str = "") -> int:
+    """The seed of a stage's initialisation (``purpose`` ""), data order, calibration or random
+    core: ``run.seed`` and the stage's name decide it, not its position, so the same named SAE comes
+    out the same whatever else the run trains."""
+    return zlib.crc32(f"{config.run.seed}/{stage}{purpose}".encode())
 
 
 class BatchShape(NamedTuple):
