@@ -12,7 +12,8 @@
 #   first and held by a constraints file;
 # - torchvision (pulled in by decode-clt) arrives as PyPI's CUDA build, whose operators do not register
 #   on the CPU torch, and transformers' lazy imports then fail: removed again, nothing here uses it;
-# - pyarrow >= 20 (datasets' dependency) broke on this Python 3.11 machine: held below 20.
+# - pyarrow: transformer-lens 2.17 holds numpy < 2 on Python < 3.12, and the newest pyarrow (26.0.1
+#   unconstrained) does not import with NumPy 1 ("pyarrow requires NumPy 2.0 or newer"): held below 20.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
