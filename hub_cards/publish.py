@@ -91,11 +91,11 @@ PLACEHOLDER_ORG = "your-org"
 DISTILLED_TAG, DISTILLED_FOLDER = "distilled", "distilled_core"
 FIGURES_FOLDER, RUN_CONFIG = "figures", "run_config.yaml"
 # The model code transformers runs with trust_remote_code; it looks for it at the repo root.
-CODE_FILES = ("configuration_dmsae.py", "modeling_dmsae.py")
+CODE_FILES = ("configuration_dmsae.py", "modeling_dmsae.py", "interventions.py")
 SAELENS_FOLDER = "saelens"
 # Top-level paths of a run repo that this module writes; anything else means the repo is not ours.
 RUN_REPO_OWNED = re.compile(
-    r"^(\.gitattributes|README\.md|run_config\.yaml|configuration_dmsae\.py|modeling_dmsae\.py|cycle-\d+/.+|distilled_core/.+|figures/.+)$"
+    r"^(\.gitattributes|README\.md|run_config\.yaml|configuration_dmsae\.py|modeling_dmsae\.py|interventions\.py|cycle-\d+/.+|distilled_core/.+|figures/.+)$"
 )
 PUBLISHED_SUFFIXES = (".json", ".safetensors", ".py", ".md", ".png")
 # Files never scanned for a leaked token (large binary weights).
