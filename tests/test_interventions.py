@@ -196,6 +196,34 @@ def test_edits_act_in_activation_units_at_the_kept_positions_only(hook_module):
     torch.testing.assert_close(reconstructed[kept], sae.decode(latents), rtol=1e-5, atol=1e-5)
 
 
+def test_generation_steps_judge_their_new_token_against_the_prompts_median_norm():
+    """A one-token step's own median is its own norm, so the trainer's rule could never exclude it;
+    the splice compares it with the median of the forward that started the sequence instead."""
+    ratio = 0.7  # well below 1, so that a generation step judged by its own median would always be excluded
+    model, sae = tiny_model(), tiny_sae(max_norm_ratio=ratio)
+    seen = []  # (original hidden states, positions kept) of every forward
+
+    def record(module, args, output):
+        seen.append([output.clone()])
+
+    module = model.get_submodule(sae.config.hook_module)
+    handle = module.register_forward_hook(record)  # before the splice's hook: sees the original output
+    prompt = torch.tensor([[0, 5, 9, 17, 33, 40, 41, 42, 60, 61]])
+    with torch.no_grad(), sae.splice(model, error_term=True) as splice:
+        after = module.register_forward_hook(lambda module, args, output: seen[-1].append(splice.kept.clone()))
+        model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=2)
+    handle.remove()
+    after.remove()
+    (prompt_hidden, prompt_kept), *steps = seen
+    norms = prompt_hidden.norm(dim=-1)
+    median = norms[0, 1:].median()  # over the tokens after BOS
+    assert torch.equal(prompt_kept[0, 1:], norms[0, 1:] <= ratio * median) and not prompt_kept[0, 0]
+    assert len(steps) == 7 and all(hidden.shape[1] == 1 for hidden, _ in steps)
+    decisions = [bool(kept) for _, kept in steps]
+    assert decisions == [bool(hidden.norm() <= ratio * median) for hidden, _ in steps]
+    assert len(set(decisions)) == 2  # some new tokens kept, some not: the prompt's median decided
+
+
 def test_bad_edits_and_a_foreign_model_are_refused_before_any_forward():
     model, sae = tiny_model(), tiny_sae()
     refused = {
