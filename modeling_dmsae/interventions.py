@@ -213,7 +213,7 @@ class SAESplice:
     :class:`SparseLatents` over the kept positions in row-major order, before the edits)."""
 
     def __init__(self, sae: DMSAEModel, model: nn.Module, edits: LatentEdits, error_term: bool, use_threshold: bool):
-        self.sae, self.model, self.edits = sae, model, edits
+        self.sae, self.edits = sae, edits
         self.error_term, self.use_threshold = error_term, use_threshold
         self.bos_token_id = getattr(model.config, "bos_token_id", None)
         self.kept: Tensor | None = None
