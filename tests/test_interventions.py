@@ -116,7 +116,7 @@ def test_steering_with_a_latent_raises_the_probability_of_the_tokens_its_logit_e
         after = named_probability(logits(model, ids))
     assert after.mean() > 100 * before.mean() and (after > before).float().mean() > 0.9
     print(f"steering latent {latent} (strength {strength:.2f}): P(its top {STEERED_TOKENS} logit-effect tokens "
-          f"{tokenizer.convert_ids_to_tokens(named.tolist())}) mean {float(before.mean()):.4f} -> {float(after.mean()):.4f}, "
+          f"{tokenizer.convert_ids_to_tokens(named.tolist())}) mean {float(before.mean()):.2e} -> {float(after.mean()):.2e}, "
           f"raised at {int((after > before).sum())} of {len(after)} positions")
 
 
