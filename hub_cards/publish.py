@@ -6,11 +6,11 @@ A run goes to one **run repo** ``ORG/NAME``; every transfer-stage SAE to a repo 
 
     ORG/NAME                                 (model repo, branch main)
       README.md                              card of the newest cycle; at the end, of the distilled core
-      configuration_dmsae.py, modeling_dmsae.py   the model code, at the root: transformers looks for
-                                             remote code there even when loading with subfolder=
+      configuration_dmsae.py, modeling_dmsae.py,  the model code, at the root: transformers looks for
+      interventions.py                       remote code there even when loading with subfolder=
       cycle-0/ ... cycle-T/                  one folder per cycle t, pushed by one commit tagged ``cycle-t``:
           config.json, model.safetensors,    the cycle's SAE (AutoModel, subfolder="cycle-t")
-          configuration_dmsae.py, modeling_dmsae.py
+          configuration_dmsae.py, modeling_dmsae.py, interventions.py
           core.json, core_directions.safetensors   the core C(t) it selected (indices, scores, lineage, directions)
           metrics.json, README.md            its metrics and card
       distilled_core/                        C* = C(T) ∩ C(T-1); pushed with figures/ and run_config.yaml
@@ -18,7 +18,8 @@ A run goes to one **run repo** ``ORG/NAME``; every transfer-stage SAE to a repo 
       run_config.yaml
 
     ORG/dmsae-gemma2-l12-k80                 (one per transfer SAE; name from ``HubSettings.sae_repo_pattern``)
-      config.json, model.safetensors, configuration_dmsae.py, modeling_dmsae.py, metrics.json, README.md
+      config.json, model.safetensors, configuration_dmsae.py, modeling_dmsae.py, interventions.py,
+      metrics.json, README.md
       saelens/cfg.json, saelens/sae_weights.safetensors   the same SAE in SAELens's format (JumpReLU)
 
 So ``ORG/NAME@cycle-7`` (tag ``cycle-7``, folder ``cycle-7/``) is cycle 7's SAE and core, and
@@ -91,11 +92,11 @@ PLACEHOLDER_ORG = "your-org"
 DISTILLED_TAG, DISTILLED_FOLDER = "distilled", "distilled_core"
 FIGURES_FOLDER, RUN_CONFIG = "figures", "run_config.yaml"
 # The model code transformers runs with trust_remote_code; it looks for it at the repo root.
-CODE_FILES = ("configuration_dmsae.py", "modeling_dmsae.py")
+CODE_FILES = ("configuration_dmsae.py", "modeling_dmsae.py", "interventions.py")
 SAELENS_FOLDER = "saelens"
 # Top-level paths of a run repo that this module writes; anything else means the repo is not ours.
 RUN_REPO_OWNED = re.compile(
-    r"^(\.gitattributes|README\.md|run_config\.yaml|configuration_dmsae\.py|modeling_dmsae\.py|cycle-\d+/.+|distilled_core/.+|figures/.+)$"
+    r"^(\.gitattributes|README\.md|run_config\.yaml|configuration_dmsae\.py|modeling_dmsae\.py|interventions\.py|cycle-\d+/.+|distilled_core/.+|figures/.+)$"
 )
 PUBLISHED_SUFFIXES = (".json", ".safetensors", ".py", ".md", ".png")
 # Files never scanned for a leaked token (large binary weights).

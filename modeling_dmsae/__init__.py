@@ -8,6 +8,7 @@ the code files beside the weights).
 from transformers import AutoConfig, AutoModel
 
 from .configuration_dmsae import DMSAEConfig, matryoshka_group_sizes, noncore_k
+from .interventions import SAESplice, kept_positions, logit_effect, splice_sae
 from .modeling_dmsae import DMSAEModel, DMSAEOutput, DMSAEPreTrainedModel, SparseLatents
 
 AutoConfig.register(DMSAEConfig.model_type, DMSAEConfig)
@@ -20,7 +21,11 @@ __all__ = [
     "DMSAEModel",
     "DMSAEOutput",
     "DMSAEPreTrainedModel",
+    "SAESplice",
     "SparseLatents",
+    "kept_positions",
+    "logit_effect",
     "matryoshka_group_sizes",
     "noncore_k",
+    "splice_sae",
 ]

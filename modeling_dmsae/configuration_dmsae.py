@@ -84,6 +84,13 @@ class DMSAEConfig(PreTrainedConfig):
         hook_module: module path whose output is read, e.g. ``model.layers.12``.
         hook_layer: layer index of that module.
         hook_name: TransformerLens name for SAEBench, e.g. ``blocks.12.hook_resid_post``.
+        mask_bos: BOS positions (a BOS token first in its context) were left out of training, so
+            a splice (``DMSAEModel.splice``) leaves them untouched (the trainer records its
+            ``data.mask_bos``).
+        max_norm_ratio: positions whose activation norm exceeds this multiple of the median norm
+            of their batch were left out of training (0: none), and a splice leaves them untouched
+            (the trainer records its ``harvest.max_norm_ratio``). The defaults of these two are the
+            trainer's, which configurations saved before the fields existed were trained with.
         cycle: distillation cycle that trained this SAE.
         core_lineage: for each core latent, ``[origin_cycle, origin_index]``: the cycle and
             dictionary index where it first appeared. Non-core latent j of cycle t has origin
@@ -110,6 +117,8 @@ class DMSAEConfig(PreTrainedConfig):
         hook_module: str = "model.layers.12",
         hook_layer: int | None = None,
         hook_name: str | None = None,
+        mask_bos: bool = True,
+        max_norm_ratio: float = 10.0,
         cycle: int = 0,
         core_lineage: Sequence[Sequence[int]] | None = None,
         **kwargs,
@@ -132,6 +141,8 @@ class DMSAEConfig(PreTrainedConfig):
         self.hook_module = hook_module
         self.hook_layer = hook_layer if hook_layer is not None else hook_layer_index(hook_module)
         self.hook_name = hook_name or transformer_lens_hook_name(self.hook_layer)
+        self.mask_bos = mask_bos
+        self.max_norm_ratio = max_norm_ratio
         self.cycle = cycle
         self.core_lineage = (
             [list(map(int, origin)) for origin in core_lineage]
@@ -208,6 +219,8 @@ class DMSAEConfig(PreTrainedConfig):
             raise ValueError(f"DMSAEConfig.aux_alpha must be >= 0, got {self.aux_alpha!r}")
         if not self.normalization_factor > 0 or not math.isfinite(self.normalization_factor):
             raise ValueError(f"DMSAEConfig.normalization_factor must be a positive finite number, got {self.normalization_factor!r}")
+        if not self.max_norm_ratio >= 0 or not math.isfinite(self.max_norm_ratio):
+            raise ValueError(f"DMSAEConfig.max_norm_ratio must be a finite number >= 0 (0 keeps every position), got {self.max_norm_ratio!r}")
         if len(self.core_lineage) != self.core_size or any(len(origin) != 2 for origin in self.core_lineage):
             raise ValueError(
                 f"DMSAEConfig.core_lineage must hold one [origin_cycle, origin_index] pair per core latent "

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import ContextManager, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_dmsae import DMSAEConfig
+from .interventions import SAESplice, logit_effect, splice_sae
 
 
 class SparseLatents(NamedTuple):
@@ -674,6 +675,23 @@ class DMSAEModel(DMSAEPreTrainedModel):
             batchtopk_threshold=smallest_kept,
         )
         return output if return_dict else output.to_tuple()
+
+    # ---- Inside the base model ------------------------------------------------------------
+
+    def splice(self, model: nn.Module, **options) -> ContextManager[SAESplice]:
+        """Context manager: this SAE spliced into the causal LM ``model`` at ``config.hook_module``,
+        optionally with the error term and edits on the latents (ablate, clamp, scale, steer);
+        :func:`~.interventions.splice_sae` documents the options and the positions left untouched.
+
+            with sae.splice(model, error_term=True, steer={42: 8.0}):
+                model.generate(**inputs)
+        """
+        return splice_sae(self, model, **options)
+
+    def logit_effect(self, base_model: nn.Module, latents: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """[n, vocab] direct effect of ``latents``' decoder directions on ``base_model``'s logits
+        (:func:`~.interventions.logit_effect`)."""
+        return logit_effect(self, base_model, latents)
 
     # ---- Training hygiene ----------------------------------------------------------------
 

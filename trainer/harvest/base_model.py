@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from modeling_dmsae.interventions import hidden_states_of, with_hidden_states
 from trainer.config import EMBEDDED_MODEL_FILE, BaseModelConfig
 from trainer.errors import ConfigError
 
@@ -190,16 +191,6 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def _first_tensor(output) -> Tensor:
-    """A decoder layer returns a tensor in transformers 5, a tuple in older versions."""
-    return output if isinstance(output, Tensor) else output[0]
-
-
-def _with_first_tensor(output, tensor: Tensor):
-    """``output`` with its hidden states replaced by ``tensor`` (what a splicing hook returns)."""
-    return tensor if isinstance(output, Tensor) else (tensor, *output[1:])
-
-
 @contextmanager
 def _forward_hook(module: nn.Module, hook: Callable) -> Iterator[None]:
     handle = module.register_forward_hook(hook)
@@ -222,7 +213,7 @@ def capture_activations(model: PreTrainedModel, hook_module: nn.Module, input_id
     captured: list[Tensor] = []
 
     def stop_after(module, args, output):
-        captured.append(_first_tensor(output))
+        captured.append(hidden_states_of(output))
         raise _StopForward
 
     with _forward_hook(hook_module, stop_after):
@@ -319,7 +310,7 @@ def next_token_loss(
         raise ValueError("no next-token prediction is counted: every position is masked (BOS or padding)")
 
     def splice(module, args, output):
-        return _with_first_tensor(output, replace(_first_tensor(output)))
+        return with_hidden_states(output, replace(hidden_states_of(output)))
 
     hook = splice if replace is not None else (lambda module, args, output: None)
     with _forward_hook(hook_module, hook):
@@ -355,9 +346,9 @@ def next_token_gradients(
     leaves: list[Tensor] = []
 
     def make_leaf(module, args, output):
-        leaves.append(_first_tensor(output).detach().requires_grad_(True))
+        leaves.append(hidden_states_of(output).detach().requires_grad_(True))
         torch.set_grad_enabled(True)  # record from here on; the enclosing no_grad restores the mode
-        return _with_first_tensor(output, leaves[0])
+        return with_hidden_states(output, leaves[0])
 
     with torch.no_grad(), _forward_hook(hook_module, make_leaf):
         hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state

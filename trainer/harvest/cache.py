@@ -50,6 +50,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from modeling_dmsae.interventions import kept_positions  # the one rule, shared with the SAE's splice
 from trainer.config import BaseModelConfig, DataConfig, HarvestConfig
 from trainer.errors import ConfigError, CorruptRunFileError, EmptyDatasetError, UserError
 from trainer.harvest.base_model import (
@@ -106,18 +107,6 @@ class CorruptShardError(CorruptRunFileError):
 # Which positions reach the SAE
 
 PROFILED_POSITIONS = 4  # the norm profile reports the first positions of every context
-
-
-def kept_positions(hidden: Tensor, token_mask: Tensor, max_norm_ratio: float) -> Tensor:
-    """[B, T] positions the SAE sees: ``token_mask`` (no BOS, no padding) less the positions whose
-    activation norm exceeds ``max_norm_ratio`` x the median norm of the batch's masked-in
-    positions. A batch median, not a running statistic: it needs no pass of its own, and it is
-    the same for a shard whether it is cached, streamed or harvested by any process."""
-    if max_norm_ratio <= 0 or not token_mask.any():
-        return token_mask
-    norms = hidden.float().norm(dim=-1)
-    # "not above", so that NaN rows stay in and meet the finiteness check instead of vanishing.
-    return token_mask & ~(norms > max_norm_ratio * norms[token_mask].median())
 
 
 @dataclass

@@ -151,4 +151,6 @@ def cycle0_sae_config(config: DistillConfig, d_in: int) -> DMSAEConfig:
         base_model_id=config.model.model_id,
         base_model_file=config.model.model_file,
         hook_module=config.model.hook_module,
+        mask_bos=config.data.mask_bos,
+        max_norm_ratio=config.harvest.max_norm_ratio,
     )
