@@ -86,12 +86,13 @@ def read_cycle0_checkpoint(path: str) -> DMSAEModel:
 
 
 # What the run's configuration decides for every cycle, whatever a cycle-0 checkpoint was trained with.
-RUN_SETTINGS = ("k", "variant", "aux_k", "aux_alpha", "dead_tokens_threshold")
+RUN_SETTINGS = ("k", "variant", "aux_k", "aux_alpha", "dead_tokens_threshold", "mask_bos", "max_norm_ratio")
 
 
 def with_run_settings(model: DMSAEModel, config: DistillConfig) -> DMSAEModel:
-    """An imported cycle-0 SAE with the run's k, variant, AuxK and dead-latent settings, which the
-    attribution of C(0) and, through ``next_cycle``, every later cycle use. A threshold calibrated
+    """An imported cycle-0 SAE with the run's k, variant, AuxK and dead-latent settings (and the
+    positions it masks: BOS, massive norm), which the attribution of C(0) and, through
+    ``next_cycle``, every later cycle use. A threshold calibrated
     at another k is dropped: cycle 0's held-out metrics then take BatchTopK over each batch."""
     wanted = {name: getattr(cycle0_sae_config(config, model.config.d_in), name) for name in RUN_SETTINGS}
     if model.config.k != wanted["k"]:
