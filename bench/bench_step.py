@@ -122,8 +122,9 @@ def synchronize(device: str) -> None:
 
 
 def gemm_step(config: BenchConfig, batch: torch.Tensor) -> Callable[[], None]:
-    """The floor: the GEMM alone, into a preallocated output (no allocation, no page faults)."""
-    weight = torch.randn(config.d_in, config.num_latents, device=config.device) / config.d_in**0.5
+    """The floor: the GEMM alone, in the batch's dtype, into a preallocated output (no allocation,
+    no page faults)."""
+    weight = torch.randn(config.d_in, config.num_latents, device=config.device, dtype=batch.dtype) / config.d_in**0.5
     output = batch.new_empty(config.batch_size, config.num_latents)
     return lambda: torch.mm(batch, weight, out=output)
 

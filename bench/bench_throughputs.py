@@ -97,6 +97,37 @@ def measure_sae(config, k: int, x: torch.Tensor, attribution_x, attribution_g, s
     }
 
 
+def measured_note() -> str:
+    """When and how the figures were measured (the load matters on a shared machine)."""
+    load = os.getloadavg()
+    return (
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {load[0]:.1f} (1 min) {load[1]:.1f} (5 min) at the end"
+    )
+
+
+def recorded_key(config, record_as: str | None) -> str:
+    """The base model's key in the table, under ``record_as``'s model id when given (a stand-in's
+    figures filed under the real model)."""
+    model = dataclasses.replace(config.model, model=record_as) if record_as else config.model
+    return base_model_key(dataclasses.replace(config, model=model))
+
+
+def file_figures(table: dict, kind: str, measured: str, base_key: str, base: dict, steps: list[dict]) -> dict:
+    """File one measurement in ``table`` (throughputs.json's content) under ``kind``: a base model
+    or SAE shape measured before is replaced, other entries are kept. Returns what was filed."""
+    entry = table.setdefault(kind, {"base_model": {}, "sae": []})
+    entry["measured"] = measured
+    entry["base_model"][base_key] = base
+    new_shapes = {tuple(s[name] for name in SAE_SHAPE_FIELDS) for s in steps}
+    entry["sae"] = [s for s in entry["sae"] if tuple(s[name] for name in SAE_SHAPE_FIELDS) not in new_shapes] + steps
+    return {kind: {"base_model": {base_key: base}, "sae": steps, "measured": measured}}
+
+
+def read_table() -> dict:
+    return json.loads(THROUGHPUTS_FILE.read_text()) if THROUGHPUTS_FILE.exists() else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--record-as", default=None)
@@ -106,19 +137,10 @@ def main() -> None:
     base, x, attribution_x, attribution_g = measure_base_model(config)
     ks = sorted({config.cycles.k, *(run.k for run in final_runs(config))})
     steps = [measure_sae(config, k, x, attribution_x, attribution_g) for k in ks]
-    table = json.loads(THROUGHPUTS_FILE.read_text()) if THROUGHPUTS_FILE.exists() else {}
-    entry = table.setdefault(kind, {"base_model": {}, "sae": []})
-    load = os.getloadavg()
-    entry["measured"] = (
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average {load[0]:.1f} (1 min) {load[1]:.1f} (5 min) at the end"
-    )
-    recorded = dataclasses.replace(config, model=dataclasses.replace(config.model, model=known.record_as)) if known.record_as else config
-    entry["base_model"][base_model_key(recorded)] = base
-    new_shapes = {tuple(s[name] for name in SAE_SHAPE_FIELDS) for s in steps}
-    entry["sae"] = [s for s in entry["sae"] if tuple(s[name] for name in SAE_SHAPE_FIELDS) not in new_shapes] + steps
+    table = read_table()
+    filed = file_figures(table, kind, measured_note(), recorded_key(config, known.record_as), base, steps)
     THROUGHPUTS_FILE.write_text(json.dumps(table, indent=2) + "\n")
-    print(json.dumps({kind: {"base_model": {base_model_key(recorded): base}, "sae": steps, "measured": entry["measured"]}}, indent=2))
+    print(json.dumps(filed, indent=2))
 
 
 if __name__ == "__main__":

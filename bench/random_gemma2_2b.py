@@ -44,11 +44,12 @@ class RandomModelConfig:
     its 3.5 MB tokenizer there first, with ``AutoTokenizer...save_pretrained``, and pass the folder)."""
 
 
-def write_random_gemma2_2b(cfg: RandomModelConfig) -> Path:
-    """Build the model directly on ``cfg.device`` in ``cfg.dtype`` and save it with the tokenizer."""
+def write_random_gemma2_2b(cfg: RandomModelConfig, **shape) -> Path:
+    """Build the model directly on ``cfg.device`` in ``cfg.dtype`` and save it with the tokenizer.
+    ``shape``: Gemma2Config fields that replace Gemma-2-2B's (a small model for a quick check)."""
     output = Path(cfg.output_dir)
     device = resolve_device(cfg.device)
-    config = Gemma2Config(num_hidden_layers=cfg.layers)
+    config = Gemma2Config(num_hidden_layers=cfg.layers, **shape)
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         model = Gemma2ForCausalLM._from_config(config, dtype=resolve_dtype(cfg.dtype, device))
