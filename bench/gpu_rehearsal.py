@@ -272,18 +272,6 @@ def pool_batches(pool: torch.Tensor, batch_size: int, seed: int) -> Iterator[tor
             yield pool[order[start : start + batch_size]]
 
 
-def release(trainer: SAETrainer) -> DMSAEModel:
-    """The trained SAE with the optimiser and what Accelerate holds for it dropped, as the pipeline
-    releases every stage (``SAETrainer.release``, issue 18)."""
-    if hasattr(trainer, "release"):
-        return trainer.release()
-    # Until SAETrainer.release reaches this tree: the same by hand (then delete these lines).
-    sae = trainer.sae
-    trainer.model = trainer.optimizer = trainer.scheduler = None
-    trainer.accelerator.free_memory()
-    return sae
-
-
 def median_ms(seconds: list[float]) -> float | None:
     return round(1000 * statistics.median(seconds), 3) if seconds else None
 
@@ -330,7 +318,7 @@ def train_and_release(
         decoder_cosine_to_init=round(trainer.decoder_cosine_to_init(), 4),
         gpu_memory_peak_training_gib=gpu_memory_gib(rc.device, peak=True),
     )
-    return release(trainer)
+    return trainer.release()  # as the pipeline releases every stage
 
 
 def train_stage(

@@ -92,6 +92,7 @@ def distill(run: RunContext, data: RunData) -> Core:
             model, needs_training = cycle_zero(run, data)
         else:
             model, needs_training = previous[0].next_cycle(previous[1], normalization_factor=data.normalization_factor), True
+            previous = None  # cycle t-1's SAE is done once its core is copied: not kept through cycle t
         previous = train_cycle(run, t, model.to(run.accelerator.device), needs_training, data)
     return save_distilled_core(run, *previous)
 
