@@ -265,30 +265,29 @@ def latent_windows(
     length: int,
     example_slots: torch.Tensor,
     threshold: float,
-    pairs_per_block: int = 16_384,
+    examples_per_block: int = 1024,
 ) -> torch.Tensor:
     """[K, E, W] latent j's inference-mode activation around each of its examples (slots [K, E],
     -1: none; ``slot_rows``: :func:`row_of_slot`; contexts of ``length`` tokens): relu(centred x .
     encoder row j + b_enc[j]), kept if j is a dense-core latent or above ``threshold``; NaN where
-    the window's position has no activation row."""
+    the window's position has no activation row. The held-out activations go to the SAE's device
+    once; each block gathers [block, W, d] rows and one encoder row per example."""
     K, E = example_slots.shape
     offsets = torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1)
     slots = example_slots.unsqueeze(-1) + offsets  # [K, E, W]
     same_context = (example_slots.unsqueeze(-1) >= 0) & (slots // length == example_slots.unsqueeze(-1) // length) & (slots >= 0)
-    rows = torch.where(same_context, slot_rows[slots.clamp(0, slot_rows.numel() - 1)], -1)
-    latents = torch.arange(K).reshape(K, 1, 1).expand_as(rows)
-    present = rows >= 0
+    rows = torch.where(same_context, slot_rows[slots.clamp(0, slot_rows.numel() - 1)], -1).reshape(K * E, -1)
+    latent_of = torch.arange(K).repeat_interleave(E)
     windows = torch.full(rows.shape, math.nan)
     device = sae.W_dec.device
-    encoder = sae.encoder_weight.detach()
-    pair_rows, pair_latents = rows[present], latents[present]
-    results = []
-    for block_rows, block_latents in zip(pair_rows.split(pairs_per_block), pair_latents.split(pairs_per_block)):
-        x = sae.normalize_activations(activations[block_rows].to(device)) - sae.b_dec.detach()
-        j = block_latents.to(device)
-        pre = torch.linalg.vecdot(x, encoder[j].to(x.dtype)) + sae.b_enc.detach()[j]
-        bound = torch.where(j < sae._unmasked_columns(), 0.0, threshold)
-        results.append(torch.where(pre > bound, pre, 0.0).float().cpu())
-    if results:
-        windows[present] = torch.cat(results)
-    return windows
+    activations = activations.to(device)
+    encoder, b_enc, b_dec = sae.encoder_weight.detach(), sae.b_enc.detach(), sae.b_dec.detach()
+    for block in (rows >= 0).any(1).nonzero().squeeze(1).split(examples_per_block):
+        block_rows = rows[block].to(device)
+        j = latent_of[block].to(device)
+        x = sae.normalize_activations(activations[block_rows.clamp_min(0)]).reshape(*block_rows.shape, -1) - b_dec
+        pre = torch.einsum("bwd,bd->bw", x, encoder[j].to(x.dtype)) + b_enc[j].unsqueeze(1)
+        bound = torch.where(j < sae._unmasked_columns(), 0.0, threshold).unsqueeze(1)
+        kept = torch.where(pre > bound, pre, 0.0).float()
+        windows[block] = torch.where(block_rows >= 0, kept, math.nan).cpu()
+    return windows.reshape(K, E, -1)
