@@ -36,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--saes", nargs="*", help="only these SAE folders (e.g. cycle-003 k-0032-dense_core); the stage's "
+                        "figure is then extrapolated from the mean time of a cycle and of a final SAE")
     args = parser.parse_args()
     paths = RunDirectory(args.run_dir)
     config = parse_config(["--config", str(paths.config_file)])
@@ -87,21 +89,29 @@ def main() -> None:
         parts[name] = parts.get(name, 0.0) + time.perf_counter() - began
 
     transfers = paths.transfers()
-    totals = {"without": 0.0, "with": 0.0}
+    folders = [f for f in paths.cycles() + transfers if not args.saes or f.name in args.saes]
+    seconds = {(kind, name): [] for kind in ("cycle", "final") for name in ("without", "with")}
     for _ in range(args.rounds):
-        for folder in paths.cycles() + transfers:
+        for folder in folders:
             sae = DMSAEModel.from_pretrained(folder).eval()
-            actions = (("without", without_parts), ("with", with_evidence if folder in transfers else frequencies))
+            kind = "final" if folder in transfers else "cycle"
+            actions = (("without", without_parts), ("with", with_evidence if kind == "final" else frequencies))
             for name, action in actions:
                 began = time.perf_counter()
                 with torch.no_grad():
                     action(sae)
-                totals[name] += time.perf_counter() - began
-            print(f"{folder.name}: without {totals['without']:.1f} s, with {totals['with']:.1f} s so far", flush=True)
-    print(f"{len(paths.cycles())} cycles and {len(transfers)} final SAEs x {args.rounds} rounds, K = {sae.config.num_latents}, "
-          f"{held_out.activations.shape[0]} held-out tokens; load average {os.getloadavg()}")
-    print(f"evaluation without evidence: {totals['without']:.1f} s; with: {totals['with']:.1f} s; "
-          f"+{100 * (totals['with'] / totals['without'] - 1):.0f}%")
+                seconds[kind, name].append(time.perf_counter() - began)
+            print(f"{folder.name}: without {seconds[kind, 'without'][-1]:.1f} s, with {seconds[kind, 'with'][-1]:.1f} s", flush=True)
+    print(f"K = {sae.config.num_latents}, {held_out.activations.shape[0]} held-out tokens; load average {os.getloadavg()}")
+    counts = {"cycle": len(paths.cycles()), "final": len(transfers)}
+    stage = {name: sum(counts[kind] * sum(seconds[kind, name]) / len(seconds[kind, name]) for kind in counts if seconds[kind, name])
+             for name in ("without", "with")}
+    for kind in counts:
+        if seconds[kind, "with"]:
+            mean = {name: sum(seconds[kind, name]) / len(seconds[kind, name]) for name in ("without", "with")}
+            print(f"a {kind}: {mean['without']:.1f} s without, {mean['with']:.1f} s with (mean of {len(seconds[kind, 'with'])})")
+    print(f"evaluation stage ({counts['cycle']} cycles, {counts['final']} final SAEs) without evidence: {stage['without']:.1f} s; "
+          f"with: {stage['with']:.1f} s; +{100 * (stage['with'] / stage['without'] - 1):.0f}%")
     print("final SAEs, parts (s): " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in parts.items()))
     print(f"evidence files per final SAE: {max(sizes) / 1e6:.1f} MB")
     print(f"evidence at K = 65,536: {ev.evidence_bytes(65_536) / 1e6:.0f} MB of tensors, streaming buffers {ev.evidence_working_bytes(65_536) / 1e6:.0f} MB")

@@ -112,3 +112,28 @@ def test_the_result_does_not_depend_on_the_batch_size_and_merges_bound_the_buffe
 def test_evidence_size_at_the_papers_shape_is_a_small_part_of_the_sae():
     K, d = 65_536, 2304
     assert ev.evidence_bytes(K) < 0.1 * (2 * K * d * 4)
+
+
+def test_logit_effect_finds_the_token_a_direction_writes_through_the_models_own_norm():
+    """A decoder row along (unembedding row t) / (the final norm's gain) promotes t most; its
+    negative suppresses t most. Gemma 2 scales by (1 + weight): the model's own norm module is used."""
+    from modeling_dmsae.logit_effect import logit_effect
+    from tiny_models import tiny_model
+
+    for architecture in ("llama", "gemma2"):
+        model = tiny_model(architecture)
+        with torch.no_grad():
+            model.model.norm.weight.copy_(torch.rand(32) * 2)  # gains from 0 to 2 (Gemma 2: 1 to 3)
+        gain = model.model.norm(torch.ones(1, 32)).squeeze(0)  # an RMSNorm of ones is its gain
+        unembedding = model.get_output_embeddings().weight
+        targets = torch.tensor([5, 77, 200])
+        sae = DMSAEModel(DMSAEConfig(d_in=32, num_latents=6, group_sizes=[6], k=2))
+        with torch.no_grad():
+            directions = unembedding[targets] / gain
+            sae.W_dec.copy_(torch.cat([directions, -directions]))
+            sae.normalize_decoder_()
+        effect = logit_effect(sae, model, num_tokens=3, rows_per_block=4)
+        assert effect.promoted_tokens[:3, 0].tolist() == targets.tolist(), architecture
+        assert effect.suppressed_tokens[3:, 0].tolist() == targets.tolist(), architecture
+        assert (effect.promoted_logits[:, 0] >= effect.promoted_logits[:, 1]).all()
+        assert (effect.suppressed_logits[:, 0] <= effect.suppressed_logits[:, 1]).all()
