@@ -270,8 +270,9 @@ def latent_windows(
     """[K, E, W] latent j's inference-mode activation around each of its examples (slots [K, E],
     -1: none; ``slot_rows``: :func:`row_of_slot`; contexts of ``length`` tokens): relu(centred x .
     encoder row j + b_enc[j]), kept if j is a dense-core latent or above ``threshold``; NaN where
-    the window's position has no activation row. The held-out activations go to the SAE's device
-    once; each block gathers [block, W, d] rows and one encoder row per example."""
+    the window's position has no activation row. The held-out activations are normalised and
+    centred once, on the SAE's device; each block gathers [block, W, d] of them and one encoder
+    row per example."""
     K, E = example_slots.shape
     offsets = torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1)
     slots = example_slots.unsqueeze(-1) + offsets  # [K, E, W]
@@ -280,13 +281,12 @@ def latent_windows(
     latent_of = torch.arange(K).repeat_interleave(E)
     windows = torch.full(rows.shape, math.nan)
     device = sae.W_dec.device
-    activations = activations.to(device)
-    encoder, b_enc, b_dec = sae.encoder_weight.detach(), sae.b_enc.detach(), sae.b_dec.detach()
+    encoder, b_enc = sae.encoder_weight.detach(), sae.b_enc.detach()
+    centred = sae.normalize_activations(activations.to(device)) - sae.b_dec.detach()  # once: the gathers read it
     for block in (rows >= 0).any(1).nonzero().squeeze(1).split(examples_per_block):
         block_rows = rows[block].to(device)
         j = latent_of[block].to(device)
-        x = sae.normalize_activations(activations[block_rows.clamp_min(0)]).reshape(*block_rows.shape, -1) - b_dec
-        pre = torch.einsum("bwd,bd->bw", x, encoder[j].to(x.dtype)) + b_enc[j].unsqueeze(1)
+        pre = torch.einsum("bwd,bd->bw", centred[block_rows.clamp_min(0)], encoder[j].to(centred.dtype)) + b_enc[j].unsqueeze(1)
         bound = torch.where(j < sae._unmasked_columns(), 0.0, threshold).unsqueeze(1)
         kept = torch.where(pre > bound, pre, 0.0).float()
         windows[block] = torch.where(block_rows >= 0, kept, math.nan).cpu()
