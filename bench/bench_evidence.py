@@ -25,8 +25,11 @@ from modeling_dmsae.logit_effect import logit_effect
 from trainer.config import parse_config
 from trainer.harvest.base_model import load_base_model, mean_next_token_loss, resolve_hook_module
 from trainer.harvest.run_data import _held_out
+from hub_cards.publish import build_hub_folders
 from trainer.pipeline.evaluation import evidence_files
-from trainer.run.layout import RunDirectory
+from trainer.report.summary import write_report
+from trainer.run.files import write_bytes, write_json
+from trainer.run.layout import FIRING_FREQUENCIES, RunDirectory
 from trainer.sae import evidence as ev
 from trainer.sae.evidence import EvidenceStream, FiringCounts
 from trainer.sae.metrics import downstream_loss_metrics, reconstruction_metrics
@@ -36,6 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--write", action="store_true", help="write each SAE's files into RUN_DIR (a copy of a run made "
+                        "before the evidence existed), then its report, browser and Hub folders; times the evidence only")
     parser.add_argument("--saes", nargs="*", help="only these SAE folders (e.g. cycle-003 k-0032-dense_core); the stage's "
                         "figure is then extrapolated from the mean time of a cycle and of a final SAE")
     args = parser.parse_args()
@@ -54,13 +59,13 @@ def main() -> None:
         reconstruction_metrics(sae, held_out.activations.split(batch_size))
         downstream_loss_metrics(sae, model, hook, held_out.ce_input_ids, held_out.ce_loss_mask, clean, ablated)
 
-    def frequencies(sae: DMSAEModel) -> None:  # what a cycle's evaluation adds
+    def frequencies(sae: DMSAEModel) -> dict:  # what a cycle's evaluation adds
         counts = FiringCounts(sae.config.num_latents, sae.W_dec.device)
         reconstruction_metrics(sae, held_out.activations.split(batch_size), counts.add)
         downstream_loss_metrics(sae, model, hook, held_out.ce_input_ids, held_out.ce_loss_mask, clean, ablated)
-        save({"firing_frequency": counts.firing_frequency()})
+        return {FIRING_FREQUENCIES: save({"firing_frequency": counts.firing_frequency()})}
 
-    def with_evidence(sae: DMSAEModel) -> None:  # a final SAE's, timed in its parts
+    def with_evidence(sae: DMSAEModel) -> dict:  # a final SAE's, timed in its parts
         stream = EvidenceStream(sae.config.num_latents, sae.W_dec.device)
         with timed("shared pass"):
             reconstruction_metrics(sae, held_out.activations.split(batch_size), stream.add)
@@ -73,6 +78,7 @@ def main() -> None:
         with timed("files"):
             files = evidence_files(evidence, tokenizer)
         sizes.append(sum(len(content) for content in files.values() if isinstance(content, bytes)))
+        return files
 
     def without_parts(sae: DMSAEModel) -> None:
         with timed("pass without evidence"):
@@ -96,12 +102,19 @@ def main() -> None:
             sae = DMSAEModel.from_pretrained(folder).eval()
             kind = "final" if folder in transfers else "cycle"
             actions = (("without", without_parts), ("with", with_evidence if kind == "final" else frequencies))
-            for name, action in actions:
+            for name, action in actions[1:] if args.write else actions:
                 began = time.perf_counter()
                 with torch.no_grad():
-                    action(sae)
+                    files = action(sae)
                 seconds[kind, name].append(time.perf_counter() - began)
-            print(f"{folder.name}: without {seconds[kind, 'without'][-1]:.1f} s, with {seconds[kind, 'with'][-1]:.1f} s", flush=True)
+            if args.write:
+                for file, content in files.items():
+                    (write_json if isinstance(content, dict) else write_bytes)(folder / file, content)
+            print(f"{folder.name}: " + ", ".join(f"{name} {seconds[kind, name][-1]:.1f} s" for name in ("without", "with") if seconds[kind, name]), flush=True)
+    if args.write:
+        print(write_report(config, paths))
+        build_hub_folders(paths.root, config.hub)
+        return
     print(f"K = {sae.config.num_latents}, {held_out.activations.shape[0]} held-out tokens; load average {os.getloadavg()}")
     counts = {"cycle": len(paths.cycles()), "final": len(transfers)}
     stage = {name: sum(counts[kind] * sum(seconds[kind, name]) / len(seconds[kind, name]) for kind in counts if seconds[kind, name])
