@@ -27,7 +27,17 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from modeling_dmsae import DMSAEConfig
 from trainer.run.files import read_json
-from trainer.run.layout import CORE_JSON, METRICS_JSON, RunDirectory, figure_file
+from trainer.run.layout import (
+    BROWSER_FOLDER,
+    BROWSER_INDEX,
+    CORE_JSON,
+    EVIDENCE_JSON,
+    EVIDENCE_TENSORS,
+    FIRING_FREQUENCIES,
+    METRICS_JSON,
+    RunDirectory,
+    figure_file,
+)
 
 PAPER_TITLE = "Attribution-Guided Distillation of Matryoshka Sparse Autoencoders"
 PAPER_AUTHORS = "Martin-Linares & Ling"
@@ -172,6 +182,7 @@ def final_sae_card(sae_dir: Path, settings: CardSettings, *, repo_id: str, core_
             for rank, origin in enumerate(config.core_lineage[:LINEAGE_ROWS])
         ],
         figures=_figures(settings, ["l0_core", "core_lineage"]),
+        evidence_section=_evidence_section(metrics, settings, per_latent=True),
     )
 
 
@@ -216,6 +227,7 @@ def _render_core_card(
         cycles=cycles or [],
         **_common_fields(config, metrics, settings),
         figures=_figures(settings, figures),
+        evidence_section=_evidence_section(metrics, settings, per_latent=False),
     )
 
 
@@ -271,6 +283,27 @@ def _common_fields(config: DMSAEConfig, metrics: dict, settings: CardSettings) -
         "run_repo_id": settings.run_repo_id,
         "run_repo_url": settings.repo_url(settings.run_repo_id),
     }
+
+
+def _evidence_section(metrics: dict, settings: CardSettings, per_latent: bool) -> str:
+    """What the folder holds of its latents' behaviour (a final SAE: the whole per-latent evidence;
+    a cycle: the firing frequencies), and how to open the run's feature browser."""
+    tokens = f"{metrics['eval_tokens']:,} " if _is_number(metrics.get("eval_tokens")) else ""
+    frequencies = f"`{FIRING_FREQUENCIES}` holds every latent's firing frequency on the {tokens}held-out tokens of the run."
+    evidence = (
+        f" `{EVIDENCE_TENSORS}` and `{EVIDENCE_JSON}`, beside the weights, hold for every latent, on the same tokens: "
+        "its mean and max activation, an activation histogram, its top and typical held-out contexts with its activation "
+        "on every token of each window, and the tokens its decoder direction promotes and suppresses through the base "
+        "model's final norm and unembedding (the format is described in `trainer/sae/evidence.py` of the dmsae package)."
+    )
+    browser = (
+        f"\n\nThe run's offline feature browser is the folder [`{BROWSER_FOLDER}/`]"
+        f"({settings.repo_url(settings.run_repo_id)}/tree/main/{BROWSER_FOLDER}) of the run repo: download it with "
+        f"`hf download {settings.run_repo_id} --include \"{BROWSER_FOLDER}/*\" --local-dir .` and open "
+        f"`{BROWSER_FOLDER}/{BROWSER_INDEX}` (no network needed). It shows every latent of every final SAE, and each "
+        "core latent's lineage with its contexts in every final SAE side by side."
+    )
+    return frequencies + (evidence if per_latent else "") + browser
 
 
 def _figures(settings: CardSettings, names: list[str]) -> list[dict[str, str]]:

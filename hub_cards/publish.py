@@ -13,13 +13,16 @@ A run goes to one **run repo** ``ORG/NAME``; every transfer-stage SAE to a repo 
           configuration_dmsae.py, modeling_dmsae.py, interventions.py
           core.json, core_directions.safetensors   the core C(t) it selected (indices, scores, lineage, directions)
           metrics.json, README.md            its metrics and card
-      distilled_core/                        C* = C(T) ∩ C(T-1); pushed with figures/ and run_config.yaml
-      figures/                               by the last commit, tagged ``distilled``
+          latent_evidence.safetensors, latent_evidence.json, firing_frequencies.safetensors
+                                             per-latent evidence on held-out tokens (trainer.sae.evidence)
+      distilled_core/                        C* = C(T) ∩ C(T-1); pushed with figures/, browser/ and
+      figures/                               run_config.yaml by the last commit, tagged ``distilled``
+      browser/                               the offline feature browser (index.html and its *.js data)
       run_config.yaml
 
     ORG/dmsae-gemma2-l12-k80                 (one per transfer SAE; name from ``HubSettings.sae_repo_pattern``)
       config.json, model.safetensors, configuration_dmsae.py, modeling_dmsae.py, interventions.py,
-      metrics.json, README.md
+      metrics.json, README.md, latent_evidence.safetensors, latent_evidence.json, firing_frequencies.safetensors
       saelens/cfg.json, saelens/sae_weights.safetensors   the same SAE in SAELens's format (JumpReLU)
 
 So ``ORG/NAME@cycle-7`` (tag ``cycle-7``, folder ``cycle-7/``) is cycle 7's SAE and core, and
@@ -83,7 +86,7 @@ from modeling_dmsae.convert_checkpoints import to_saelens
 from trainer.config import HubSettings
 from trainer.errors import ConfigError, HubPushError
 from trainer.run.files import atomic_folder, link_or_copy, read_json, require_files, write_text
-from trainer.run.layout import CORE_FILES, CORE_JSON, CYCLE_FILES, METRICS_JSON, RunDirectory, cycle_number
+from trainer.run.layout import BROWSER_FOLDER, CORE_FILES, CORE_JSON, CYCLE_FILES, METRICS_JSON, RunDirectory, cycle_number
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +99,9 @@ CODE_FILES = ("configuration_dmsae.py", "modeling_dmsae.py", "interventions.py")
 SAELENS_FOLDER = "saelens"
 # Top-level paths of a run repo that this module writes; anything else means the repo is not ours.
 RUN_REPO_OWNED = re.compile(
-    r"^(\.gitattributes|README\.md|run_config\.yaml|configuration_dmsae\.py|modeling_dmsae\.py|interventions\.py|cycle-\d+/.+|distilled_core/.+|figures/.+)$"
+    r"^(\.gitattributes|README\.md|run_config\.yaml|configuration_dmsae\.py|modeling_dmsae\.py|interventions\.py|cycle-\d+/.+|distilled_core/.+|figures/.+|browser/.+)$"
 )
-PUBLISHED_SUFFIXES = (".json", ".safetensors", ".py", ".md", ".png")
+PUBLISHED_SUFFIXES = (".json", ".safetensors", ".py", ".md", ".png", ".html", ".js")
 # Files never scanned for a leaked token (large binary weights).
 BINARY_SUFFIXES = (".safetensors", ".png", ".bin")
 
@@ -249,7 +252,8 @@ def build_distilled_folder(run_dir: Path, settings: HubSettings) -> PushUnit | N
     if not (paths.distilled_core / CORE_JSON).exists():
         return None
     target = paths.hub_run
-    for local, folder in ((paths.distilled_core, DISTILLED_FOLDER), (paths.figures, FIGURES_FOLDER)):
+    folders = ((paths.distilled_core, DISTILLED_FOLDER), (paths.figures, FIGURES_FOLDER), (paths.browser, BROWSER_FOLDER))
+    for local, folder in folders:
         if local.is_dir():
             with atomic_folder(target / folder) as staging:
                 _mirror_folder(local, staging)
@@ -259,7 +263,7 @@ def build_distilled_folder(run_dir: Path, settings: HubSettings) -> PushUnit | N
     card = distilled_core_card(run_dir, last_cycle, _card_settings(run_dir, settings), subfolder=hub_cycle_folder(cycle_number(last_cycle)))
     write_text(target / "README.md", str(card))
     files = {"README.md": target / "README.md", RUN_CONFIG: target / RUN_CONFIG}
-    for folder in (DISTILLED_FOLDER, FIGURES_FOLDER):
+    for _, folder in folders:
         files.update({f"{folder}/{path.name}": path for path in _files(target / folder)})
     files = {path: local for path, local in files.items() if local.exists()}
     return PushUnit(run_repo_id(settings, run_dir), DISTILLED_TAG, files, "Distilled core C*, figures and run configuration")

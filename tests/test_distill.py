@@ -118,6 +118,71 @@ def test_transfer_stage_freezes_the_distilled_core(finished_run):
     assert control.config.core_size == len(core["selected"]) and not torch.equal(control.core_encoder, directions)
 
 
+def _browser_data(path: Path):
+    """The payload of one browser data file (``DMSAE.add(name, payload);``)."""
+    text = path.read_text()
+    assert text.startswith("DMSAE.add(") and text.endswith(");\n")
+    name, _, payload = text[len("DMSAE.add(") : -3].partition(", ")
+    return json.loads(name), json.loads(payload)
+
+
+def test_every_sae_has_its_evidence_and_the_browser_shows_the_core(finished_run):
+    run = finished_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    folders = {**{f"cycle-{t:03d}": run / "cycles" / f"cycle-{t:03d}" for t in range(3)}, **{n: run / "transfer" / n for n in metrics["transfer"]}}
+    for name, folder in folders.items():  # every SAE: its firing frequencies, from the evaluation's own pass
+        frequency = load_file(folder / "firing_frequencies.safetensors")["firing_frequency"]
+        stage = metrics["cycles"].get(name) or metrics["transfer"][name]
+        assert frequency.shape == (256,) and abs(float((frequency == 0).float().mean()) - stage["dead_fraction"]) < 1e-9
+        assert (folder / "latent_evidence.safetensors").exists() == name.startswith(tuple(metrics["transfer"]))
+    for name in metrics["transfer"]:  # every final SAE: the whole per-latent evidence
+        folder = run / "transfer" / name
+        evidence = load_file(folder / "latent_evidence.safetensors")
+        frequency = load_file(folder / "firing_frequencies.safetensors")["firing_frequency"]
+        assert torch.equal(frequency, evidence["firing_frequency"])
+        settings = json.loads((folder / "latent_evidence.json").read_text())
+        assert settings["format"].startswith("dmsae-latent-evidence/")
+        tokens = evidence["context_tokens"]
+        fired = evidence["example_context"][:, 0] >= 0
+        assert torch.equal(fired, frequency > 0)
+        centre = settings["window"]["before"]  # the window's centre is the example's own activation
+        assert torch.allclose(evidence["window_activations"][fired, 0, centre].float(), evidence["example_activation"][fired, 0], rtol=2e-3)
+        assert {str(int(t)) for t in tokens.unique()} <= set(settings["token_text"])
+    for hub_folder in [*(run / "hub" / "saes").iterdir(), *(p for p in (run / "hub" / "run").glob("cycle-*") if p.is_dir())]:
+        assert (hub_folder / "firing_frequencies.safetensors").exists() and "browser/" in (hub_folder / "README.md").read_text()
+        assert (hub_folder / "latent_evidence.safetensors").exists() == (hub_folder.parent.name == "saes")
+
+    browser = run / "browser"
+    page = (browser / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page and "<link" not in page  # nothing to fetch
+    assert "browser/index.html" in (run / "SUMMARY.md").read_text()
+    assert sorted(p.name for p in (run / "hub" / "run" / "browser").iterdir()) == sorted(p.name for p in browser.iterdir())
+    _, index = _browser_data(browser / "run.js")
+    assert {s["name"] for s in index["saes"]} == set(metrics["transfer"])
+    core = json.loads((run / "distilled_core" / "core.json").read_text())
+    assert [entry["key"] for entry in index["core"]] == core["lineage"]
+    for entry in index["core"]:  # every selection is the cycle's own record of that latent
+        assert entry["selections"] and entry["selections"][0]["cycle"] == entry["origin_cycle"] == entry["key"][0]
+        for selection in entry["selections"]:
+            cycle = json.loads((run / "cycles" / f"cycle-{selection['cycle']:03d}" / "core.json").read_text())
+            assert cycle["lineage"][selection["rank"]] == entry["key"] and cycle["selected"][selection["rank"]] == selection["index"]
+            assert cycle["scores"][selection["rank"]] == selection["score"]
+    carriers = [s for s in index["saes"] if s["core"] == "distilled"]
+    assert len(carriers) == 4 and all(s["core_latents"] == {str(i): i for i in range(len(core["lineage"]))} for s in carriers)
+    _, contexts = _browser_data(browser / "contexts.js")
+    sae = carriers[0]
+    _, shard = _browser_data(browser / f"{sae['name']}.000.js")
+    _, summary = _browser_data(browser / f"{sae['name']}.summary.js")
+    assert len(summary) == sae["num_latents"] and len(shard) == min(index["shard_size"], sae["num_latents"])
+    fires = [j for j in range(len(core["lineage"])) if summary[j][0] > 0]
+    assert fires, "no core latent fires on the held-out tokens"
+    details = shard[fires[0]]
+    assert details["examples"] and len(details["promoted"]) == len(details["suppressed"]) > 0
+    for slot, context, position, value, window in details["examples"]:
+        assert contexts[context][position] is not None and window[sae["window_before"]] is not None
+        assert str(contexts[context][position]) in index["token_text"]
+
+
 def test_resume_after_a_kill_mid_cycle_gives_the_same_cores(tiny_setup, finished_run, tmp_path, monkeypatch):
     output = tmp_path / "killed"
     original_step = SAETrainer.step

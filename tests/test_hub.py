@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard, constants
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hub_cards import publish
@@ -48,6 +48,10 @@ from tests.hub_server import HubError, card_metadata_errors
 from tests.tiny_models import tiny_tokenizer
 from trainer.config import HubSettings
 from trainer.errors import HubPushError
+from trainer.pipeline.evaluation import evidence_files
+from trainer.sae import evidence as evidence_settings
+from trainer.sae.evidence import EvidenceStream, FiringCounts
+from trainer.sae.metrics import reconstruction_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +90,26 @@ def _write_core(folder: Path, model: DMSAEModel, selected: list[int], cycle: int
     save_file({"core_directions": model.encoder_weight.detach()[selected].contiguous()}, folder / "core_directions.safetensors")
 
 
+def _write_latent_files(folder: Path, model: DMSAEModel, final: bool) -> None:
+    """What the evaluation writes beside an SAE, computed as it does on random held-out activations:
+    the firing frequencies, and for a final SAE the whole per-latent evidence (a tiny Llama's unembedding)."""
+    generator = torch.Generator().manual_seed(len(folder.name))
+    activations, tokens = torch.randn(96, 16, generator=generator), torch.randint(3, 300, (3, 32), generator=generator)
+    stream = (EvidenceStream if final else FiringCounts)(model.config.num_latents, torch.device("cpu"))
+    with torch.no_grad():
+        reconstruction_metrics(model.eval(), activations.split(32), stream.add)
+    if final:
+        tokenizer = tiny_tokenizer()
+        base = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer)))
+        evidence = stream.finish(model, activations, torch.arange(96), tokens, evidence_settings.top_logit_effects(model, base))
+        files = evidence_files(evidence, tokenizer)
+    else:
+        files = {"firing_frequencies.safetensors": save({"firing_frequency": stream.firing_frequency()})}
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content)) if isinstance(content, dict) else (folder / name).write_bytes(content)
+
+
 def make_run(run_dir: Path) -> Path:
     torch.manual_seed(0)
     model = DMSAEModel(DMSAEConfig(d_in=16, num_latents=64, group_sizes=[8, 56], k=4, hook_module="model.layers.1",
@@ -96,6 +120,7 @@ def make_run(run_dir: Path) -> Path:
         model.save_pretrained(cycle_dir)
         _write_core(cycle_dir, model, selected, cycle)
         (cycle_dir / "metrics.json").write_text(json.dumps(_metrics(model.config.core_size, cycle)))
+        _write_latent_files(cycle_dir, model, final=False)
         (cycle_dir / "checkpoint").mkdir()  # trainer scratch beside the published files: never pushed
         (cycle_dir / "checkpoint" / "optimizer.safetensors").write_bytes(b"scratch")
         (cycle_dir / "train.log").write_text("scratch")
@@ -108,6 +133,7 @@ def make_run(run_dir: Path) -> Path:
         DMSAEModel.from_core(config, core_directions).save_pretrained(run_dir / "transfer" / name)
         core = "distilled" if name.startswith("k-") else "random"  # what the trainer records of each final SAE
         (run_dir / "transfer" / name / "metrics.json").write_text(json.dumps({**_metrics(2, 10), "core": core}))
+        _write_latent_files(run_dir / "transfer" / name, DMSAEModel.from_pretrained(run_dir / "transfer" / name), final=True)
     (run_dir / "figures").mkdir()
     for figure in ("core_lineage", "l0_core_distilled_vs_random", "coverage_curve"):
         matplotlib.image.imsave(run_dir / "figures" / f"{figure}.png", np.random.default_rng(0).random((4, 4)))
@@ -183,8 +209,8 @@ def test_final_sae_card_and_hub_folders(run_dir: Path):
     ]
     sae_folder = hub_dir / "saes" / SAE_REPO.split("/")[1]
     assert sorted(p.name for p in sae_folder.iterdir()) == [
-        "README.md", "config.json", "configuration_dmsae.py", "interventions.py", "metrics.json", "model.safetensors",
-        "modeling_dmsae.py", "saelens",
+        "README.md", "config.json", "configuration_dmsae.py", "firing_frequencies.safetensors", "interventions.py",
+        "latent_evidence.json", "latent_evidence.safetensors", "metrics.json", "model.safetensors", "modeling_dmsae.py", "saelens",
     ]
     assert sorted(p.name for p in (sae_folder / "saelens").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
     assert (sae_folder / "model.safetensors").read_bytes() == (run_dir / "transfer/k-0008-dense_core/model.safetensors").read_bytes()
@@ -265,7 +291,7 @@ def test_push_run_load_back_and_repush(hub: HubTestEnv, run_dir: Path, caplog: p
         assert f"cycle-{t + 1}/core.json" not in files  # the tag marks the cycle's own commit
         assert sorted(p for p in files if p.startswith(f"cycle-{t}/")) == sorted(f"cycle-{t}/{name}" for name in (
             "README.md", "config.json", "configuration_dmsae.py", "core.json", "core_directions.safetensors",
-            "interventions.py", "metrics.json", "model.safetensors", "modeling_dmsae.py"))
+            "firing_frequencies.safetensors", "interventions.py", "metrics.json", "model.safetensors", "modeling_dmsae.py"))
         assert card_metadata(files[f"cycle-{t}/README.md"].decode())["tags"][-1] == f"cycle-{t}"
     main = hub.server.files(RUN_REPO)
     assert main["distilled_core/core.json"] == (run_dir / "distilled_core/core.json").read_bytes()

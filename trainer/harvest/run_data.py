@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling_dmsae.configuration_dmsae import hook_layer_index
 from trainer.config import DistillConfig
@@ -45,6 +45,11 @@ class RunData:
     attribution_g: torch.Tensor
     held_out: torch.Tensor
     """[N, d] float32 held-out activations (masked positions dropped)."""
+    held_out_slots: torch.Tensor
+    """[N] where each held-out row comes from: context * context_length + position in held_out_tokens."""
+    held_out_tokens: torch.Tensor
+    """[contexts, context_length] the held-out contexts' token ids (the evidence's windows)."""
+    tokenizer: PreTrainedTokenizerBase
     ce_input_ids: torch.Tensor
     ce_loss_mask: torch.Tensor
     ce_clean: float
@@ -103,9 +108,10 @@ def _held_out(model: PreTrainedModel, hook: nn.Module, config: DistillConfig, to
         masks.append(kept.cpu())
     # The spliced-loss contexts keep the same positions: the SAE replaces (and the ablation zeroes)
     # the activations there and nowhere else, and only predictions between kept positions count.
-    input_ids = torch.cat([b.input_ids for b in batches])[: config.eval.ce_contexts]
-    mask = torch.cat(masks)[: config.eval.ce_contexts]
-    return HeldOut(torch.cat(rows)[: config.eval.tokens], input_ids, mask, census)
+    all_ids, all_masks = torch.cat([b.input_ids for b in batches]), torch.cat(masks)
+    slots = all_masks.flatten().nonzero().squeeze(1)[: config.eval.tokens]
+    contexts = all_ids[: int(slots[-1]) // all_ids.shape[1] + 1] if slots.numel() else all_ids[:0]
+    return HeldOut(torch.cat(rows)[: config.eval.tokens], all_ids[: config.eval.ce_contexts], all_masks[: config.eval.ce_contexts], census, slots, contexts)
 
 
 class HeldOut(NamedTuple):
@@ -113,6 +119,8 @@ class HeldOut(NamedTuple):
     ce_input_ids: torch.Tensor
     ce_loss_mask: torch.Tensor
     census: PositionCensus
+    slots: torch.Tensor
+    contexts: torch.Tensor
 
 
 def prepare_run_data(
@@ -145,6 +153,9 @@ def prepare_run_data(
         attribution_x=attribution.x,
         attribution_g=attribution.g,
         held_out=held_out.activations,
+        held_out_slots=held_out.slots,
+        held_out_tokens=held_out.contexts,
+        tokenizer=tokenizer,
         ce_input_ids=held_out.ce_input_ids,
         ce_loss_mask=held_out.ce_loss_mask,
         ce_clean=mean_next_token_loss(base_model, hook, held_out.ce_input_ids, held_out.ce_loss_mask),

@@ -62,7 +62,7 @@ def train_cycle(run: RunContext, t: int, model: DMSAEModel, needs_training: bool
     with run.timer.timed("attribution"):
         selection = select(run, model, data)
     with run.timer.timed("evaluation"):
-        metrics = evaluate(run, model, data, stage)
+        metrics, evidence = evaluate(run, model, data, stage)
     c = model.config.core_size
     metrics.update(
         core_size=c,
@@ -71,7 +71,7 @@ def train_cycle(run: RunContext, t: int, model: DMSAEModel, needs_training: bool
         carry_over=sum(j < c for j in selection.selected) / c if c else float("nan"),
         **training_metrics,
     )
-    save_stage(run, folder, model, metrics, lambda partial: save_core(partial, t, selection, model, run.config))
+    save_stage(run, folder, model, metrics, lambda partial: save_core(partial, t, selection, model, run.config), evidence)
     run.finish_stage(stage)
     run.publish(lambda: push_cycle(run.paths.root, t, run.config.hub))
     return model, selection.selected

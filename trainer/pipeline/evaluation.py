@@ -5,38 +5,79 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from modeling_dmsae import DMSAEModel
 from trainer.harvest.run_data import RunData
 from trainer.pipeline.context import RunContext
-from trainer.run.files import atomic_folder, write_json
+from trainer.run.files import atomic_folder, write_bytes, write_json
+from trainer.run.layout import EVIDENCE_JSON, EVIDENCE_TENSORS, FIRING_FREQUENCIES, METRICS_JSON
+from trainer.sae import evidence as latent_evidence
+from trainer.sae.evidence import EvidenceStream, FiringCounts, LatentEvidence, top_logit_effects
 from trainer.sae.metrics import downstream_loss_metrics, reconstruction_metrics
-from trainer.run.layout import METRICS_JSON
 
 
-def evaluate(run: RunContext, sae: DMSAEModel, data: RunData, name: str) -> dict[str, float]:
-    """Held-out metrics of one SAE (inference mode), on the main process; {} on the others."""
+def evaluate(
+    run: RunContext, sae: DMSAEModel, data: RunData, name: str, per_latent_evidence: bool = False
+) -> tuple[dict[str, float], dict | None]:
+    """Held-out metrics of one SAE (inference mode), and from the same pass the files
+    :func:`save_stage` writes beside it: its firing frequencies, and with ``per_latent_evidence``
+    (the final SAEs) the whole per-latent evidence. On the main process; ({}, None) on the others."""
     if not run.is_main:
-        return {}
+        return {}, None
     sae.eval()
     batch_size = run.config.cycles.batch_size
     batches = tqdm(data.held_out_batches(batch_size), desc=f"evaluate {name}", total=len(data.held_out) // batch_size + 1)
-    metrics = reconstruction_metrics(sae, batches)
+    stream = (EvidenceStream if per_latent_evidence else FiringCounts)(sae.config.num_latents, sae.W_dec.device)
+    metrics = reconstruction_metrics(sae, batches, stream.add)
     metrics.update(
         downstream_loss_metrics(sae, data.base_model, data.hook_module, data.ce_input_ids, data.ce_loss_mask, data.ce_clean, data.ce_zero_ablated)
     )
+    if per_latent_evidence:
+        effect = top_logit_effects(sae, data.base_model)
+        files = evidence_files(stream.finish(sae, data.held_out, data.held_out_slots, data.held_out_tokens, effect), data.tokenizer)
+    else:
+        files = {FIRING_FREQUENCIES: save({"firing_frequency": stream.firing_frequency()})}
     sae.train()
-    return metrics
+    return metrics, files
 
 
-def save_stage(run: RunContext, folder: Path, sae: DMSAEModel, metrics: dict, extra: Callable[[Path], None] | None = None) -> None:
-    """Write an SAE's stage folder whole: save_pretrained, metrics.json and any ``extra`` files."""
+def evidence_files(evidence: LatentEvidence, tokenizer) -> dict[str, bytes]:
+    """The evidence as the files of a stage folder (format: ``trainer.sae.evidence``)."""
+    used = torch.cat([t.flatten() for t in (evidence.context_tokens, evidence.promoted_tokens, evidence.suppressed_tokens)])
+    ids = used.unique().tolist()
+    settings = {
+        "format": latent_evidence.FORMAT,
+        "num_latents": int(evidence.firing_frequency.numel()),
+        "top_n": latent_evidence.TOP_N,
+        "quantiles": list(latent_evidence.QUANTILES),
+        "quantile_sample_size": latent_evidence.SAMPLE_SIZE,
+        "window": {"before": latent_evidence.WINDOW_BEFORE, "after": latent_evidence.WINDOW_AFTER},
+        "histogram": "counts of nonzero activations in log10-spaced bins, edges in histogram_edges",
+        "logit_effect": "W_U . FinalNorm(W_dec[j]): the direct path, every later layer ignored (modeling_dmsae.logit_effect)",
+        "token_text": dict(zip(map(str, ids), tokenizer.batch_decode([[i] for i in ids]))),
+    }
+    tensors = evidence.tensors()
+    return {
+        EVIDENCE_TENSORS: save(tensors),
+        FIRING_FREQUENCIES: save({"firing_frequency": tensors["firing_frequency"]}),
+        EVIDENCE_JSON: settings,
+    }
+
+
+def save_stage(
+    run: RunContext, folder: Path, sae: DMSAEModel, metrics: dict, extra: Callable[[Path], None] | None = None, evidence: dict | None = None
+) -> None:
+    """Write an SAE's stage folder whole: save_pretrained, metrics.json, its evidence files and any ``extra`` files."""
 
     def write() -> None:
         with atomic_folder(folder) as partial:
             sae.save_pretrained(partial)
             write_json(partial / METRICS_JSON, metrics)
+            for name, content in (evidence or {}).items():
+                (write_json if isinstance(content, dict) else write_bytes)(partial / name, content)
             if extra is not None:
                 extra(partial)
 

@@ -48,10 +48,10 @@ def train_final_sae(run: RunContext, final: FinalRun, core: Core, data: RunData)
     with run.timer.timed("transfer training"):
         model, training_metrics = train_stage(run, final.stage, model.to(run.accelerator.device), run.config.transfer.tokens, data)
     with run.timer.timed("evaluation"):
-        metrics = evaluate(run, model, data, final.name)
+        metrics, evidence = evaluate(run, model, data, final.name, per_latent_evidence=True)
     sae_config = model.config
     metrics.update(
         core_size=sae_config.core_size, k=final.k, k_noncore=sae_config.k_noncore, core=final.core, variant=final.variant, **training_metrics
     )
-    save_stage(run, run.paths.transfer(final.name), model, metrics)
+    save_stage(run, run.paths.transfer(final.name), model, metrics, evidence=evidence)
     run.finish_stage(final.stage)

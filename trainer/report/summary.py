@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from modeling_dmsae import DMSAEModel
 from trainer.config import DistillConfig
+from trainer.report.browser import build_browser
 from trainer.report.figures import (
     ConsistencyBar,
     SparsityPoint,
@@ -24,7 +25,7 @@ from trainer.report.figures import (
     sparsity_fidelity_figure,
 )
 from trainer.run.files import read_json, write_json, write_text
-from trainer.run.layout import CORE_JSON, METRICS_JSON, RunDirectory, figure_file
+from trainer.run.layout import BROWSER_FOLDER, BROWSER_INDEX, CORE_JSON, METRICS_JSON, RunDirectory, figure_file
 from trainer.run.logs import read_curve
 from trainer.run.plan import FinalRun, final_runs
 from trainer.sae.metrics import MATCH_COSINE, chance_max_cosine, decoder_consistency
@@ -298,6 +299,9 @@ FILES = """| path | what it is |
 | `metrics.json` | every metric of every SAE, and feature consistency across sparsities |
 | `harvest.json` | which positions reached the SAEs and why others did not; the activation-norm profile |
 | `figures/` | the figures above |
+| `browser/` | the offline feature browser (`browser/index.html`, opens from disk with no network): every latent of every final SAE, and the distilled core's lineage |
+| `*/firing_frequencies.safetensors` | beside every SAE: each latent's firing frequency on the held-out tokens |
+| `transfer/*/latent_evidence.*` | beside every final SAE: per latent its mean and max activation, histogram, top and typical held-out contexts, logit effect (format: `trainer/sae/evidence.py`) |
 | `logs/STAGE.jsonl` | training curves (loss, L0 core / non-core, dead fraction, BatchTopK's cut) every `run.log_every` steps; `logs/dmsae/`: the same in the tracker's format (tensorboard events by default) |
 | `hub/` | the exact folders pushed to the Hub, with their model cards |
 | `cache/` | harvested activations and the (x, g) attribution sample (reused by every cycle and by a resumed run) |
@@ -317,10 +321,17 @@ Consistency: a latent is matched when another SAE has a decoder direction with c
 the level a mean max-cos must beat to mean anything."""
 
 
+BROWSER_LINK = (
+    f"**Feature browser**: [{BROWSER_FOLDER}/{BROWSER_INDEX}]({BROWSER_FOLDER}/{BROWSER_INDEX}), offline: every latent of every "
+    "final SAE (top and typical held-out contexts, logit effect), and each core latent's lineage across cycles and k."
+)
+
+
 def summary_markdown(config: DistillConfig, paths: RunDirectory, metrics: dict, harvest: dict) -> str:
     sections = [
         "# DMSAE distillation run",
         f"`{paths.root}`; configuration `run_config.yaml` (resume with `--config run_config.yaml --run.resume true`).",
+        *([BROWSER_LINK] if (paths.browser / BROWSER_INDEX).exists() else []),
         "## Positions that reached the SAEs\n\n" + positions_section(harvest),
     ]
     if metrics["cycles"]:
@@ -351,6 +362,8 @@ def terminal_summary(paths: RunDirectory, metrics: dict) -> str:
     if metrics.get("consistency"):
         parts.append("Feature consistency across sparsities: " + consistency_outcome(metrics["consistency"], metrics["transfer"]))
     parts.append(f"Tables, figures and definitions: {paths.summary}")
+    if (paths.browser / BROWSER_INDEX).exists():
+        parts.append(f"Feature browser (offline): {paths.browser / BROWSER_INDEX}")
     return "\n\n".join(parts)
 
 
@@ -363,5 +376,6 @@ def write_report(config: DistillConfig, paths: RunDirectory) -> str:
     metrics["figure3"] = figure3_outcome(paths, config, metrics["transfer"])
     write_json(paths.metrics, metrics)
     draw_figures(config, paths, metrics, metrics["consistency"])
+    build_browser(paths)
     write_text(paths.summary, summary_markdown(config, paths, metrics, read_json(paths.harvest)))
     return terminal_summary(paths, metrics)

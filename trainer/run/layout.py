@@ -10,6 +10,7 @@ report and ``hub_cards`` all find files through :class:`RunDirectory`.
     checkpoints/STAGE/         training checkpoints of unfinished stages
     logs/STAGE.jsonl           training curves; logs/dmsae/: the tracker's (tensorboard) events
     figures/, metrics.json, SUMMARY.md, harvest.json, timings.json
+    browser/                   the offline feature browser: index.html and data/
     hub/run/, hub/saes/NAME/   the Hub-ready folders
 
 A stage's folder appears only once complete (``trainer.run.files.atomic_folder``), so "the folder
@@ -27,7 +28,12 @@ from trainer.run.files import read_json
 # The files of a stage folder: an SAE (save_pretrained and its held-out metrics), and a core.
 CORE_JSON, CORE_DIRECTIONS, METRICS_JSON = "core.json", "core_directions.safetensors", "metrics.json"
 CORE_FILES = (CORE_JSON, CORE_DIRECTIONS)
-SAE_FILES = ("config.json", "model.safetensors", METRICS_JSON)
+# Every SAE's folder holds its latents' firing frequencies on the held-out tokens; a final SAE's
+# also the whole per-latent evidence (format: trainer.sae.evidence), as does its Hub folder.
+EVIDENCE_TENSORS, EVIDENCE_JSON = "latent_evidence.safetensors", "latent_evidence.json"
+FIRING_FREQUENCIES = "firing_frequencies.safetensors"
+SAE_FILES = ("config.json", "model.safetensors", METRICS_JSON, FIRING_FREQUENCIES)
+FINAL_SAE_FILES = (*SAE_FILES, EVIDENCE_TENSORS, EVIDENCE_JSON)
 CYCLE_FILES = (*SAE_FILES, *CORE_FILES)
 CACHE_KINDS = ("activations", "attribution")
 FIGURES = {  # the run's figures, by what they show, as files under figures/
@@ -38,6 +44,7 @@ FIGURES = {  # the run's figures, by what they show, as files under figures/
     "consistency": "consistency_across_sparsities.png",
 }
 TRACKER_PROJECT = "dmsae"
+BROWSER_FOLDER, BROWSER_INDEX = "browser", "index.html"  # the offline feature browser (trainer.report.browser)
 
 
 def figure_file(name: str) -> str:
@@ -72,6 +79,7 @@ class RunDirectory:
     summary = property(lambda self: self.root / "SUMMARY.md")
     harvest = property(lambda self: self.root / "harvest.json")
     timings = property(lambda self: self.root / "timings.json")
+    browser = property(lambda self: self.root / BROWSER_FOLDER)
 
     def figure(self, name: str) -> Path:
         return self.root / figure_file(name)

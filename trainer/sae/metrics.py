@@ -26,13 +26,13 @@ model-index through huggingface_hub's ``EvalResult`` directly.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from modeling_dmsae import DMSAEModel
+from modeling_dmsae import DMSAEModel, DMSAEOutput
 from trainer.errors import ConfigError
 from trainer.harvest.base_model import mean_next_token_loss
 
@@ -42,8 +42,12 @@ def _uses_threshold(sae: DMSAEModel) -> bool:
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: DMSAEModel, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-    """FVE, MSE, L0 (core, non-core, all) and the dead fraction over held-out [N, d] batches."""
+def reconstruction_metrics(
+    sae: DMSAEModel, batches: Iterable[torch.Tensor], on_batch: Callable[[DMSAEOutput, int], None] | None = None
+) -> dict[str, float]:
+    """FVE, MSE, L0 (core, non-core, all) and the dead fraction over held-out [N, d] batches;
+    ``on_batch(output, first_row)`` sees every batch's SAE output (the per-latent evidence reads
+    the same forward pass: ``trainer.sae.evidence.EvidenceStream.add``)."""
     device, c = sae.W_dec.device, sae.config.core_size
     squared_error = total = total_sq = 0.0
     tokens = core_active = noncore_active = 0
@@ -59,6 +63,8 @@ def reconstruction_metrics(sae: DMSAEModel, batches: Iterable[torch.Tensor]) -> 
         core_active += int((cols < c).sum())
         noncore_active += int((cols >= c).sum())
         fired |= output.fired
+        if on_batch is not None:
+            on_batch(output, tokens - x.shape[0])
     if tokens == 0:
         raise ConfigError("no held-out tokens to evaluate on: raise --eval.tokens")
     d = sae.config.d_in
