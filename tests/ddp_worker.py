@@ -119,7 +119,7 @@ def failing_on_main(record: str) -> None:
         if run.is_main:
             Path(record).write_text(str(time.time()))
             raise RuntimeError("injected failure in a main-only step")
-        return {}
+        return {}, None  # what evaluate returns on the other processes
 
     cycles.evaluate = evaluate
 

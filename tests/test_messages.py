@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("modeling_dmsae", "trainer", "hub_cards")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_.-]*[a-z0-9_]")
 # Flags of other programs that messages quote in full commands, and the usage placeholder.
-OTHER_PROGRAMS = {"--no-deps": "pip install --no-deps", "--force": "hf auth login --force", "--section.field": "--section.field"}
+OTHER_PROGRAMS = {
+    "--no-deps": "pip install --no-deps", "--force": "hf auth login --force", "--section.field": "--section.field",
+    "--include": "hf download", "--local-dir": "hf download",
+}  # fmt: skip
 
 
 def option_strings(config_class: type, **parser_options) -> set[str]:
@@ -37,10 +40,18 @@ def mentioned_flags() -> list[tuple[str, str, str]]:
     found = []
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                    for flag in FLAG.findall(node.value):
-                        found.append((flag, f"{path.relative_to(ROOT)}:{node.lineno}", node.value))
+            tree = ast.parse(path.read_text())
+            # An f-string is one message: its pieces are read together, the fields as "{}".
+            pieces = {id(value) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for value in node.values}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.JoinedStr):
+                    text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+                elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in pieces:
+                    text = node.value
+                else:
+                    continue
+                for flag in FLAG.findall(text):
+                    found.append((flag, f"{path.relative_to(ROOT)}:{node.lineno}", text))
     return found
 
 

@@ -32,7 +32,7 @@ def test_a_random_core_that_never_fired_early_does_not_crash_the_report(tmp_path
         paths.log(run.stage).write_text("".join(json.dumps({"step": i, "l0_core": v}) + "\n" for i, v in enumerate(curve)))
         sae = DMSAEModel(DMSAEConfig(d_in=8, num_latents=64, group_sizes=[16, 48], k=4, core_size=0))
         sae.save_pretrained(paths.transfer(run.name))
-        metrics[run.name] = {"l0_core": curve[-1], "core_size": 0}
+        metrics[run.name] = {"l0_core": curve[-1], "core_size": 0, "fve": 0.8, "loss_recovered": 0.97}
     outcome = figure3_outcome(paths, config, metrics)
     assert "from 0.0 (first tenth of training) to 3.0" in outcome and "did not fire in the first tenth" in outcome
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import threading
 import time
 import uuid
@@ -35,6 +34,9 @@ from trainer.run.layout import RunDirectory
 
 POLL_S = 0.2
 ACK_TIMEOUT_S = 10.0
+# torchrun copies each worker's output to the launcher's with a lag: a process that printed and
+# exited at once, or was killed at once by the launcher, could lose its last line.
+EXIT_GRACE_S = 1.5
 PROGRAM = "distill.py"
 
 
@@ -58,6 +60,7 @@ class FailureBoard:
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while time.monotonic() < deadline and not self._all_acknowledged():
             time.sleep(POLL_S)
+        time.sleep(EXIT_GRACE_S)  # the peers' lines reach the launcher before this process ends the launch
 
     def _all_acknowledged(self) -> bool:
         return all(
@@ -72,8 +75,11 @@ class FailureBoard:
             for posted in sorted(self.folder.glob("failed-*")):
                 peer = int(posted.name.split("-")[1])
                 if peer != self.rank and not (self.folder / f"failed-{self.rank}").exists():
-                    print(f"{PROGRAM}: error: process {peer} stopped the run: {posted.read_text()}", file=sys.stderr, flush=True)
+                    # Straight to the file descriptor: sys.stderr may be wrapped (progress bars, loggers) and
+                    # this process ends with os._exit, which flushes nothing.
+                    os.write(2, f"{PROGRAM}: error: process {peer} stopped the run: {posted.read_text()}\n".encode())
                     write_text(self.folder / f"ack-{self.rank}-of-{peer}", "")
+                    time.sleep(EXIT_GRACE_S)
                     os._exit(1)  # the main thread may be blocked in a collective that never returns
 
     def stop(self) -> None:

@@ -220,18 +220,19 @@ def describe_costs(config: DistillConfig, d_in: int, model_config_read: bool = T
         f"  memory        SAE training ~{sae_training_bytes(sae, per_process) / GIB:.2f} GiB per process: one SAE at a "
         f"time (fp32 weights, grads, Adam, a micro-batch of {per_process:,} tokens); base model: {base_model}"
     )
-    lines.append(_describe_evidence(config, sae.num_latents, trained_cycles + len(finals)))
+    lines.append(_describe_evidence(config, sae.num_latents, len(finals)))
     return lines + _describe_times(config, d_in, processes, kind)
 
 
 def _describe_evidence(config: DistillConfig, num_latents: int, saes: int) -> str:
-    """The per-latent evidence beside every evaluated SAE: its streaming buffers and its files."""
+    """The per-latent evidence beside every final SAE (a cycle keeps its firing frequencies only):
+    its streaming buffers and its files."""
     size = evidence.evidence_bytes(num_latents) + 4 * config.eval.tokens  # + the held-out token ids
     return (
-        f"  evidence      per-latent evidence of every SAE (K = {num_latents:,}, top {evidence.TOP_N} and "
+        f"  evidence      per-latent evidence of every final SAE (K = {num_latents:,}, top {evidence.TOP_N} and "
         f"{len(evidence.QUANTILES)} typical contexts of {evidence.window_length()} tokens): streaming buffers "
         f"~{evidence.evidence_working_bytes(num_latents) / GIB:.2f} GiB on the main process during evaluation; "
-        f"files ~{size / 1e6:,.0f} MB per SAE, {saes * size / 1e9:,.2f} GB for the {saes} SAEs"
+        f"files ~{size / 1e6:,.0f} MB per SAE, {saes * size / 1e9:,.2f} GB for the {saes} final SAEs"
     )
 
 
