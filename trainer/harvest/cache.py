@@ -444,6 +444,11 @@ def _check_manifest(directory: Path, expected: dict) -> dict | None:
     return existing
 
 
+def shard_count(contexts: range, cfg: HarvestConfig) -> int:
+    """Shards the ``contexts`` make: blocks of ``cfg.contexts_per_shard`` consecutive contexts."""
+    return math.ceil(len(contexts) / cfg.contexts_per_shard)
+
+
 def _shard_path(directory: Path, shard: int) -> Path:
     return directory / f"shard_{shard:06d}.safetensors"
 
@@ -479,7 +484,7 @@ def _harvest_to_cache(
         write_json(directory / MANIFEST, manifest)
     state.wait_for_everyone()
     process = ContextSharding(state.process_index, state.num_processes, cfg.contexts_per_shard)
-    num_shards = math.ceil(len(contexts) / cfg.contexts_per_shard)
+    num_shards = shard_count(contexts, cfg)
     progress = tqdm(
         total=len(range(state.process_index, num_shards, state.num_processes)),
         desc=f"harvest {manifest['kind']} (shards)",

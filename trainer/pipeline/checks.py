@@ -5,7 +5,6 @@ needs a Hub it cannot reach: it says what it skipped."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -15,6 +14,7 @@ from modeling_dmsae.configuration_dmsae import hook_layer_index
 from trainer.config import DistillConfig
 from trainer.errors import ConfigError, CorruptRunFileError
 from trainer.harvest.base_model import base_model_width
+from trainer.harvest.cache import shard_count
 from trainer.harvest.hub_access import dataset_on_hub, hub_unreachable, model_on_hub
 from trainer.harvest.text_corpus import load_text_dataset
 from trainer.pipeline.cores import check_compatible, load_core, read_cycle0_checkpoint
@@ -38,8 +38,8 @@ def check_hook_layer(config: DistillConfig) -> int:
 
 
 def _final_sae_configs(config: DistillConfig, d_in: int, core_size: int | None):
-    """(final run, the DMSAE configuration it will have) for every final SAE: a core of
-    ``core_size`` latents (the smallest possible, one, when not known yet)."""
+    """(final run, its core size, a function building the DMSAE configuration it will have) for
+    every final SAE: a core of ``core_size`` latents (none when the size is not known yet)."""
     base = cycle0_sae_config(config, d_in)
     for run in final_runs(config):
         c = 0 if run.core == "none" else core_size or 0
@@ -84,8 +84,7 @@ def check_hub_names(config: DistillConfig, d_in: int) -> None:
 def check_batch(config: DistillConfig) -> None:
     """The processes share the data lanes evenly, and every lane holds a training shard."""
     batch_shape(config, planned_processes(config))
-    contexts = len(config.harvest.context_ranges(config.data.context_length).train)
-    shards = math.ceil(contexts / config.harvest.contexts_per_shard)
+    shards = shard_count(config.harvest.context_ranges(config.data.context_length).train, config.harvest)
     if shards < config.cycles.data_lanes:
         raise ConfigError(
             f"--cycles.data_lanes {config.cycles.data_lanes}: the training activations make only {shards} shards of "
