@@ -65,6 +65,7 @@ RUN_FIGURES = {  # name: (path in the run folder and the run repo, caption)
         "core_lineage": "Origin cycle of every core latent, per cycle (paper Figure 2)",
         "coverage_curve": "Cumulative attribution coverage of the sorted candidate pool",
         "l0_core": "L0 of the core during training: distilled vs random core (paper Figure 3)",
+        "dictionary_movement": "How far training moved each dictionary from its initialisation",
     }.items()
 }
 

@@ -175,9 +175,10 @@ def short_model_name(base_model_id: str) -> str:
     return family
 
 
-def sae_repo_id(config: DMSAEConfig, core: str, run_repo: str, settings: HubSettings) -> str:
-    """The repo of a final SAE (``core``: distilled, random or none, as its metrics.json says)."""
-    suffix = ("-sparse-core" if config.variant == "sparse_core" else "") + CORE_SUFFIXES[core]
+def sae_repo_id(config: DMSAEConfig, core: str, seed: int, run_repo: str, settings: HubSettings) -> str:
+    """The repo of a final SAE (``core``: distilled, random or none, and ``seed``, as its
+    metrics.json says; a seed other than 0 adds ``-seed{seed}`` to the suffix)."""
+    suffix = ("-sparse-core" if config.variant == "sparse_core" else "") + CORE_SUFFIXES[core] + (f"-seed{seed}" if seed else "")
     org, name = run_repo.split("/")
     try:
         repo_id = settings.sae_repo_pattern.format(
@@ -285,8 +286,9 @@ def build_sae_folders(run_dir: Path, settings: HubSettings) -> list[PushUnit]:
     units, sources = [], {}
     for sae_dir in paths.transfers():
         config = DMSAEConfig.from_pretrained(sae_dir)
-        core = read_json(sae_dir / METRICS_JSON)["core"]
-        repo_id = sae_repo_id(config, core, run_repo, settings)
+        metrics = read_json(sae_dir / METRICS_JSON)
+        core = metrics["core"]
+        repo_id = sae_repo_id(config, core, metrics.get("seed", 0), run_repo, settings)
         if repo_id in sources:
             raise ConfigError(
                 f"transfer SAEs {sources[repo_id]} and {sae_dir} would both go to {repo_id}: add {{variant}} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,10 @@ def test_every_stage_leaves_its_artifacts(finished_run):
     trained = [*metrics["cycles"].values(), *metrics["transfer"].values()]
     assert all(-1 <= m["decoder_cosine_to_init"] < 1 for m in trained)  # every SAE here was trained, so moved
     assert all(0 < row["chance_mean_max_cosine"] < 1 for row in metrics["consistency"])
-    figures = ("core_lineage.png", "l0_core_distilled_vs_random.png", "coverage_curve.png", "sparsity_fidelity.png")
+    figures = ("core_lineage.png", "l0_core_distilled_vs_random.png", "coverage_curve.png", "sparsity_fidelity.png", "dictionary_movement.png")
+    for stage in ("cycle-000", "transfer-k-0016-dense_core"):  # the movement curve: logged, falling from 1 as training moves the decoder
+        curve = [json.loads(line)["decoder_cosine_to_init"] for line in (run / "logs" / f"{stage}.jsonl").read_text().splitlines()]
+        assert len(curve) > 1 and curve[-1] < curve[0] <= 1
     for figure in (*figures, "consistency_across_sparsities.png"):
         assert (run / "figures" / figure).read_bytes().startswith(b"\x89PNG")
     pairs = {(row["family"], row["k_a"], row["k_b"]) for row in metrics["consistency"]}
@@ -96,7 +100,7 @@ def test_every_stage_leaves_its_artifacts(finished_run):
     assert all(row["core"]["latents"] == c and row["rest"]["latents"] == 256 - c for row in metrics["consistency"])
     summary = (run / "SUMMARY.md").read_text()
     assert "distilled_core/" in summary and metrics["figure3"] in summary and "random initialisation" in summary
-    assert "Core encoder biases after training: random core " in metrics["figure3"]
+    assert "Core encoder biases after training (seed 0): random core " in metrics["figure3"]
     for name in metrics["transfer"]:  # every final SAE is a row of the results table
         assert f"| {name} |" in summary
     assert all(f"](figures/{figure})" in summary for figure in figures)
@@ -116,6 +120,41 @@ def test_transfer_stage_freezes_the_distilled_core(finished_run):
         assert sae.config.core_lineage == core["lineage"]
     control = AutoModel.from_pretrained(finished_run / "transfer" / "random-core-k-0008")
     assert control.config.core_size == len(core["selected"]) and not torch.equal(control.core_encoder, directions)
+
+
+def test_transfer_seeds_train_every_final_sae_once_per_seed(tiny_setup, finished_run, tmp_path):
+    """--transfer.seeds 0 1 from the finished run's core: seed 0 is bit for bit the SAE the run
+    without seeds trained (seeding by name), seed 1 another draw of everything but the core; the
+    report gives spreads over the seeds, and every seed gets its own Hub folder."""
+    output = tmp_path / "seeds"
+    args = tiny_args(
+        tiny_setup, output, "--core", str(finished_run / "distilled_core"), "--harvest.cache_dir", str(finished_run / "cache"),
+        "--transfer.ks", "4", "--transfer.sparsity_matched", "false", "--transfer.seeds", "0", "1",
+    )  # fmt: skip
+    assert distill.main(args) == 0
+    transfer = output / "transfer"
+    assert {p.name for p in transfer.iterdir()} == {
+        f"{name}{suffix}" for name in ("k-0004-dense_core", "k-0008-dense_core", "random-core-k-0008", "baseline-k-0004", "baseline-k-0008")
+        for suffix in ("", "-seed-1")
+    }  # fmt: skip
+    load = lambda folder: AutoModel.from_pretrained(folder)  # noqa: E731
+    for name in ("k-0004-dense_core", "random-core-k-0008", "baseline-k-0004"):
+        seed0, seed1, unseeded = load(transfer / name), load(transfer / f"{name}-seed-1"), load(finished_run / "transfer" / name)
+        assert all(torch.equal(a, b) for a, b in zip(seed0.state_dict().values(), unseeded.state_dict().values())), name
+        assert not torch.equal(seed0.W_dec, seed1.W_dec), name
+    distilled = [load(transfer / f"k-0004-dense_core{s}").core_encoder for s in ("", "-seed-1")]
+    random_cores = [load(transfer / f"random-core-k-0008{s}").core_encoder for s in ("", "-seed-1")]
+    assert torch.equal(*distilled) and not torch.equal(*random_cores)  # one C*; a fresh random core per seed
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert {m["seed"] for m in metrics["transfer"].values()} == {0, 1}
+    assert {row["seed"] for row in metrics["consistency"]} == {0, 1}
+    assert metrics["figure3"].startswith("At k = 8, 2 seeds") and re.search(r"it (fell|did not fall) in [0-2] of 2 seeds", metrics["figure3"])
+    summary = (output / "SUMMARY.md").read_text()
+    assert "### Over seeds" in summary
+    fve = [m["fve"] for name, m in metrics["transfer"].items() if name.startswith("baseline-k-0004")]
+    assert "| Matryoshka baseline | 4 | 2 |" in summary and f"[{min(fve):.3f}, {max(fve):.3f}]" in summary
+    hub_names = {p.name for p in (output / "hub" / "saes").iterdir()}
+    assert len(hub_names) == 10 and sum(name.endswith("-seed1") for name in hub_names) == 5
 
 
 def _browser_data(path: Path):
@@ -228,6 +267,8 @@ def test_existing_run_without_resume_is_refused(tiny_setup, finished_run):
         (["--transfer.variants", "both"], "transfer.variants"),
         (["--cycles.num_cycles", "0"], "cycles.num_cycles"),
         (["--run.log_with", "mlflow"], "run.log_with"),
+        (["--transfer.seeds", "0", "0"], "transfer.seeds"),
+        (["--transfer.seeds", "-1"], "transfer.seeds"),
     ],
 )
 def test_config_errors_name_the_field(tiny_setup, tmp_path, override, field):

@@ -204,7 +204,7 @@ class HubSettings:
     build the Hub-ready folders in RUN_DIR/hub."""
     sae_repo_pattern: str = "{org}/dmsae-{model}-l{layer}-k{k}{suffix}"
     """Repo of each transfer-stage SAE. Fields: org, name (run repo name), model, layer, k, variant
-    and suffix ("" for the distilled dense core, "-sparse-core", "-random-core")."""
+    and suffix ("" for the distilled dense core, "-sparse-core", "-random-core", "-baseline"; then "-seedS" for a transfer seed S other than 0)."""
     model_short_name: str = ""
     """Base model name in SAE repo names; default: derived from base_model_id (gemma-2-2b -> gemma2)."""
     private: bool = False
@@ -288,6 +288,8 @@ class TransferConfig:
     """Also train the sparse-core variant at the distillation k (global BatchTopK: L0 = k, as the baseline's)."""
     baseline: bool = True
     """Also train a plain Matryoshka SAE (c = 0) at every k above: same K, groups, tokens and seed policy."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds of the final SAEs: every SAE above (DMSAEs, controls, baselines) is trained once per seed, its initialisation, data order and random core drawn from it (seed 0: folder NAME, seed s: NAME-seed-s). With several, the report gives each comparison's mean and min-max over seeds. The cycles are trained once (run.seed)."""
     core: str | None = None
     """Skip distillation and start from a saved core: a local distilled_core/ or cycle folder, or ORG/NAME@cycle-7 on the Hub."""
 
@@ -364,6 +366,8 @@ class DistillConfig:
             ("cycles.variant", cycles.variant in VARIANTS, f"must be one of {', '.join(VARIANTS)}"),
             ("transfer.variants", all(v in VARIANTS for v in transfer.variants), f"must be among {', '.join(VARIANTS)}"),
             ("transfer.ks", len(transfer.ks) > 0 and all(k > 0 for k in transfer.ks), "must be positive integers, e.g. --transfer.ks 16 64"),
+            ("transfer.seeds", len(transfer.seeds) > 0 and all(s >= 0 for s in transfer.seeds), "must be non-negative integers, e.g. --transfer.seeds 0 1 2"),
+            ("transfer.seeds", len(set(transfer.seeds)) == len(transfer.seeds), "must not repeat a seed: each trains every final SAE once"),
             ("cycles.batch_size", cycles.batch_size > 0, "must be positive: tokens per optimisation step, all processes together"),
             ("cycles.data_lanes", cycles.data_lanes >= 1, "must be >= 1 (a multiple of the number of processes)"),
             (

@@ -32,8 +32,9 @@ class ProgressBar(TrainingCallback):
 
 class TrainingLog(TrainingCallback):
     """Every ``run.log_every`` optimisation steps and after the last: the statistics of the step's
-    last micro-batch to the trackers (tensorboard, ...) and, from the main process, to
-    ``logs/STAGE.jsonl``, numbered by optimisation step."""
+    last micro-batch and the decoder's median cosine to its initialisation to the trackers
+    (tensorboard, ...) and, from the main process, to ``logs/STAGE.jsonl``, numbered by
+    optimisation step."""
 
     def __init__(self, run: RunContext, stage: str, total_steps: int):
         self.run, self.stage, self.total_steps = run, stage, total_steps
@@ -45,6 +46,8 @@ class TrainingLog(TrainingCallback):
         if not trainer.at_step_boundary or (optimizer_step % self.run.config.run.log_every != 0 and not last):
             return
         record = {"step": optimizer_step, **{name: float(value) for name, value in stats._asdict().items()}}
+        # How far the dictionary has moved so far: where its curve flattens, more steps stop paying.
+        record["decoder_cosine_to_init"] = trainer.decoder_cosine_to_init()
         self.run.accelerator.log({f"{self.stage}/{name}": value for name, value in record.items() if name != "step"}, step=optimizer_step)
         if self.run.is_main:
             append_record(self.path, record)

@@ -22,7 +22,7 @@ def transfer(run: RunContext, core: Core, data: RunData) -> None:
         if run.paths.transfer(final.name).exists():
             run.finish_stage(final.stage)  # a kill may have landed before its checkpoint was removed
             continue
-        set_seed(stage_seed(run.config, final.stage))  # by name: the same SAE whatever else transfer.ks lists
+        set_seed(stage_seed(run.config, final.stage))  # by name: the same SAE whatever else transfer.ks or .seeds list
         train_final_sae(run, final, core, data)
 
 
@@ -51,7 +51,8 @@ def train_final_sae(run: RunContext, final: FinalRun, core: Core, data: RunData)
         metrics, evidence = evaluate(run, model, data, final.name, per_latent_evidence=True)
     sae_config = model.config
     metrics.update(
-        core_size=sae_config.core_size, k=final.k, k_noncore=sae_config.k_noncore, core=final.core, variant=final.variant, **training_metrics
+        core_size=sae_config.core_size, k=final.k, k_noncore=sae_config.k_noncore, core=final.core, variant=final.variant, seed=final.seed,
+        **training_metrics,
     )
     save_stage(run, run.paths.transfer(final.name), model, metrics, evidence=evidence)
     run.finish_stage(final.stage)

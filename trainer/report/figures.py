@@ -13,6 +13,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from trainer.report.spreads import Spread, spread  # noqa: E402
 from trainer.run.files import atomic_path  # noqa: E402
 
 
@@ -45,15 +46,60 @@ def core_lineage_figure(core_origins: Sequence[Sequence[int]], path: Path) -> Pa
     return _save(figure, path)
 
 
-def l0_core_figure(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: Path) -> Path:
-    """Figure 3: L0_core during training for each named run (distilled core vs random core)."""
+class CoreCurve(NamedTuple):
+    """L0_core during the training of one final SAE."""
+
+    kind: str  # "distilled core" or "random core"
+    seed: int
+    steps: Sequence[int]
+    values: Sequence[float]
+
+
+CORE_COLORS = {"distilled core": "tab:blue", "random core": "tab:red"}
+
+
+def l0_core_figure(curves: Sequence[CoreCurve], path: Path) -> Path:
+    """Figure 3: L0_core during training, distilled core against random core: every seed's
+    trajectory, one colour per core, one line style per seed."""
     figure, axis = plt.subplots(figsize=(7, 4))
-    for name, (steps, values) in curves.items():
-        axis.plot(steps, values, label=name)
+    seeds = sorted({curve.seed for curve in curves})
+    styles = ["-", "--", ":", "-."]
+    for curve in curves:
+        n = seeds.index(curve.seed)
+        label = curve.kind + (f", seed {curve.seed}" if len(seeds) > 1 else "")
+        axis.plot(curve.steps, curve.values, color=CORE_COLORS.get(curve.kind), linestyle=styles[n % len(styles)], label=label)
     axis.set_xlabel("training step")
     axis.set_ylabel("L0 core (active core latents per token)")
-    axis.set_title("Core usage during training: distilled vs random core")
-    axis.legend()
+    axis.set_title("Core usage during training: distilled vs random core" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+    axis.legend(fontsize=7)
+    return _save(figure, path)
+
+
+class MovementCurve(NamedTuple):
+    """The median trainable decoder row's cosine to its initialisation during one SAE's training."""
+
+    label: str  # the family ("cycle", "DMSAE (dense core)", ...)
+    seed: int
+    steps: Sequence[int]
+    values: Sequence[float]
+
+
+def dictionary_movement_figure(curves: Sequence[MovementCurve], path: Path) -> Path:
+    """How far each SAE's dictionary moved from its random initialisation during training: one line
+    per SAE, coloured by family. Where the curves flatten, more steps stop moving the dictionary; a
+    curve still near 1 is an SAE whose latents are mostly random directions."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    labelled = set()
+    for curve in curves:
+        color = FAMILY_STYLES.get(curve.label, ("tab:green", None))[0]
+        axis.plot(curve.steps, curve.values, color=color, alpha=0.7, linewidth=1, label=None if curve.label in labelled else curve.label)
+        labelled.add(curve.label)
+    axis.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("training step")
+    axis.set_ylabel("median cosine of a trainable decoder row\nwith its initialisation")
+    axis.set_title("How far training moved each dictionary")
+    axis.legend(fontsize=7)
     return _save(figure, path)
 
 
@@ -92,20 +138,28 @@ FAMILY_STYLES = {
 
 def sparsity_fidelity_figure(points: Sequence[SparsityPoint], path: Path) -> Path:
     """Figure-4 analogue: loss recovered and FVE against measured held-out L0, global and non-core,
-    one series per family (points labelled with their target k)."""
+    one series per family (points labelled with their target k). With several seeds a point is the
+    mean over them, its error bars the min-max range on both axes."""
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
     panels = [("loss_recovered", "loss recovered"), ("fve", "fraction of variance explained")]
+    seeds = max(Counter((p.family, p.k) for p in points).values())
     for row, (metric, metric_label) in enumerate(panels):
         for col, (x_name, x_label) in enumerate([("l0", "L0 (global, Eq. 9)"), ("l0_noncore", "L0 non-core")]):
             axis = axes[row][col]
             for family, (color, marker) in FAMILY_STYLES.items():
-                series = sorted((p for p in points if p.family == family), key=lambda p: getattr(p, x_name))
-                if not series:
+                ks = sorted({p.k for p in points if p.family == family})
+                if not ks:
                     continue
-                xs, ys = [getattr(p, x_name) for p in series], [getattr(p, metric) for p in series]
-                axis.plot(xs, ys, marker=marker, color=color, label=family)
-                for p, x, y in zip(series, xs, ys):
-                    axis.annotate(f"k={p.k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+                xs = [spread(getattr(p, x_name) for p in points if (p.family, p.k) == (family, k)) for k in ks]
+                ys = [spread(getattr(p, metric) for p in points if (p.family, p.k) == (family, k)) for k in ks]
+                order = sorted(range(len(ks)), key=lambda i: xs[i].mean)
+                xs, ys, ks = [xs[i] for i in order], [ys[i] for i in order], [ks[i] for i in order]
+                axis.errorbar(
+                    [x.mean for x in xs], [y.mean for y in ys], xerr=_range_errors(xs), yerr=_range_errors(ys),
+                    marker=marker, color=color, label=family, capsize=2,
+                )
+                for k, x, y in zip(ks, xs, ys):
+                    axis.annotate(f"k={k}", (x.mean, y.mean), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
             axis.set_xscale("log", base=2)  # ticks at powers of two, where the target k values lie
             axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -113,25 +167,32 @@ def sparsity_fidelity_figure(points: Sequence[SparsityPoint], path: Path) -> Pat
             axis.set_ylabel(metric_label)
             axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    figure.suptitle("Sparsity-fidelity trade-off (held-out, inference threshold)")
+    over = f"; mean and min-max over {seeds} seeds" if seeds > 1 else ""
+    figure.suptitle(f"Sparsity-fidelity trade-off (held-out, inference threshold{over})")
     return _save(figure, path)
 
 
+def _range_errors(values: Sequence[Spread]) -> list[list[float]]:
+    """Matplotlib's asymmetric error bars for the min-max range around each mean (never negative:
+    the mean of equal values can round a hair outside them)."""
+    return [[max(0.0, v.mean - v.low) for v in values], [max(0.0, v.high - v.mean) for v in values]]
+
+
 class ConsistencyBar(NamedTuple):
-    """One pair of final SAEs of one family at different k."""
+    """One pair of final SAEs of one family at different k, each value over the run's seeds."""
 
     label: str  # e.g. "DMSAE k=16 vs 32"
-    core_matched: float  # fraction of core latents with a decoder match (cos >= 0.9)
-    rest_matched: float
-    core_mean_max_cosine: float
-    rest_mean_max_cosine: float
+    core_matched: Spread  # fraction of core latents with a decoder match (cos >= 0.9)
+    rest_matched: Spread
+    core_mean_max_cosine: Spread
+    rest_mean_max_cosine: Spread
     chance_mean_max_cosine: float  # what random directions reach against the same decoder
 
 
 def consistency_figure(bars: Sequence[ConsistencyBar], path: Path) -> Path:
     """Feature consistency across sparsities: per pair of SAEs, the fraction of the smaller-k SAE's
     core and other latents whose decoder direction has a match in the other SAE (cos >= 0.9), and
-    their mean max-cosine."""
+    their mean max-cosine; error bars: the min-max range over seeds."""
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     positions = list(range(len(bars)))
     panels = [
@@ -139,13 +200,15 @@ def consistency_figure(bars: Sequence[ConsistencyBar], path: Path) -> Path:
         ("core_mean_max_cosine", "rest_mean_max_cosine", "mean max-cosine"),
     ]
     for axis, (core_field, rest_field, label) in zip(axes, panels):
-        axis.bar([p - 0.2 for p in positions], [getattr(b, core_field) for b in bars], width=0.4, label="core (baseline: first |C*| latents)")
-        axis.bar([p + 0.2 for p in positions], [getattr(b, rest_field) for b in bars], width=0.4, label="rest")
+        for offset, field_name, name in ((-0.2, core_field, "core (baseline: first |C*| latents)"), (0.2, rest_field, "rest")):
+            values = [getattr(b, field_name) for b in bars]
+            axis.bar([p + offset for p in positions], [v.mean for v in values], width=0.4, yerr=_range_errors(values), capsize=2, label=name)
         axis.set_xticks(positions, [b.label for b in bars], rotation=30, ha="right", fontsize=8)
         axis.set_ylim(0, 1.05)
         axis.set_ylabel(label)
     axes[1].scatter(positions, [b.chance_mean_max_cosine for b in bars], marker="_", s=600, color="black", label="random directions")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
-    figure.suptitle("Feature consistency across sparsities (decoder directions)")
+    seeds = bars[0].core_matched.n
+    figure.suptitle("Feature consistency across sparsities (decoder directions)" + (f"; min-max over {seeds} seeds" if seeds > 1 else ""))
     return _save(figure, path)

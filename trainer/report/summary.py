@@ -9,6 +9,7 @@ consistency across sparsities. The terminal gets the same tables.
 from __future__ import annotations
 
 from itertools import combinations
+from statistics import fmean
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,16 +18,20 @@ from trainer.config import DistillConfig
 from trainer.report.browser import build_browser
 from trainer.report.figures import (
     ConsistencyBar,
+    CoreCurve,
+    MovementCurve,
     SparsityPoint,
     consistency_figure,
     core_lineage_figure,
     coverage_figure,
+    dictionary_movement_figure,
     l0_core_figure,
     sparsity_fidelity_figure,
 )
+from trainer.report.spreads import spread, verdict
 from trainer.run.files import read_json, write_json, write_text
 from trainer.run.layout import BROWSER_FOLDER, BROWSER_INDEX, CORE_JSON, METRICS_JSON, RunDirectory, figure_file
-from trainer.run.logs import read_curve
+from trainer.run.logs import read_curve, read_records
 from trainer.run.plan import FinalRun, final_runs
 from trainer.sae.metrics import MATCH_COSINE, chance_max_cosine, decoder_consistency
 
@@ -66,18 +71,20 @@ def collect_metrics(paths: RunDirectory, runs: list[FinalRun]) -> dict:
 
 
 def consistency_across_sparsities(paths: RunDirectory, runs: list[FinalRun], core_size: int) -> list[dict]:
-    """Decoder-direction matches for every pair of final SAEs of one family at different k: the
-    DMSAEs (dense core) and the baselines, whose first |C*| latents stand in for a core (the start
-    of the most nested prefix, where a Matryoshka SAE keeps its most general features)."""
+    """Decoder-direction matches for every pair of final SAEs of one family and seed at different
+    k: the DMSAEs (dense core) and the baselines, whose first |C*| latents stand in for a core (the
+    start of the most nested prefix, where a Matryoshka SAE keeps its most general features)."""
     results = []
-    for core in ("distilled", "none"):
-        members = sorted((r for r in runs if r.core == core and r.variant == "dense_core"), key=lambda r: r.k)
-        members = [r for r in members if paths.transfer(r.name).exists()]
-        models = {r.name: DMSAEModel.from_pretrained(paths.transfer(r.name)) for r in members}
-        for a, b in combinations(members, 2):
-            match = decoder_consistency(models[a.name], models[b.name], core_size)
-            chance = chance_max_cosine(models[b.name])
-            results.append({"family": FAMILIES[(core, "dense_core")], "k_a": a.k, "k_b": b.k, **match, "chance_mean_max_cosine": chance})
+    for seed in sorted({r.seed for r in runs}):
+        for core in ("distilled", "none"):
+            members = sorted((r for r in runs if (r.core, r.variant, r.seed) == (core, "dense_core", seed)), key=lambda r: r.k)
+            members = [r for r in members if paths.transfer(r.name).exists()]
+            models = {r.name: DMSAEModel.from_pretrained(paths.transfer(r.name)) for r in members}
+            for a, b in combinations(members, 2):
+                match = decoder_consistency(models[a.name], models[b.name], core_size)
+                chance = chance_max_cosine(models[b.name])
+                family_name = FAMILIES[(core, "dense_core")]
+                results.append({"family": family_name, "k_a": a.k, "k_b": b.k, "seed": seed, **match, "chance_mean_max_cosine": chance})
     return results
 
 
@@ -106,37 +113,59 @@ def _core_biases(paths: RunDirectory, run: FinalRun) -> str:
     return f"{int((core > 0).sum())} of {len(core)} positive (mean {float(core.mean()):+.3f})"
 
 
+def _seed_pairs(paths: RunDirectory, config: DistillConfig, transfer_metrics: dict) -> list[tuple[FinalRun, FinalRun, CoreUsage, CoreUsage]]:
+    """Per seed with both SAEs finished: the distilled and the random core at the distillation k,
+    and their core usage."""
+    pairs = []
+    for seed in config.transfer.seeds:
+        runs = [FinalRun.of(config.cycles.k, "dense_core", core, seed) for core in ("distilled", "random")]
+        usage = [_core_usage(paths, run, transfer_metrics) for run in runs]
+        if None not in usage:
+            pairs.append((*runs, *usage))
+    return pairs
+
+
+def _happened(event: str, negation: str, count: int, n: int) -> str:
+    """``fell`` / ``did not fall`` for one seed, ``fell in 2 of 3 seeds`` for several."""
+    return (event if count else negation) if n == 1 else f"{event} in {count} of {n} seeds"
+
+
 def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics: dict) -> str | None:
     """Figure 3 in words: did the random core's L0_core fall during training, and did the distilled
-    core end above it? Measured, never tuned for."""
-    k = config.cycles.k
-    distilled_run, random_run = FinalRun.of(k, "dense_core", "distilled"), FinalRun.of(k, "dense_core", "random")
-    distilled = _core_usage(paths, distilled_run, transfer_metrics)
-    random = _core_usage(paths, random_run, transfer_metrics)
-    if distilled is None or random is None:
+    core end above it, seed by seed; and their held-out fidelity with its spread over seeds.
+    Measured, never tuned for."""
+    pairs = _seed_pairs(paths, config, transfer_metrics)
+    if not pairs:
         return None
-    c = transfer_metrics[random_run.name]["core_size"]
-    fell = random.end < 0.9 * random.start
-    above = distilled.end > random.end
-    agrees = fell and above
+    n, k = len(pairs), config.cycles.k
+    distilled_runs, random_runs, distilled, random = zip(*pairs)
+    fell = sum(r.end < 0.9 * r.start for r in random)
+    above = sum(d.end > r.end for d, r in zip(distilled, random))
+    agrees = sum(r.end < 0.9 * r.start and d.end > r.end for d, r in zip(distilled, random))
+    start, end = spread(r.start for r in random), spread(r.end for r in random)
     # A random core that never fired early on has no relative change to state.
-    change = f"{(random.end / random.start - 1) * 100:+.0f}%" if random.start > 0 else "it did not fire in the first tenth"
-    fidelity = {name: transfer_metrics[run.name] for name, run in (("distilled", distilled_run), ("random", random_run))}
+    change = f"{(end.mean / start.mean - 1) * 100:+.0f}%" + (" on average" if n > 1 else "") if start.mean > 0 else "it did not fire in the first tenth"
+    fidelity = {
+        metric: [spread(transfer_metrics[run.name][metric] for run in runs) for runs in (distilled_runs, random_runs)]
+        for metric in ("fve", "loss_recovered", "l0_core")
+    }
+    c = transfer_metrics[random_runs[0].name]["core_size"]
+    outcome = "agrees" if agrees == n else "does not reproduce that" if agrees == 0 else f"agrees in {agrees} of {n} seeds"
+    seeds = f"{n} seeds (mean [min, max])" if n > 1 else "one seed: no spread to judge a small difference by"
     return (
-        f"At k = {k}, both cores of {c} latents, frozen encoder rows of the same norms started the same way "
+        f"At k = {k}, {seeds}. Both cores of {c} latents, frozen encoder rows of the same norms, started the same way "
         f"(DMSAEModel.from_core: the decoder unrelated to them); only the directions differ. "
-        f"The random core's L0_core went from {random.start:.1f} "
-        f"(first tenth of training) to {random.end:.1f} (last tenth): it "
-        f"{'fell' if fell else 'did not fall'} ({change}). "
-        f"The distilled core went from {distilled.start:.1f} to {distilled.end:.1f} and ended "
-        f"{'above' if above else 'below'} the random core. On held-out tokens L0_core is {distilled.held_out:.1f} "
-        f"(distilled) against {random.held_out:.1f} (random). The paper reports a random core driven toward "
-        f"0 while a distilled core keeps firing: this run {'agrees' if agrees else 'does not reproduce that'}. "
-        f"Held-out FVE {fidelity['distilled']['fve']:.3f} (distilled) against {fidelity['random']['fve']:.3f} (random), "
-        f"loss recovered {fidelity['distilled']['loss_recovered']:.3f} against {fidelity['random']['loss_recovered']:.3f} "
-        "(one seed: no spread to judge a small difference by). "
-        f"Core encoder biases after training: random core {_core_biases(paths, random_run)}, "
-        f"distilled core {_core_biases(paths, distilled_run)}."
+        f"The random core's L0_core went from {start.format(1)} (first tenth of training) to {end.format(1)} (last tenth): "
+        f"it {_happened('fell', 'did not fall', fell, n)} ({change}). "
+        f"The distilled core went from {spread(d.start for d in distilled).format(1)} to {spread(d.end for d in distilled).format(1)} "
+        f"and {_happened('ended above', 'ended below', above, n)} the random core. "
+        f"On held-out tokens L0_core is {fidelity['l0_core'][0].format(1)} (distilled) against {fidelity['l0_core'][1].format(1)} (random). "
+        f"The paper reports a random core driven toward 0 while a distilled core keeps firing: this run {outcome}. "
+        f"Held-out FVE {fidelity['fve'][0].format()} (distilled) against {fidelity['fve'][1].format()} (random), "
+        f"{verdict(*fidelity['fve'])}; loss recovered {fidelity['loss_recovered'][0].format()} against "
+        f"{fidelity['loss_recovered'][1].format()}, {verdict(*fidelity['loss_recovered'])}. "
+        f"Core encoder biases after training (seed {random_runs[0].seed}): random core {_core_biases(paths, random_runs[0])}, "
+        f"distilled core {_core_biases(paths, distilled_runs[0])}."
     )
 
 
@@ -151,14 +180,11 @@ def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: dict, cons
         figures.append(core_lineage_figure(origins, paths.figure("core_lineage")))
         curves = {f"cycle {core['cycle']}": core["coverage_curve"] for core in cores}
         figures.append(coverage_figure(curves, config.cycles.tau, paths.figure("coverage_curve")))
-    k = config.cycles.k
-    distilled = paths.log(FinalRun.of(k, "dense_core", "distilled").stage)
-    random_core = paths.log(FinalRun.of(k, "dense_core", "random").stage)
-    if distilled.exists() and random_core.exists():
-        curves = {
-            "distilled core": read_curve(distilled, "l0_core"),
-            "random core": read_curve(random_core, "l0_core"),
-        }
+    curves = [
+        CoreCurve(f"{run.core} core", run.seed, *read_curve(paths.log(run.stage), "l0_core"))
+        for pair in _seed_pairs(paths, config, metrics["transfer"]) for run in pair[:2]
+    ]  # fmt: skip
+    if curves:
         figures.append(l0_core_figure(curves, paths.figure("l0_core")))
     points = [
         SparsityPoint(family(m), m["k"], m["l0"], m["l0_noncore"], m["loss_recovered"], m["fve"])
@@ -167,16 +193,40 @@ def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: dict, cons
     if points:
         figures.append(sparsity_fidelity_figure(points, paths.figure("sparsity_fidelity")))
     if consistency:
-        bars = [
-            ConsistencyBar(
-                f"{row['family'].split(' (')[0]} k={row['k_a']} vs {row['k_b']}",
-                _fraction(row["core"]), _fraction(row["rest"]), row["core"]["mean_max_cosine"], row["rest"]["mean_max_cosine"],
-                row["chance_mean_max_cosine"],
-            )
-            for row in consistency
-        ]  # fmt: skip
-        figures.append(consistency_figure(bars, paths.figure("consistency")))
+        figures.append(consistency_figure(consistency_bars(consistency), paths.figure("consistency")))
+    movement = movement_curves(paths, metrics["transfer"])
+    if movement:
+        figures.append(dictionary_movement_figure(movement, paths.figure("dictionary_movement")))
     return figures
+
+
+def movement_curves(paths: RunDirectory, transfer: dict) -> list[MovementCurve]:
+    """Every trained SAE's logged decoder movement (cycles, then the final SAEs); logs written
+    before the trainer logged it are skipped."""
+    stages = [(folder.name, "cycle", 0) for folder in paths.cycles()]
+    stages += [(FinalRun.of(m["k"], m["variant"], m["core"], m.get("seed", 0)).stage, family(m), m.get("seed", 0)) for m in transfer.values()]
+    curves = []
+    for stage, label, seed in stages:
+        records = read_records(paths.log(stage))
+        if records and all("decoder_cosine_to_init" in r for r in records):
+            curves.append(MovementCurve(label, seed, [r["step"] for r in records], [r["decoder_cosine_to_init"] for r in records]))
+    return curves
+
+
+def consistency_bars(consistency: list[dict]) -> list[ConsistencyBar]:
+    """One bar per family and k pair, each value's spread over the seeds."""
+    pairs: dict[tuple, list[dict]] = {}
+    for row in consistency:
+        pairs.setdefault((row["family"], row["k_a"], row["k_b"]), []).append(row)
+    return [
+        ConsistencyBar(
+            f"{name.split(' (')[0]} k={k_a} vs {k_b}",
+            spread(_fraction(r["core"]) for r in rows), spread(_fraction(r["rest"]) for r in rows),
+            spread(r["core"]["mean_max_cosine"] for r in rows), spread(r["rest"]["mean_max_cosine"] for r in rows),
+            spread(r["chance_mean_max_cosine"] for r in rows).mean,
+        )
+        for (name, k_a, k_b), rows in pairs.items()
+    ]  # fmt: skip
 
 
 def _fraction(part: dict) -> float:
@@ -214,11 +264,13 @@ FAMILY_ORDER = list(FAMILIES.values())
 
 
 def finals_table(transfer: dict) -> str:
-    """One row per final SAE, by family (DMSAEs, sparse core, baselines, random core), then k."""
-    baselines = {m["k"]: m for m in transfer.values() if m["core"] == "none"}
+    """One row per final SAE, by family (DMSAEs, sparse core, baselines, random core), k and seed;
+    each against the baseline at its k and seed."""
+    baselines = {(m["k"], m.get("seed", 0)): m for m in transfer.values() if m["core"] == "none"}
     rows = []
-    for name, m in sorted(transfer.items(), key=lambda item: (FAMILY_ORDER.index(family(item[1])), item[1]["k"])):
-        base = baselines.get(m["k"]) if m["core"] != "none" else None
+    order = lambda item: (FAMILY_ORDER.index(family(item[1])), item[1]["k"], item[1].get("seed", 0))  # noqa: E731
+    for name, m in sorted(transfer.items(), key=order):
+        base = baselines.get((m["k"], m.get("seed", 0))) if m["core"] != "none" else None
         versus = f"{m['loss_recovered'] - base['loss_recovered']:+.3f} / {m['fve'] - base['fve']:+.3f}" if base else ""
         rows.append([
             name, family(m), str(m["k"]), str(m["core_size"]), f"{m['l0_core']:.1f}",
@@ -232,10 +284,48 @@ def finals_table(transfer: dict) -> str:
     return _table(header, rows)
 
 
+SEED_METRICS = {"fve": "FVE", "loss_recovered": "loss recovered"}
+
+
+def kinds_over_seeds(transfer: dict) -> dict[tuple[str, int], dict[int, dict]]:
+    """The final SAEs by (family, k), each kind's metrics by seed, in the report's order."""
+    kinds: dict[tuple[str, int], dict[int, dict]] = {}
+    for m in transfer.values():
+        kinds.setdefault((family(m), m["k"]), {})[m.get("seed", 0)] = m
+    return dict(sorted(kinds.items(), key=lambda item: (FAMILY_ORDER.index(item[0][0]), item[0][1])))
+
+
+def seeds_table(transfer: dict) -> str:
+    """Each kind of final SAE over its seeds (mean, and min to max), against the baseline at its k:
+    the difference paired by seed, and whether the two kinds' ranges over seeds are apart."""
+    kinds = kinds_over_seeds(transfer)
+    rows = []
+    for (name, k), seeds in kinds.items():
+        base = kinds.get(("Matryoshka baseline", k), {}) if name != "Matryoshka baseline" else {}
+        row = [name, str(k), str(len(seeds)), spread(m["l0"] for m in seeds.values()).format(1)]
+        for metric in SEED_METRICS:
+            own = spread(m[metric] for m in seeds.values())
+            paired = [m[metric] - base[s][metric] for s, m in seeds.items() if s in base]
+            versus = f"{spread(paired).format(signed=True)}, {verdict(own, spread(m[metric] for m in base.values()))}" if paired else ""
+            row += [own.format(), versus]
+        row += [spread(m["dead_fraction"] * 100 for m in seeds.values()).format(1)]
+        row += [spread(m["decoder_cosine_to_init"] for m in seeds.values()).format(2) if all("decoder_cosine_to_init" in m for m in seeds.values()) else ""]
+        rows.append(row)
+    header = [
+        "family", "k", "seeds", "L0", "FVE", "FVE vs baseline (paired by seed)", "loss recovered",
+        "loss rec. vs baseline (paired by seed)", "dead %", "dec. cos to init",
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
+def several_seeds(transfer: dict) -> bool:
+    return len({m.get("seed", 0) for m in transfer.values()}) > 1
+
+
 def consistency_table(consistency: list[dict]) -> str:
     rows = [
         [
-            row["family"], f"{row['k_a']} vs {row['k_b']}",
+            row["family"] + (f", seed {row['seed']}" if "seed" in row else ""), f"{row['k_a']} vs {row['k_b']}",
             f"{row['core']['matched']} / {row['core']['latents']}", f"{row['core']['mean_max_cosine']:.3f}",
             f"{row['rest']['matched']} / {row['rest']['latents']}", f"{row['rest']['mean_max_cosine']:.3f}",
             f"{row['chance_mean_max_cosine']:.3f}",
@@ -250,13 +340,18 @@ def consistency_outcome(consistency: list[dict], transfer: dict) -> str:
     """What the consistency table can say, in words: the core's agreement across k for each family,
     whether the other latents' matches beat random directions, and how far training moved the
     decoders (a dictionary still at its initialisation has nothing to be consistent about)."""
-    by_family: dict[str, list[dict]] = {}
+    by_family: dict[str, dict[int, list[float]]] = {}
     for row in consistency:
-        by_family.setdefault(row["family"], []).append(row)
-    core = "; ".join(
-        f"{name} {sum(r['core']['mean_max_cosine'] for r in rows) / len(rows):.3f}" for name, rows in by_family.items()
-    )
-    sentences = [f"Mean best match of the first {consistency[0]['core']['latents']} latents (the core), averaged over the k pairs: {core}."]
+        by_family.setdefault(row["family"], {}).setdefault(row.get("seed", 0), []).append(row["core"]["mean_max_cosine"])
+    core = {name: spread(fmean(values) for values in seeds.values()) for name, seeds in by_family.items()}
+    shown = "; ".join(f"{name} {value.format()}" for name, value in core.items())
+    sentences = [
+        f"Mean best match of the first {consistency[0]['core']['latents']} latents (the core), averaged over the k pairs"
+        + (f" (over {next(iter(core.values())).n} seeds: mean [min, max])" if next(iter(core.values())).n > 1 else "")
+        + f": {shown}."
+    ]
+    if len(core) == 2:
+        sentences.append(f"DMSAE against baseline: {verdict(*core.values())}.")
     margins = [row["rest"]["mean_max_cosine"] - row["chance_mean_max_cosine"] for row in consistency]
     sentences.append(
         f"Outside the core, the mean best match exceeds what random directions reach by {min(margins):+.3f} to {max(margins):+.3f}"
@@ -321,6 +416,11 @@ Consistency: a latent is matched when another SAE has a decoder direction with c
 the level a mean max-cos must beat to mean anything."""
 
 
+SEEDS_NOTE = (
+    "Each kind of SAE over the run's transfer seeds (`transfer.seeds`): mean [smallest, largest]. A difference from the baseline is paired by seed (same seed, same data order); it *exceeds the "
+    "spread* when the two kinds' min-to-max ranges do not overlap. The cycles, and so C*, are the same for every seed."
+)
+
 BROWSER_LINK = (
     f"**Feature browser**: [{BROWSER_FOLDER}/{BROWSER_INDEX}]({BROWSER_FOLDER}/{BROWSER_INDEX}), offline: every latent of every "
     "final SAE (top and typical held-out contexts, logit effect), and each core latent's lineage across cycles and k."
@@ -339,7 +439,11 @@ def summary_markdown(config: DistillConfig, paths: RunDirectory, metrics: dict, 
         sections.append(f"![Figure 2]({figure_file('core_lineage')})\n\n![coverage]({figure_file('coverage_curve')})")
     if metrics["transfer"]:
         sections.append("## Final SAEs against the Matryoshka baseline\n\n" + finals_table(metrics["transfer"]))
+        if several_seeds(metrics["transfer"]):
+            sections.append("### Over seeds\n\n" + SEEDS_NOTE + "\n\n" + seeds_table(metrics["transfer"]))
         sections.append(f"![Figure 4 analogue]({figure_file('sparsity_fidelity')})")
+        if paths.figure("dictionary_movement").exists():
+            sections.append(f"How far training moved each dictionary:\n\n![dictionary movement]({figure_file('dictionary_movement')})")
     if metrics.get("figure3"):
         sections.append("## Figure 3: distilled against random core\n\n" + metrics["figure3"])
         sections.append(f"![Figure 3]({figure_file('l0_core')})")
@@ -357,6 +461,8 @@ def terminal_summary(paths: RunDirectory, metrics: dict) -> str:
         parts.append("Distillation cycles (held-out):\n" + cycles_table(metrics["cycles"]))
     if metrics["transfer"]:
         parts.append("Final SAEs (held-out):\n" + finals_table(metrics["transfer"]))
+        if several_seeds(metrics["transfer"]):
+            parts.append("Over seeds (mean [min, max]):\n" + seeds_table(metrics["transfer"]))
     if metrics.get("figure3"):
         parts.append(metrics["figure3"])
     if metrics.get("consistency"):

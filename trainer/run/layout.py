@@ -42,6 +42,7 @@ FIGURES = {  # the run's figures, by what they show, as files under figures/
     "l0_core": "l0_core_distilled_vs_random.png",
     "sparsity_fidelity": "sparsity_fidelity.png",
     "consistency": "consistency_across_sparsities.png",
+    "dictionary_movement": "dictionary_movement.png",
 }
 TRACKER_PROJECT = "dmsae"
 BROWSER_FOLDER, BROWSER_INDEX = "browser", "index.html"  # the offline feature browser (trainer.report.browser)

@@ -8,9 +8,14 @@ from pathlib import Path
 from trainer.run.files import write_text
 
 
+def read_records(path: Path) -> list[dict]:
+    """A stage's logged records; empty when it logged nothing."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def read_curve(path: Path, name: str) -> tuple[list[int], list[float]]:
     """(steps, values) of one logged quantity; empty when the stage logged nothing."""
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = read_records(path)
     return [r["step"] for r in records], [r[name] for r in records]
 
 

@@ -93,29 +93,37 @@ def calibration_batches(config: DistillConfig) -> int:
 
 class FinalRun(NamedTuple):
     """One SAE of the transfer stage: its folder under ``transfer/``, sparsity k, masking variant,
-    and which core it starts from: ``distilled`` (C*, Algorithm 3), ``random`` (the Figure-3
+    which core it starts from: ``distilled`` (C*, Algorithm 3), ``random`` (the Figure-3
     control: random unit directions, frozen, of |C*| latents) or ``none`` (the plain Matryoshka
-    baseline, c = 0)."""
+    baseline, c = 0), and its seed (one of transfer.seeds)."""
 
     name: str
     k: int
     variant: str
     core: str
+    seed: int = 0
 
     @classmethod
-    def of(cls, k: int, variant: str, core: str) -> FinalRun:
-        """The final SAE at ``k``, ``variant`` and ``core``, named as its folder is."""
+    def of(cls, k: int, variant: str, core: str, seed: int = 0) -> FinalRun:
+        """The final SAE at ``k``, ``variant``, ``core`` and ``seed``, named as its folder is."""
         name = {"distilled": f"k-{k:04d}-{variant}", "random": f"random-core-k-{k:04d}", "none": f"baseline-k-{k:04d}"}[core]
-        return cls(name, k, variant, core)
+        return cls(name + (f"-seed-{seed}" if seed else ""), k, variant, core, seed)
 
     @property
     def stage(self) -> str:
-        """Name of its training stage (checkpoints and logs)."""
+        """Name of its training stage (checkpoints and logs); the seed is part of it, so
+        :func:`stage_seed` draws another initialisation, data order and random core for each seed."""
         return f"transfer-{self.name}"
+
+    @property
+    def comparison(self) -> tuple[int, str, str]:
+        """What it is apart from its seed: the SAEs the report aggregates over seeds."""
+        return self.k, self.variant, self.core
 
 
 def final_runs(config: DistillConfig) -> list[FinalRun]:
-    """Every SAE the transfer stage trains, in training order.
+    """Every SAE the transfer stage trains, in training order: seed by seed (transfer.seeds), so
+    that a run stopped early has whole seeds.
 
     The DMSAEs at each k in transfer.ks and variant; with transfer.random_core_control, the
     dense distilled core against a random core at the distillation k (Figure 3); with
@@ -123,16 +131,16 @@ def final_runs(config: DistillConfig) -> list[FinalRun]:
     baseline's); with transfer.baseline, a plain Matryoshka SAE (c = 0) at every k trained above.
     """
     transfer, k = config.transfer, config.cycles.k
-    runs = [FinalRun.of(kk, variant, "distilled") for kk in transfer.ks for variant in transfer.variants]
+    kinds = [(kk, variant, "distilled") for kk in transfer.ks for variant in transfer.variants]
     comparisons = [(k, "dense_core")] * transfer.random_core_control + [(k, "sparse_core")] * transfer.sparsity_matched
     for kk, variant in comparisons:
-        if (kk, variant) not in {(r.k, r.variant) for r in runs}:
-            runs.append(FinalRun.of(kk, variant, "distilled"))
+        if (kk, variant, "distilled") not in kinds:
+            kinds.append((kk, variant, "distilled"))
     if transfer.random_core_control:
-        runs.append(FinalRun.of(k, "dense_core", "random"))
+        kinds.append((k, "dense_core", "random"))
     if transfer.baseline:
-        runs += [FinalRun.of(kk, "dense_core", "none") for kk in sorted({r.k for r in runs})]
-    return runs
+        kinds += [(kk, "dense_core", "none") for kk in sorted({kk for kk, _, _ in kinds})]
+    return [FinalRun.of(*kind, seed=seed) for seed in transfer.seeds for kind in kinds]
 
 
 def cycle0_sae_config(config: DistillConfig, d_in: int) -> DMSAEConfig:
