@@ -176,6 +176,7 @@ def final_sae_card(sae_dir: Path, settings: CardSettings, *, repo_id: str, core_
         template_str=_template("final_sae.md"),
         repo_id=repo_id,
         core_name=core_name,
+        seed=metrics.get("seed", 0),
         **_common_fields(config, metrics, settings),
         core_origins=_origin_counts([origin[0] for origin in config.core_lineage]),
         lineage_rows=[

@@ -194,3 +194,21 @@ def test_a_number_of_processes_that_cannot_share_the_lanes_is_refused():
         distill.main(["--dry-run", "--plan.num_processes", "3"])
     with pytest.raises(ValueError, match=r"--cycles.batch_size 1020: must be a multiple of .* = 8"):
         parse_config(["--cycles.batch_size", "1020"])
+
+
+def test_the_study_is_the_default_method_scaled_as_its_header_says():
+    """bench/study/config.yaml (issue 19): the default run's method and stages, three transfer seeds, and
+    only the settings its header names changed; every final SAE of it is trained once per seed."""
+    study = parse_config(["--config", str(REPO / "bench" / "study" / "config.yaml")])
+    default = parse_config([])
+    scaled = {
+        ("harvest", "train_tokens"): 819_200, ("dictionary", "num_latents"): 2048, ("cycles", "tokens_per_cycle"): 2_048_000,
+        ("transfer", "tokens"): 2_048_000, ("transfer", "seeds"): [0, 1, 2], ("eval", "tokens"): 65_536, ("eval", "ce_contexts"): 32,
+        ("run", "output_dir"): "runs/study", ("run", "checkpoint_every"): 250, ("run", "log_every"): 20,
+    }  # fmt: skip
+    for section in ("model", "data", "harvest", "dictionary", "optimizer", "cycles", "transfer", "eval", "run"):
+        for name, value in vars(getattr(study, section)).items():
+            expected = scaled.get((section, name), getattr(getattr(default, section), name))
+            assert value == expected, f"{section}.{name}"
+    runs = final_runs(study)
+    assert len(runs) == 3 * len(final_runs(default)) and {r.seed for r in runs} == {0, 1, 2}

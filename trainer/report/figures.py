@@ -79,6 +79,7 @@ class MovementCurve(NamedTuple):
     """The median trainable decoder row's cosine to its initialisation during one SAE's training."""
 
     label: str  # the family ("cycle", "DMSAE (dense core)", ...)
+    k: int
     seed: int
     steps: Sequence[int]
     values: Sequence[float]

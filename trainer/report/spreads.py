@@ -48,7 +48,3 @@ def verdict(a: Spread, b: Spread) -> str:
         return "within the spread"
     return "exceeds the spread (higher)" if a.mean > b.mean else "exceeds the spread (lower)"
 
-
-def by_seed(rows: Iterable[dict], key: str = "seed") -> dict[int, dict]:
-    """Rows keyed by their seed (a run's single seed is 0 when a row does not name one)."""
-    return {row.get(key, 0): row for row in rows}

@@ -158,7 +158,7 @@ def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics
         f"The random core's L0_core went from {start.format(1)} (first tenth of training) to {end.format(1)} (last tenth): "
         f"it {_happened('fell', 'did not fall', fell, n)} ({change}). "
         f"The distilled core went from {spread(d.start for d in distilled).format(1)} to {spread(d.end for d in distilled).format(1)} "
-        f"and {_happened('ended above', 'ended below', above, n)} the random core. "
+        f"and {_happened('ended above the random core', 'ended below the random core', above, n)}. "
         f"On held-out tokens L0_core is {fidelity['l0_core'][0].format(1)} (distilled) against {fidelity['l0_core'][1].format(1)} (random). "
         f"The paper reports a random core driven toward 0 while a distilled core keeps firing: this run {outcome}. "
         f"Held-out FVE {fidelity['fve'][0].format()} (distilled) against {fidelity['fve'][1].format()} (random), "
@@ -203,13 +203,15 @@ def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: dict, cons
 def movement_curves(paths: RunDirectory, transfer: dict) -> list[MovementCurve]:
     """Every trained SAE's logged decoder movement (cycles, then the final SAEs); logs written
     before the trainer logged it are skipped."""
-    stages = [(folder.name, "cycle", 0) for folder in paths.cycles()]
-    stages += [(FinalRun.of(m["k"], m["variant"], m["core"], m.get("seed", 0)).stage, family(m), m.get("seed", 0)) for m in transfer.values()]
+    stages = [(folder.name, "cycle", read_json(folder / "config.json")["k"], 0) for folder in paths.cycles()]
+    stages += [
+        (FinalRun.of(m["k"], m["variant"], m["core"], m.get("seed", 0)).stage, family(m), m["k"], m.get("seed", 0)) for m in transfer.values()
+    ]
     curves = []
-    for stage, label, seed in stages:
+    for stage, label, k, seed in stages:
         records = read_records(paths.log(stage))
         if records and all("decoder_cosine_to_init" in r for r in records):
-            curves.append(MovementCurve(label, seed, [r["step"] for r in records], [r["decoder_cosine_to_init"] for r in records]))
+            curves.append(MovementCurve(label, k, seed, [r["step"] for r in records], [r["decoder_cosine_to_init"] for r in records]))
     return curves
 
 
