@@ -38,6 +38,7 @@ from trainer.run.layout import (
     RunDirectory,
     figure_file,
 )
+from trainer.run.plan import seed_of
 
 PAPER_TITLE = "Attribution-Guided Distillation of Matryoshka Sparse Autoencoders"
 PAPER_AUTHORS = "Martin-Linares & Ling"
@@ -176,7 +177,7 @@ def final_sae_card(sae_dir: Path, settings: CardSettings, *, repo_id: str, core_
         template_str=_template("final_sae.md"),
         repo_id=repo_id,
         core_name=core_name,
-        seed=metrics.get("seed", 0),
+        seed=seed_of(metrics),
         **_common_fields(config, metrics, settings),
         core_origins=_origin_counts([origin[0] for origin in config.core_lineage]),
         lineage_rows=[

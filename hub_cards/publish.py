@@ -87,6 +87,7 @@ from trainer.config import HubSettings
 from trainer.errors import ConfigError, HubPushError
 from trainer.run.files import atomic_folder, link_or_copy, read_json, require_files, write_text
 from trainer.run.layout import BROWSER_FOLDER, CORE_FILES, CORE_JSON, CYCLE_FILES, METRICS_JSON, RunDirectory, cycle_number
+from trainer.run.plan import seed_of
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ def build_sae_folders(run_dir: Path, settings: HubSettings) -> list[PushUnit]:
         config = DMSAEConfig.from_pretrained(sae_dir)
         metrics = read_json(sae_dir / METRICS_JSON)
         core = metrics["core"]
-        repo_id = sae_repo_id(config, core, metrics.get("seed", 0), run_repo, settings)
+        repo_id = sae_repo_id(config, core, seed_of(metrics), run_repo, settings)
         if repo_id in sources:
             raise ConfigError(
                 f"transfer SAEs {sources[repo_id]} and {sae_dir} would both go to {repo_id}: add {{variant}} "

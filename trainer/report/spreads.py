@@ -3,8 +3,8 @@ difference between two kinds of SAE from the noise of training one of them.
 
 A comparison is measured once per seed; its figure is the mean with the min-max range over the
 seeds, and a difference between two kinds *exceeds the spread* when their min-max ranges do not
-overlap (with n = 3 seeds, both orderings of the ranges have chance 1/10 each if the two kinds were
-the same). One seed has no spread: the report then says so instead of judging.
+overlap (with n = 3 seeds of two kinds that were the same, each of the two orderings has chance
+1 / C(6, 3) = 1/20: 1/10 together). One seed has no spread: the report then says so instead of judging.
 """
 
 from __future__ import annotations

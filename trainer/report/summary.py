@@ -32,7 +32,7 @@ from trainer.report.spreads import spread, verdict
 from trainer.run.files import read_json, write_json, write_text
 from trainer.run.layout import BROWSER_FOLDER, BROWSER_INDEX, CORE_JSON, METRICS_JSON, RunDirectory, figure_file
 from trainer.run.logs import read_curve, read_records
-from trainer.run.plan import FinalRun, final_runs
+from trainer.run.plan import FinalRun, final_runs, seed_of
 from trainer.sae.metrics import MATCH_COSINE, chance_max_cosine, decoder_consistency
 
 FAMILIES = {("distilled", "dense_core"): "DMSAE (dense core)", ("distilled", "sparse_core"): "DMSAE (sparse core)"}
@@ -205,7 +205,7 @@ def movement_curves(paths: RunDirectory, transfer: dict) -> list[MovementCurve]:
     before the trainer logged it are skipped."""
     stages = [(folder.name, "cycle", read_json(folder / "config.json")["k"], 0) for folder in paths.cycles()]
     stages += [
-        (FinalRun.of(m["k"], m["variant"], m["core"], m.get("seed", 0)).stage, family(m), m["k"], m.get("seed", 0)) for m in transfer.values()
+        (run.stage, family(m), run.k, run.seed) for m in transfer.values() for run in [FinalRun.from_metrics(m)]
     ]
     curves = []
     for stage, label, k, seed in stages:
@@ -268,11 +268,11 @@ FAMILY_ORDER = list(FAMILIES.values())
 def finals_table(transfer: dict) -> str:
     """One row per final SAE, by family (DMSAEs, sparse core, baselines, random core), k and seed;
     each against the baseline at its k and seed."""
-    baselines = {(m["k"], m.get("seed", 0)): m for m in transfer.values() if m["core"] == "none"}
+    baselines = {(m["k"], seed_of(m)): m for m in transfer.values() if m["core"] == "none"}
     rows = []
-    order = lambda item: (FAMILY_ORDER.index(family(item[1])), item[1]["k"], item[1].get("seed", 0))  # noqa: E731
+    order = lambda item: (FAMILY_ORDER.index(family(item[1])), item[1]["k"], seed_of(item[1]))  # noqa: E731
     for name, m in sorted(transfer.items(), key=order):
-        base = baselines.get((m["k"], m.get("seed", 0))) if m["core"] != "none" else None
+        base = baselines.get((m["k"], seed_of(m))) if m["core"] != "none" else None
         versus = f"{m['loss_recovered'] - base['loss_recovered']:+.3f} / {m['fve'] - base['fve']:+.3f}" if base else ""
         rows.append([
             name, family(m), str(m["k"]), str(m["core_size"]), f"{m['l0_core']:.1f}",
@@ -286,14 +286,14 @@ def finals_table(transfer: dict) -> str:
     return _table(header, rows)
 
 
-SEED_METRICS = {"fve": "FVE", "loss_recovered": "loss recovered"}
+SEED_METRICS = ("fve", "loss_recovered")  # the fidelity columns of the table over seeds
 
 
 def kinds_over_seeds(transfer: dict) -> dict[tuple[str, int], dict[int, dict]]:
     """The final SAEs by (family, k), each kind's metrics by seed, in the report's order."""
     kinds: dict[tuple[str, int], dict[int, dict]] = {}
     for m in transfer.values():
-        kinds.setdefault((family(m), m["k"]), {})[m.get("seed", 0)] = m
+        kinds.setdefault((family(m), m["k"]), {})[seed_of(m)] = m
     return dict(sorted(kinds.items(), key=lambda item: (FAMILY_ORDER.index(item[0][0]), item[0][1])))
 
 
@@ -321,7 +321,7 @@ def seeds_table(transfer: dict) -> str:
 
 
 def several_seeds(transfer: dict) -> bool:
-    return len({m.get("seed", 0) for m in transfer.values()}) > 1
+    return len({seed_of(m) for m in transfer.values()}) > 1
 
 
 def consistency_table(consistency: list[dict]) -> str:
@@ -344,7 +344,7 @@ def consistency_outcome(consistency: list[dict], transfer: dict) -> str:
     decoders (a dictionary still at its initialisation has nothing to be consistent about)."""
     by_family: dict[str, dict[int, list[float]]] = {}
     for row in consistency:
-        by_family.setdefault(row["family"], {}).setdefault(row.get("seed", 0), []).append(row["core"]["mean_max_cosine"])
+        by_family.setdefault(row["family"], {}).setdefault(row["seed"], []).append(row["core"]["mean_max_cosine"])
     core = {name: spread(fmean(values) for values in seeds.values()) for name, seeds in by_family.items()}
     shown = "; ".join(f"{name} {value.format()}" for name, value in core.items())
     sentences = [

@@ -109,6 +109,11 @@ class FinalRun(NamedTuple):
         name = {"distilled": f"k-{k:04d}-{variant}", "random": f"random-core-k-{k:04d}", "none": f"baseline-k-{k:04d}"}[core]
         return cls(name + (f"-seed-{seed}" if seed else ""), k, variant, core, seed)
 
+    @classmethod
+    def from_metrics(cls, metrics: dict) -> FinalRun:
+        """The final SAE a transfer folder's metrics.json describes."""
+        return cls.of(metrics["k"], metrics["variant"], metrics["core"], seed_of(metrics))
+
     @property
     def stage(self) -> str:
         """Name of its training stage (checkpoints and logs); the seed is part of it, so
@@ -119,6 +124,12 @@ class FinalRun(NamedTuple):
     def comparison(self) -> tuple[int, str, str]:
         """What it is apart from its seed: the SAEs the report aggregates over seeds."""
         return self.k, self.variant, self.core
+
+
+def seed_of(metrics: dict) -> int:
+    """The transfer seed of a final SAE's metrics.json (one written before transfer seeds existed
+    names none: seed 0)."""
+    return metrics.get("seed", 0)
 
 
 def final_runs(config: DistillConfig) -> list[FinalRun]:
