@@ -419,8 +419,10 @@ the level a mean max-cos must beat to mean anything."""
 
 
 SEEDS_NOTE = (
-    "Each kind of SAE over the run's transfer seeds (`transfer.seeds`): mean [smallest, largest]. A difference from the baseline is paired by seed (same seed, same data order); it *exceeds the "
-    "spread* when the two kinds' min-to-max ranges do not overlap. The cycles, and so C*, are the same for every seed."
+    "Each kind of SAE over the run's transfer seeds (`transfer.seeds`): mean [smallest, largest]. A difference from the "
+    "baseline is paired by seed (the two SAEs share the transfer seed, not its draws: each one's initialisation and data "
+    "order come from the seed and its own name); it *exceeds the spread* when the two kinds' min-to-max ranges do not "
+    "overlap. The cycles, and so C*, are the same for every seed."
 )
 
 BROWSER_LINK = (
