@@ -42,7 +42,7 @@ def planned_seconds(overrides: list[str], run_dir: Path) -> dict[str, float]:
     from trainer.config import parse_config
     from trainer.harvest.base_model import base_model_width
     from trainer.report.dry_run import device_kind, estimate_stage_times
-    from trainer.run.plan import planned_processes
+    from trainer.run.stages import planned_processes
 
     config = parse_config(["--run.output_dir", str(run_dir), *overrides])
     width = config.dictionary.d_in or base_model_width(config.model)

@@ -23,7 +23,7 @@ from safetensors.torch import save
 from modeling_dmsae import DMSAEModel
 from trainer.config import parse_config
 from trainer.harvest.base_model import load_base_model, mean_next_token_loss, resolve_hook_module
-from trainer.harvest.run_data import _held_out
+from trainer.harvest.harvested import _held_out
 from hub_cards.publish import build_hub_folders
 from trainer.pipeline.evaluation import evidence_files
 from trainer.report.summary import write_report
@@ -112,7 +112,7 @@ def main() -> None:
             print(f"{folder.name}: " + ", ".join(f"{name} {seconds[kind, name][-1]:.1f} s" for name in ("without", "with") if seconds[kind, name]), flush=True)
     if args.write:
         print(write_report(config, paths))
-        build_hub_folders(paths.root, config.hub)
+        build_hub_folders(paths, config.hub)
         return
     print(f"K = {sae.config.num_latents}, {held_out.activations.shape[0]} held-out tokens; load average {os.getloadavg()}")
     counts = {"cycle": len(paths.cycles()), "final": len(transfers)}

@@ -38,7 +38,7 @@ from trainer.harvest.base_model import load_base_model, mean_next_token_loss, re
 from trainer.harvest.cache import _activation_shard, _attribution_shard  # noqa: E402
 from trainer.harvest.text_corpus import context_batches, packed_contexts  # noqa: E402
 from trainer.report.dry_run import SAE_SHAPE_FIELDS, THROUGHPUTS_FILE, base_model_key, device_kind  # noqa: E402
-from trainer.run.plan import batch_shape, cycle0_sae_config, final_runs  # noqa: E402
+from trainer.run.stages import batch_shape, cycle0_sae_config, final_saes  # noqa: E402
 from trainer.sae.metrics import reconstruction_metrics  # noqa: E402
 from trainer.sae.selection import select_core  # noqa: E402
 from trainer.sae.training import SAETrainer  # noqa: E402
@@ -135,7 +135,7 @@ def main() -> None:
     config = parse_config(rest)
     kind = device_kind()
     base, x, attribution_x, attribution_g = measure_base_model(config)
-    ks = sorted({config.cycles.k, *(run.k for run in final_runs(config))})
+    ks = sorted({config.cycles.k, *(run.k for run in final_saes(config))})
     steps = [measure_sae(config, k, x, attribution_x, attribution_g) for k in ks]
     table = read_table()
     filed = file_figures(table, kind, measured_note(), recorded_key(config, known.record_as), base, steps)

@@ -97,30 +97,31 @@ def prepare(args: argparse.Namespace) -> Path:
     from hub_cards.publish import saelens_export_settings
     from modeling_dmsae import DMSAEModel
     from modeling_dmsae.convert_checkpoints import to_saelens
-    from trainer.config import parse_config
     from trainer.harvest.base_model import capture_activations, load_base_model, resolve_hook_module
-    from trainer.harvest.run_data import _held_out
+    from trainer.harvest.harvested import _held_out
     from trainer.run.files import write_json
-    from trainer.run.layout import RunDirectory
+    from trainer.run.kinds import distilled_kind
+    from trainer.run.layout import METRICS_JSON, RunDirectory
+    from trainer.run.stages import FinalSAE
 
-    if not (args.run_dir / "run_config.yaml").is_file():
-        raise SystemExit(f"{args.run_dir} is not a run folder: it has no run_config.yaml")
-    config = parse_config(["--config", str(args.run_dir / "run_config.yaml")])
     run = RunDirectory(args.run_dir)
-    sae_dir = run.transfer(args.sae or f"k-{config.cycles.k:04d}-{config.cycles.variant}")
-    if not (sae_dir / "metrics.json").is_file():  # written when the SAE is finished
-        finished = ", ".join(p.name for p in run.transfers() if (p / "metrics.json").is_file()) or "none"
+    if not run.config_file.is_file():
+        raise SystemExit(f"{args.run_dir} is not a run folder: it has no {run.config_file.name}")
+    config = run.configuration()
+    sae_dir = run.transfer(args.sae or FinalSAE(distilled_kind(config.cycles.variant), config.cycles.k).name)
+    if not (sae_dir / METRICS_JSON).is_file():  # written when the SAE is finished
+        finished = ", ".join(p.name for p in run.transfers() if (p / METRICS_JSON).is_file()) or "none"
         raise SystemExit(f"no finished SAE at {sae_dir}: --sae takes one of the run's transfer/ SAEs ({finished})")
     out = args.out or args.run_dir / "viewers" / sae_dir.name
     out.mkdir(parents=True, exist_ok=True)
     sae = DMSAEModel.from_pretrained(sae_dir).eval()
-    to_saelens(sae, out / "saelens", overwrite=True, **saelens_export_settings(args.run_dir))
+    to_saelens(sae, out / "saelens", overwrite=True, **saelens_export_settings(config.data))
     latents = choose_latents(sae.config.core_size, sae.config.num_latents, args.core_latents, args.other_latents)
 
     log(f"loading the base model ({config.model.model_id})")
     base_model, tokenizer = load_base_model(dataclasses.replace(config.model, device="cpu", dtype="float32"))
     hook = resolve_hook_module(base_model, config.model.hook_module)
-    # The run's own held-out contexts and kept positions (trainer.harvest.run_data._held_out), the first
+    # The run's own held-out contexts and kept positions (trainer.harvest.harvested._held_out), the first
     # --contexts of them: its eval.ce_contexts are exactly these contexts.
     length = config.data.context_length
     contexts = dataclasses.replace(config.eval, tokens=args.contexts * length, ce_contexts=args.contexts)

@@ -78,7 +78,7 @@ from modeling_dmsae import DMSAEModel  # noqa: E402
 from trainer.config import CONFIG_DIR, DistillConfig, parse_config  # noqa: E402
 from trainer.report.dry_run import GIB, device_kind, sae_training_bytes  # noqa: E402
 from trainer.run.files import write_json, write_text  # noqa: E402
-from trainer.run.plan import calibration_batches, cycle0_sae_config  # noqa: E402
+from trainer.run.stages import calibration_batches, cycle0_sae_config  # noqa: E402
 from trainer.sae.metrics import reconstruction_metrics  # noqa: E402
 from trainer.sae.selection import select_core  # noqa: E402
 from trainer.sae.training import SAETrainer, StepStats, TrainingCallback, fit  # noqa: E402
@@ -399,7 +399,7 @@ def rehearse(rc: RehearsalConfig) -> dict:
             **base, "write_random_model_s": round(write_s, 2), "contexts": contexts, "training_tokens": len(pool),
             "attribution_tokens": len(attribution_x), "gpu_memory_peak_gib": gpu_memory_gib(rc.device, peak=True),
         })
-    normalization_factor = float(attribution_x.pow(2).sum(-1).mean().sqrt())  # as the run's RunData
+    normalization_factor = float(attribution_x.pow(2).sum(-1).mean().sqrt())  # as the run's Harvest
     sae_config = cycle0_sae_config(config, rc.d_in)
     sae_config.normalization_factor = normalization_factor
     gemm = report.figures["encoder_gemm_ms"]

@@ -36,9 +36,10 @@ from datasets import Dataset
 from hub_cards.publish import saelens_export_settings
 from modeling_dmsae import DMSAEModel
 from modeling_dmsae.convert_checkpoints import to_saelens
-from trainer.config import parse_config
 from trainer.harvest.base_model import load_base_model, resolve_hook_module
-from trainer.harvest.run_data import HeldOut, _held_out
+from trainer.harvest.harvested import HeldOut, _held_out
+from trainer.run.layout import METRICS_JSON, RunDirectory
+from trainer.run.metrics_file import SAEMetrics
 from trainer.sae.metrics import reconstruction_metrics
 
 # Our metrics.json key -> SAEBench core metric (section, key) that measures the same thing.
@@ -57,7 +58,7 @@ def log(message: str) -> None:
 
 
 def held_out(config, base_model, tokenizer) -> HeldOut:
-    """The run's held-out set as its own evaluation reads it (``trainer.harvest.run_data._held_out``), with
+    """The run's held-out set as its own evaluation reads it (``trainer.harvest.harvested._held_out``), with
     every held-out context's token ids (the run keeps only ``eval.ce_contexts`` of them for its loss)."""
     start = config.harvest.context_ranges(config.data.context_length).heldout_start
     every_context = dataclasses.replace(config.eval, ce_contexts=math.ceil(config.eval.tokens / config.data.context_length))
@@ -149,7 +150,7 @@ def main() -> None:
 
     out = args.out or args.run_dir / "saebench"
     out.mkdir(parents=True, exist_ok=True)
-    config = parse_config(["--config", str(args.run_dir / "run_config.yaml")])
+    config = RunDirectory(args.run_dir).configuration()
     log(f"loading the base model ({config.model.model_id})")
     base_model, tokenizer = load_base_model(dataclasses.replace(config.model, device="cpu", dtype="float32"))
     held = held_out(config, base_model, tokenizer)
@@ -181,12 +182,12 @@ def main() -> None:
     ignore_tokens = {tokenizer.bos_token_id} | ({tokenizer.eos_token_id} if config.data.mask_eos else set())
     results_file = out / "results.json"  # SAEs already evaluated are kept, not redone
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    for sae_dir in sorted(p for p in args.run_dir.glob(args.saes) if (p / "metrics.json").exists()):  # finished SAEs
+    for sae_dir in sorted(p for p in args.run_dir.glob(args.saes) if (p / METRICS_JSON).exists()):  # finished SAEs
         name = sae_dir.name
         if name in results:
             continue
         sae = DMSAEModel.from_pretrained(sae_dir).eval()
-        export_dir = to_saelens(sae, out / "saelens" / name, overwrite=True, **saelens_export_settings(args.run_dir))
+        export_dir = to_saelens(sae, out / "saelens" / name, overwrite=True, **saelens_export_settings(config.data))
         exported = with_saelens5_attributes(SAE.load_from_disk(export_dir))
         agreement = export_agreement(sae, exported, activations)
         store = ActivationsStore.from_sae(
@@ -195,7 +196,7 @@ def main() -> None:
         )
         started = time.time()
         metrics, _ = run_evals(exported, store, model, eval_config, ignore_tokens=ignore_tokens)
-        ours = json.loads((sae_dir / "metrics.json").read_text())
+        ours = SAEMetrics.read(sae_dir / METRICS_JSON)
         results[name] = {
             "export_agreement": agreement,
             "saebench_core": metrics,

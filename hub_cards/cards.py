@@ -15,7 +15,6 @@ pushes them.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,11 +25,13 @@ from typing import Any, NamedTuple
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from modeling_dmsae import DMSAEConfig
+from trainer.config import DISTILLED_TAG
 from trainer.run.files import read_json
 from trainer.run.layout import (
     BROWSER_FOLDER,
     BROWSER_INDEX,
     CORE_JSON,
+    DISTILLED_FOLDER,
     EVIDENCE_JSON,
     EVIDENCE_TENSORS,
     FIRING_FREQUENCIES,
@@ -38,28 +39,12 @@ from trainer.run.layout import (
     RunDirectory,
     figure_file,
 )
-from trainer.run.plan import seed_of
+from trainer.run.metrics_file import METRICS, SAEMetrics, is_number
 
 PAPER_TITLE = "Attribution-Guided Distillation of Matryoshka Sparse Autoencoders"
 PAPER_AUTHORS = "Martin-Linares & Ling"
 LINEAGE_ROWS = 16  # core latents listed one by one in a card; the full list is in core.json
 
-# metrics.json key -> (human name, shown in model-index). Counts (core_size, carry_over, tokens)
-# describe the run rather than measure the SAE, so they stay in the card's tables.
-METRIC_NAMES = {
-    "fve": "Fraction of variance explained",
-    "mse": "Mean squared error",
-    "loss_recovered": "CE loss recovered",
-    "ce_loss_clean": "CE loss, clean",
-    "ce_loss_spliced": "CE loss, SAE spliced in",
-    "ce_loss_zero_ablated": "CE loss, zero ablation",
-    "l0": "L0 (active latents per token)",
-    "l0_core": "L0 of the core",
-    "l0_noncore": "L0 of the non-core latents",
-    "dead_fraction": "Dead latent fraction",
-}
-# Counts shown in the metrics table only.
-COUNT_NAMES = {"core_size": "Core size", "carry_over": "Carry-over from the previous core", "tokens": "Training tokens"}
 RUN_FIGURES = {  # name: (path in the run folder and the run repo, caption)
     name: (figure_file(name), caption)
     for name, caption in {
@@ -138,46 +123,42 @@ def cycle_core_card(cycle_dir: Path, settings: CardSettings, *, revision: str, s
     """
     config = DMSAEConfig.from_pretrained(cycle_dir)
     core = read_json(cycle_dir / CORE_JSON)
-    metrics = read_json(cycle_dir / METRICS_JSON)
+    metrics = SAEMetrics.read(cycle_dir / METRICS_JSON)
     return _render_core_card(
         config, core, metrics, settings, revision=revision, subfolder=subfolder, distilled=False,
         figures=["core_lineage", "coverage_curve"],
     )
 
 
-def distilled_core_card(run_dir: Path, last_cycle_dir: Path, settings: CardSettings, *, subfolder: str) -> ModelCard:
+def distilled_core_card(paths: RunDirectory, last_cycle_dir: Path, settings: CardSettings, *, subfolder: str) -> ModelCard:
     """The run repo's root card: the distilled core C* = C(T) ∩ C(T-1) (``distilled_core/``),
     next to the SAE of the last cycle T it was selected from, with the run's figures and a
     table of every cycle."""
     config = DMSAEConfig.from_pretrained(last_cycle_dir)
-    paths = RunDirectory(run_dir)
     core = read_json(paths.distilled_core / CORE_JSON)
-    metrics = read_json(last_cycle_dir / METRICS_JSON)
+    metrics = SAEMetrics.read(last_cycle_dir / METRICS_JSON)
     cycles = [
-        {"cycle": read_json(d / CORE_JSON)["cycle"], **read_json(d / METRICS_JSON)}
+        {"cycle": read_json(d / CORE_JSON)["cycle"], **SAEMetrics.read(d / METRICS_JSON).values}
         for d in paths.cycles()
     ]
     return _render_core_card(
-        config, core, metrics, settings, revision="distilled", subfolder=subfolder, distilled=True,
-        figures=[name for name, (path, _) in RUN_FIGURES.items() if (run_dir / path).exists()], cycles=cycles,
+        config, core, metrics, settings, revision=DISTILLED_TAG, subfolder=subfolder, distilled=True,
+        figures=[name for name, (path, _) in RUN_FIGURES.items() if (paths.root / path).exists()], cycles=cycles,
     )
 
 
-def final_sae_card(sae_dir: Path, settings: CardSettings, *, repo_id: str, core_name: str) -> ModelCard:
-    """Card of a transfer-stage SAE that lives at the root of its own repo ``repo_id``.
-
-    ``core_name`` says where its frozen core comes from, e.g. "the distilled core C*" or
-    "a random core (control)".
-    """
+def final_sae_card(sae_dir: Path, settings: CardSettings, *, repo_id: str) -> ModelCard:
+    """Card of a transfer-stage SAE that lives at the root of its own repo ``repo_id``; its kind
+    (metrics.json) says where its frozen core comes from."""
     config = DMSAEConfig.from_pretrained(sae_dir)
-    metrics = read_json(sae_dir / METRICS_JSON)
+    metrics = SAEMetrics.read(sae_dir / METRICS_JSON)
     card_data = _card_data(config, metrics, settings, model_name=repo_id.split("/")[-1], tags=["transfer-stage"])
     return ModelCard.from_template(
         card_data,
         template_str=_template("final_sae.md"),
         repo_id=repo_id,
-        core_name=core_name,
-        seed=seed_of(metrics),
+        core_name=metrics.sae_kind.core_origin,
+        seed=metrics.seed,
         **_common_fields(config, metrics, settings),
         core_origins=_origin_counts([origin[0] for origin in config.core_lineage]),
         lineage_rows=[
@@ -192,7 +173,7 @@ def final_sae_card(sae_dir: Path, settings: CardSettings, *, repo_id: str, core_
 def _render_core_card(
     config: DMSAEConfig,
     core: dict,
-    metrics: dict,
+    metrics: SAEMetrics,
     settings: CardSettings,
     *,
     revision: str,
@@ -215,7 +196,7 @@ def _render_core_card(
         repo_id=settings.run_repo_id,
         revision=revision,
         subfolder=subfolder,
-        core_folder="distilled_core" if distilled else subfolder,
+        core_folder=DISTILLED_FOLDER if distilled else subfolder,
         distilled=distilled,
         cycle=cycle,
         selected_size=len(core["selected"]),
@@ -234,7 +215,7 @@ def _render_core_card(
     )
 
 
-def _card_data(config: DMSAEConfig, metrics: dict, settings: CardSettings, *, model_name: str, tags: list[str]) -> ModelCardData:
+def _card_data(config: DMSAEConfig, metrics: SAEMetrics, settings: CardSettings, *, model_name: str, tags: list[str]) -> ModelCardData:
     dataset = settings.datasets[0]
     eval_results = [
         EvalResult(
@@ -242,12 +223,12 @@ def _card_data(config: DMSAEConfig, metrics: dict, settings: CardSettings, *, mo
             task_name="Sparse autoencoder reconstruction",
             dataset_type=dataset.type,
             dataset_name=dataset.name,
-            metric_type=key,
-            metric_name=METRIC_NAMES[key],
-            metric_value=float(metrics[key]),
+            metric_type=metric.key,
+            metric_name=metric.label,
+            metric_value=float(metrics[metric.key]),
         )
-        for key in METRIC_NAMES
-        if _is_number(metrics.get(key))
+        for metric in METRICS.values()
+        if metric.measured and is_number(metrics.get(metric.key))
     ]
     return ModelCardData(
         library_name="transformers",
@@ -260,7 +241,7 @@ def _card_data(config: DMSAEConfig, metrics: dict, settings: CardSettings, *, mo
     )
 
 
-def _common_fields(config: DMSAEConfig, metrics: dict, settings: CardSettings) -> dict[str, Any]:
+def _common_fields(config: DMSAEConfig, metrics: SAEMetrics, settings: CardSettings) -> dict[str, Any]:
     return {
         "paper_title": PAPER_TITLE,
         "paper_authors": PAPER_AUTHORS,
@@ -279,19 +260,19 @@ def _common_fields(config: DMSAEConfig, metrics: dict, settings: CardSettings) -
         "d_in": config.d_in,
         "sae_cycle": config.cycle,
         "metrics": [
-            {"key": key, "name": METRIC_NAMES.get(key) or COUNT_NAMES.get(key, key), "value": _format_number(value)}
-            for key, value in metrics.items()
-            if _is_number(value)
+            {"key": key, "name": METRICS[key].label, "value": _format_number(value)}
+            for key, value in metrics.values.items()
+            if is_number(value)
         ],
         "run_repo_id": settings.run_repo_id,
         "run_repo_url": settings.repo_url(settings.run_repo_id),
     }
 
 
-def _evidence_section(metrics: dict, settings: CardSettings, per_latent: bool) -> str:
+def _evidence_section(metrics: SAEMetrics, settings: CardSettings, per_latent: bool) -> str:
     """What the folder holds of its latents' behaviour (a final SAE: the whole per-latent evidence;
     a cycle: the firing frequencies), and how to open the run's feature browser."""
-    tokens = f"{metrics['eval_tokens']:,} " if _is_number(metrics.get("eval_tokens")) else ""
+    tokens = f"{metrics['eval_tokens']:,} " if is_number(metrics.get("eval_tokens")) else ""
     frequencies = f"`{FIRING_FREQUENCIES}` holds every latent's firing frequency on the {tokens}held-out tokens of the run."
     evidence = (
         f" `{EVIDENCE_TENSORS}` and `{EVIDENCE_JSON}`, beside the weights, hold for every latent, on the same tokens: "
@@ -316,10 +297,6 @@ def _figures(settings: CardSettings, names: list[str]) -> list[dict[str, str]]:
 def _origin_counts(origin_cycles: list[int]) -> list[dict[str, int]]:
     counts = Counter(origin_cycles)
     return [{"origin_cycle": cycle, "count": counts[cycle]} for cycle in sorted(counts)]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _format_number(value: float) -> str:

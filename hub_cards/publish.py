@@ -55,46 +55,34 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import httpx2
-import yaml
-from huggingface_hub import (
-    CommitOperationAdd,
-    HfApi,
-    constants,
-    get_token,
-    snapshot_download,
-)
-from huggingface_hub.errors import (
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.hf_api import RepoFile
-from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
-from hub_cards.cards import (
-    CardSettings,
-    card_dataset,
-    cycle_core_card,
-    distilled_core_card,
-    final_sae_card,
-)
+from hub_cards.cards import CardSettings, card_dataset, cycle_core_card, distilled_core_card, final_sae_card
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from modeling_dmsae.convert_checkpoints import to_saelens
-from trainer.config import HubSettings
+from trainer.config import DISTILLED_TAG, DataConfig, HubSettings
 from trainer.errors import ConfigError, HubPushError
-from trainer.run.files import atomic_folder, link_or_copy, read_json, require_files, write_text
-from trainer.run.layout import BROWSER_FOLDER, CORE_FILES, CORE_JSON, CYCLE_FILES, METRICS_JSON, RunDirectory, cycle_number
-from trainer.run.plan import seed_of
+from trainer.run.files import atomic_folder, link_or_copy, require_files, write_text
+from trainer.run.hub_names import run_repo_id, sae_repo_id
+from trainer.run.layout import (
+    BROWSER_FOLDER,
+    CORE_JSON,
+    CYCLE_FILES,
+    DISTILLED_FOLDER,
+    FIGURES_FOLDER,
+    METRICS_JSON,
+    RUN_CONFIG,
+    RunDirectory,
+    cycle_number,
+    hub_cycle_folder,
+)
+from trainer.run.metrics_file import SAEMetrics
 
 logger = logging.getLogger(__name__)
 
-PLACEHOLDER_ORG = "your-org"
-# Folders of the run repo on the Hub (the local run folder's layout is trainer.run.layout's).
-DISTILLED_TAG, DISTILLED_FOLDER = "distilled", "distilled_core"
-FIGURES_FOLDER, RUN_CONFIG = "figures", "run_config.yaml"
 # The model code transformers runs with trust_remote_code; it looks for it at the repo root.
 CODE_FILES = ("configuration_dmsae.py", "modeling_dmsae.py", "interventions.py")
 SAELENS_FOLDER = "saelens"
@@ -107,20 +95,6 @@ PUBLISHED_SUFFIXES = (".json", ".safetensors", ".py", ".md", ".png", ".html", ".
 BINARY_SUFFIXES = (".safetensors", ".png", ".bin")
 
 T = TypeVar("T")
-
-
-def run_repo_id(settings: HubSettings, run_dir: Path) -> str:
-    """The run repo: ``--push-to-hub ORG/NAME``, or ``your-org/<run folder name>`` for folders built
-    without one."""
-    if settings.repo_id:
-        try:
-            validate_repo_id(settings.repo_id)
-        except ValueError as error:
-            raise ConfigError(f"--push-to-hub {settings.repo_id!r} is not a valid repo id: {error}") from None
-        if "/" not in settings.repo_id:
-            raise ConfigError(f"--push-to-hub must be ORG/NAME, got {settings.repo_id!r}")
-        return settings.repo_id
-    return f"{PLACEHOLDER_ORG}/{re.sub(r'[^A-Za-z0-9._-]+', '-', run_dir.resolve().name).strip('-.') or 'dmsae-run'}"
 
 
 class PushUnit(NamedTuple):
@@ -166,35 +140,6 @@ def _retry_hint(run_dir: Path) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def short_model_name(base_model_id: str) -> str:
-    """``google/gemma-2-2b`` -> ``gemma2``, ``meta-llama/Llama-3.1-8B`` -> ``llama3.1``,
-    ``HuggingFaceTB/SmolLM2-135M`` -> ``smollm2``: the family and its version, no size."""
-    parts = base_model_id.split("/")[-1].lower().split("-")
-    family = parts[0]
-    if len(parts) > 1 and re.fullmatch(r"\d+(\.\d+)*", parts[1]):
-        family += parts[1]
-    return family
-
-
-def sae_repo_id(config: DMSAEConfig, core: str, seed: int, run_repo: str, settings: HubSettings) -> str:
-    """The repo of a final SAE (``core``: distilled, random or none, and ``seed``, as its
-    metrics.json says; a seed other than 0 adds ``-seed{seed}`` to the suffix)."""
-    suffix = ("-sparse-core" if config.variant == "sparse_core" else "") + CORE_SUFFIXES[core] + (f"-seed{seed}" if seed else "")
-    org, name = run_repo.split("/")
-    try:
-        repo_id = settings.sae_repo_pattern.format(
-            org=org, name=name, model=settings.model_short_name or short_model_name(config.base_model_id),
-            layer=config.hook_layer, k=config.k, variant=config.variant.replace("_", "-"), suffix=suffix,
-        )
-    except KeyError as error:
-        raise ConfigError(
-            f"--hub.sae_repo_pattern {settings.sae_repo_pattern!r} uses an unknown field {error}; "
-            "known fields: org, name, model, layer, k, variant, suffix"
-        ) from None
-    validate_repo_id(repo_id)
-    return repo_id
-
-
 def _mirror_folder(source: Path, target: Path) -> None:
     """Link the published files of ``source`` (top level only: a checkpoint or scratch folder
     the trainer keeps beside them is never pushed) into ``target``."""
@@ -202,55 +147,40 @@ def _mirror_folder(source: Path, target: Path) -> None:
         link_or_copy(path, target / path.name)
 
 
-def _run_config_section(run_dir: Path, section: str) -> dict:
-    """One section of the run's run_config.yaml (empty when there is none)."""
-    path = RunDirectory(run_dir).config_file
-    return ((yaml.safe_load(path.read_text()) or {}).get(section) or {}) if path.exists() else {}
-
-
-def _card_settings(run_dir: Path, settings: HubSettings) -> CardSettings:
-    datasets = settings.datasets or [_run_config_section(run_dir, "data").get("dataset") or ""]
+def _card_settings(paths: RunDirectory, settings: HubSettings) -> CardSettings:
+    datasets = settings.datasets or [paths.configuration().data.dataset]
     return CardSettings(
-        run_repo_id=run_repo_id(settings, run_dir), license=settings.license, datasets=[card_dataset(d) for d in datasets]
+        run_repo_id=run_repo_id(settings, paths), license=settings.license, datasets=[card_dataset(d) for d in datasets]
     )
 
 
-def saelens_export_settings(run_dir: Path) -> dict:
+def saelens_export_settings(data: DataConfig) -> dict:
     """context_size and prepend_bos of a run's SAELens exports, from its data configuration. An unset
     data.prepend_bos means BOS whenever the tokenizer has one, which is what SAELens's prepend_bos=True
     does (TransformerLens prepends the tokenizer's BOS token)."""
-    data = _run_config_section(run_dir, "data")
-    prepend_bos = data.get("prepend_bos")
-    return {"context_size": int(data.get("context_length", 128)), "prepend_bos": True if prepend_bos is None else bool(prepend_bos)}
+    return {"context_size": data.context_length, "prepend_bos": True if data.prepend_bos is None else data.prepend_bos}
 
 
-def build_cycle_folder(run_dir: Path, cycle: int, settings: HubSettings) -> PushUnit:
+def build_cycle_folder(paths: RunDirectory, cycle: int, settings: HubSettings) -> PushUnit:
     """Write ``RUN_DIR/hub/run/cycle-<t>/`` (the cycle's files and card) and return its push unit."""
-    paths = RunDirectory(run_dir)
     source = paths.cycle(cycle)
     require_files(source, CYCLE_FILES, f"delete {source} and rerun the run with --run.resume true: cycle {cycle} is trained again")
     folder = hub_cycle_folder(cycle)
     target = paths.hub_run / folder
     with atomic_folder(target) as staging:
         _mirror_folder(source, staging)
-        card = cycle_core_card(source, _card_settings(run_dir, settings), revision=folder, subfolder=folder)
+        card = cycle_core_card(source, _card_settings(paths, settings), revision=folder, subfolder=folder)
         write_text(staging / "README.md", str(card))
     files = {f"{folder}/{path.name}": path for path in _files(target)}
     for name in CODE_FILES:  # where trust_remote_code finds them for every cycle's subfolder
         link_or_copy(target / name, target.parent / name)
         files[name] = target.parent / name
-    return PushUnit(run_repo_id(settings, run_dir), folder, files, f"Cycle {cycle}: SAE and core C({cycle})", target / "README.md")
+    return PushUnit(run_repo_id(settings, paths), folder, files, f"Cycle {cycle}: SAE and core C({cycle})", target / "README.md")
 
 
-def hub_cycle_folder(cycle: int) -> str:
-    """Cycle t's folder (and tag) in the run repo: ``cycle-7``."""
-    return f"cycle-{cycle}"
-
-
-def build_distilled_folder(run_dir: Path, settings: HubSettings) -> PushUnit | None:
+def build_distilled_folder(paths: RunDirectory, settings: HubSettings) -> PushUnit | None:
     """Write the run repo's distilled core, figures, run config and root card; None before the
     run has a distilled core."""
-    paths = RunDirectory(run_dir)
     if not (paths.distilled_core / CORE_JSON).exists():
         return None
     target = paths.hub_run
@@ -262,34 +192,24 @@ def build_distilled_folder(run_dir: Path, settings: HubSettings) -> PushUnit | N
     if paths.config_file.exists():
         link_or_copy(paths.config_file, target / RUN_CONFIG)
     last_cycle = paths.cycles()[-1]
-    card = distilled_core_card(run_dir, last_cycle, _card_settings(run_dir, settings), subfolder=hub_cycle_folder(cycle_number(last_cycle)))
+    card = distilled_core_card(paths, last_cycle, _card_settings(paths, settings), subfolder=hub_cycle_folder(cycle_number(last_cycle)))
     write_text(target / "README.md", str(card))
     files = {"README.md": target / "README.md", RUN_CONFIG: target / RUN_CONFIG}
     for _, folder in folders:
         files.update({f"{folder}/{path.name}": path for path in _files(target / folder)})
     files = {path: local for path, local in files.items() if local.exists()}
-    return PushUnit(run_repo_id(settings, run_dir), DISTILLED_TAG, files, "Distilled core C*, figures and run configuration")
+    return PushUnit(run_repo_id(settings, paths), DISTILLED_TAG, files, "Distilled core C*, figures and run configuration")
 
 
-# What a final SAE's repo name and card say of its core (metrics.json's "core": trainer.run.plan.FinalRun).
-CORE_SUFFIXES = {"distilled": "", "random": "-random-core", "none": "-baseline"}
-CORE_NAMES = {
-    "distilled": "the distilled core C* of that run",
-    "random": "a random core of the same size (the control of paper Figure 3)",
-    "none": "the distilled core C* of that run",  # unused by the card of a c = 0 baseline, which says it has no core
-}
-
-
-def build_sae_folders(run_dir: Path, settings: HubSettings) -> list[PushUnit]:
+def build_sae_folders(paths: RunDirectory, settings: HubSettings) -> list[PushUnit]:
     """Write ``RUN_DIR/hub/saes/<repo name>/`` for every transfer-stage SAE."""
-    paths = RunDirectory(run_dir)
-    run_repo = run_repo_id(settings, run_dir)
+    run_repo = run_repo_id(settings, paths)
+    export_settings = saelens_export_settings(paths.configuration().data)
     units, sources = [], {}
     for sae_dir in paths.transfers():
         config = DMSAEConfig.from_pretrained(sae_dir)
-        metrics = read_json(sae_dir / METRICS_JSON)
-        core = metrics["core"]
-        repo_id = sae_repo_id(config, core, seed_of(metrics), run_repo, settings)
+        metrics = SAEMetrics.read(sae_dir / METRICS_JSON)
+        repo_id = sae_repo_id(config, metrics.sae_kind, metrics.seed, run_repo, settings)
         if repo_id in sources:
             raise ConfigError(
                 f"transfer SAEs {sources[repo_id]} and {sae_dir} would both go to {repo_id}: add {{variant}} "
@@ -299,22 +219,21 @@ def build_sae_folders(run_dir: Path, settings: HubSettings) -> list[PushUnit]:
         target = paths.hub_saes / repo_id.split("/")[-1]
         with atomic_folder(target) as staging:
             _mirror_folder(sae_dir, staging)
-            card = final_sae_card(sae_dir, _card_settings(run_dir, settings), repo_id=repo_id, core_name=CORE_NAMES[core])
+            card = final_sae_card(sae_dir, _card_settings(paths, settings), repo_id=repo_id)
             write_text(staging / "README.md", str(card))
-            to_saelens(DMSAEModel.from_pretrained(sae_dir), staging / SAELENS_FOLDER, overwrite=True, **saelens_export_settings(run_dir))
+            to_saelens(DMSAEModel.from_pretrained(sae_dir), staging / SAELENS_FOLDER, overwrite=True, **export_settings)
         files = {path.name: path for path in _files(target)}
         files.update({f"{SAELENS_FOLDER}/{path.name}": path for path in _files(target / SAELENS_FOLDER)})
         units.append(PushUnit(repo_id, None, files, f"DMSAE k={config.k} ({config.variant}) from {run_repo}"))
     return units
 
 
-def build_hub_folders(run_dir: str | Path, settings: HubSettings) -> list[PushUnit]:
+def build_hub_folders(paths: RunDirectory, settings: HubSettings) -> list[PushUnit]:
     """Write every Hub-ready folder of a run into ``RUN_DIR/hub`` (cards included) and return the
     push units in push order: cycles, the distilled core, the transfer SAEs."""
-    run_dir = Path(run_dir)
-    units = [build_cycle_folder(run_dir, cycle_number(folder), settings) for folder in RunDirectory(run_dir).cycles()]
-    distilled = build_distilled_folder(run_dir, settings)
-    return units + ([distilled] if distilled else []) + build_sae_folders(run_dir, settings)
+    units = [build_cycle_folder(paths, cycle_number(folder), settings) for folder in paths.cycles()]
+    distilled = build_distilled_folder(paths, settings)
+    return units + ([distilled] if distilled else []) + build_sae_folders(paths, settings)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -352,16 +271,31 @@ def authenticated_api(token: str | None = None) -> HfApi:
     return api
 
 
-def push_cycle(run_dir: str | Path, cycle: int, settings: HubSettings, token: str | None = None) -> PushReport:
+def push_cycle(paths: RunDirectory, cycle: int, settings: HubSettings, token: str | None = None) -> PushReport:
     """Build and push one cycle's folder (call after each cycle). Raises HubPushError."""
-    run_dir = Path(run_dir)
-    return push_units(run_dir, [build_cycle_folder(run_dir, cycle, settings)], settings, token)
+    return push_units(paths.root, [build_cycle_folder(paths, cycle, settings)], settings, token)
 
 
-def push_run(run_dir: str | Path, settings: HubSettings, token: str | None = None) -> PushReport:
+def push_run(paths: RunDirectory, settings: HubSettings, token: str | None = None) -> PushReport:
     """Build and push everything of a run that is not on the Hub yet (end of a run, ``--push-only``)."""
-    run_dir = Path(run_dir)
-    return push_units(run_dir, build_hub_folders(run_dir, settings), settings, token)
+    return push_units(paths.root, build_hub_folders(paths, settings), settings, token)
+
+
+class HubPublisher(NamedTuple):
+    """The run's publisher (``trainer.pipeline.context.Publisher``), handed to the pipeline by
+    ``distill.py``: the Hub code reads the run folder the pipeline writes, and is never imported by it."""
+
+    paths: RunDirectory
+    settings: HubSettings
+
+    def build_folders(self) -> None:
+        build_hub_folders(self.paths, self.settings)
+
+    def push_cycle(self, cycle: int) -> PushReport:
+        return push_cycle(self.paths, cycle, self.settings)
+
+    def push_run(self) -> PushReport:
+        return push_run(self.paths, self.settings)
 
 
 def push_units(run_dir: Path, units: list[PushUnit], settings: HubSettings, token: str | None = None) -> PushReport:
@@ -517,58 +451,3 @@ def _push_unit(api: HfApi, unit: PushUnit) -> bool:
     if unit.tag:
         api.create_tag(unit.repo_id, tag=unit.tag, revision=revision, tag_message=unit.message, exist_ok=True)
     return bool(operations) or unit.tag is not None
-
-
-# ----------------------------------------------------------------------------------------
-# Downloading
-# ----------------------------------------------------------------------------------------
-
-
-class CoreSpec(NamedTuple):
-    repo_id: str
-    revision: str
-    folder: str
-
-
-def parse_core_spec(spec: str) -> CoreSpec:
-    """``ORG/NAME@cycle-7`` -> cycle 7's core (tag cycle-7, folder cycle-7/); ``ORG/NAME`` or
-    ``ORG/NAME@distilled`` -> the distilled core."""
-    repo_id, _, revision = spec.partition("@")
-    revision = revision or DISTILLED_TAG
-    try:
-        validate_repo_id(repo_id)
-    except ValueError as error:
-        raise ConfigError(f"--core {spec!r} is neither a local folder nor ORG/NAME[@cycle-T]: {error}") from None
-    if re.fullmatch(r"cycle-\d+", revision):
-        return CoreSpec(repo_id, revision, revision)
-    if revision == DISTILLED_TAG:
-        return CoreSpec(repo_id, DISTILLED_TAG, DISTILLED_FOLDER)
-    raise ConfigError(f"--core {spec!r}: the revision must be cycle-<t> or {DISTILLED_TAG}, got {revision!r}")
-
-
-def resolve_core(spec: str | Path, cache_dir: str | Path | None = None, token: str | None = None) -> Path:
-    """A local folder holding ``core.json`` and ``core_directions.safetensors`` for ``spec``: an
-    existing local folder, or ``ORG/NAME@cycle-7`` / ``ORG/NAME[@distilled]`` fetched into the HF cache
-    (works offline with HF_HUB_OFFLINE=1 once cached)."""
-    if Path(spec).is_dir():
-        folder = Path(spec)
-    else:
-        core = parse_core_spec(str(spec))
-        patterns = [f"{core.folder}/{name}" for name in (*CORE_FILES, "config.json")]
-        try:
-            snapshot = snapshot_download(core.repo_id, revision=core.revision, allow_patterns=patterns, cache_dir=cache_dir, token=token)
-        except RevisionNotFoundError:
-            raise ConfigError(f"--core {spec}: {core.repo_id} has no tag {core.revision}; its cycles are tagged cycle-0, cycle-1, ...") from None
-        except RepositoryNotFoundError:
-            raise ConfigError(f"--core {spec}: repo {core.repo_id} not found (or private and no token with access)") from None
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-            raise ConfigError(
-                f"--core {spec}: not in the Hugging Face cache and the Hub cannot be reached ({type(error).__name__}); "
-                "download it once online (unset HF_HUB_OFFLINE) or pass a local core folder"
-            ) from None
-        folder = Path(snapshot) / core.folder
-    missing = [name for name in CORE_FILES if not (folder / name).exists()]
-    if missing:
-        raise ConfigError(f"--core {spec}: {folder} has no {', '.join(missing)}; is it a DMSAE run's core folder?")
-    return folder
-

@@ -8,9 +8,9 @@ import torch
 from accelerate.utils import set_seed
 
 from trainer.config import parse_config
-from trainer.pipeline.cores import Core
+from trainer.run.kinds import BASELINE, DMSAE, RANDOM_CORE, Core, SAEKind
 from trainer.pipeline.transfer import initial_model
-from trainer.run.plan import FinalRun
+from trainer.run.stages import FinalSAE
 
 D, K, C = 64, 512, 24
 
@@ -22,10 +22,10 @@ def distilled_core() -> Core:
     return Core(directions * (1 + 0.4 * torch.rand(C, 1, generator=generator)), [[3, j] for j in range(C)])
 
 
-def start(core_kind: str, core: Core):
+def start(kind: SAEKind, core: Core):
     config = parse_config(["--dictionary.num_latents", str(K), "--cycles.k", "16"])
     set_seed(0)  # what the stage's name seeds in a run: here the same for both, to compare them tensor by tensor
-    return initial_model(config, FinalRun.of(16, "dense_core", core_kind), core, D, normalization_factor=2.0)
+    return initial_model(config, FinalSAE(kind, 16), core, D, normalization_factor=2.0)
 
 
 def decoder_to_frozen_cosines(model) -> torch.Tensor:
@@ -35,7 +35,7 @@ def decoder_to_frozen_cosines(model) -> torch.Tensor:
 
 def test_the_random_core_differs_from_the_distilled_one_only_in_its_directions():
     core = distilled_core()
-    distilled, random = start("distilled", core), start("random", core)
+    distilled, random = start(DMSAE, core), start(RANDOM_CORE, core)
     assert torch.equal(distilled.core_encoder, core.directions)
     assert not torch.allclose(random.core_encoder, core.directions)
     torch.testing.assert_close(random.core_encoder.norm(dim=-1), core.directions.norm(dim=-1))
@@ -52,12 +52,12 @@ def test_both_cores_start_with_decoders_unrelated_to_their_frozen_rows():
     """The tied initialisation the control once had (decoder = frozen rows, cosine 1) made it a
     working autoencoder from step 0; now neither core's decoder knows its frozen rows."""
     core = distilled_core()
-    for kind in ("distilled", "random"):
+    for kind in (DMSAE, RANDOM_CORE):
         cosines = decoder_to_frozen_cosines(start(kind, core))
-        assert cosines.abs().median() < 0.2, (kind, cosines.median())
+        assert cosines.abs().median() < 0.2, (kind.name, cosines.median())
 
 
 def test_the_baseline_takes_the_same_path_without_a_core():
-    baseline = start("none", distilled_core())
+    baseline = start(BASELINE, distilled_core())
     assert baseline.config.core_size == 0 and baseline.config.core_lineage == []
     assert sum(baseline.config.group_sizes) == K

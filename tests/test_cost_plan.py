@@ -10,7 +10,7 @@ import pytest
 from trainer.config import parse_config
 from trainer.report import dry_run
 from trainer.report.dry_run import base_model_key, describe_plan
-from trainer.run.plan import final_runs, steps_for
+from trainer.run.stages import final_saes, steps_for
 
 STEP_S, CALIBRATION, EVALUATION, SELECTION = 0.5, 1e-4, 2e-4, 3e-4
 BASE = {"load_s": 10.0, "activation_tokens_per_s": 1000.0, "attribution_tokens_per_s": 100.0, "full_forward_tokens_per_s": 400.0}
@@ -42,7 +42,7 @@ def test_wall_time_per_stage_follows_the_measured_throughputs(table):
     steps = steps_for(config.cycles.tokens_per_cycle, config)
     per_sae = steps * STEP_S + config.optimizer.calibration_tokens * CALIBRATION
     assert stage_seconds(plan, "cycle training") == pytest.approx(4 * per_sae, abs=1)  # cycle 0 + 3 cycles
-    assert stage_seconds(plan, "transfer training") == pytest.approx(len(final_runs(config)) * per_sae, abs=1)
+    assert stage_seconds(plan, "transfer training") == pytest.approx(len(final_saes(config)) * per_sae, abs=1)
     context = config.data.context_length
     harvest = (
         BASE["load_s"] + 800 * context / 1000 + 64 * context / 100 + 256 * context / 1000 + 2 * 16 * context / 400
@@ -81,5 +81,5 @@ def test_unmeasured_kinds_and_shapes_are_not_guessed(table):
 
 def test_streaming_reruns_the_base_model_per_sae(table):
     config = parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind", "--run.stream_activations", "true"])
-    saes = 4 + len(final_runs(config))
+    saes = 4 + len(final_saes(config))
     assert f"{saes + 2} passes: activations streamed for every SAE" in describe_plan(config)

@@ -13,7 +13,7 @@ import pytest
 from test_distill import tiny_args, tiny_setup  # noqa: F401  (fixture)
 
 from trainer import distill
-from trainer.harvest import run_data
+from trainer.harvest import harvested
 from trainer.harvest.base_model import load_base_model
 
 CONTEXT_LENGTH = 32  # tiny_args' data.context_length
@@ -21,7 +21,7 @@ CONTEXT_LENGTH = 32  # tiny_args' data.context_length
 
 class ForwardCounter:
     """Counts the base model's forward calls (its input embedding runs once per call), split
-    into the harvest (prepare_run_data) and everything after it, with the contexts they read."""
+    into the harvest (prepare_harvest) and everything after it, with the contexts they read."""
 
     def __init__(self, monkeypatch):
         self.phase = "before"
@@ -39,9 +39,9 @@ class ForwardCounter:
             self.phase = "after harvest"
             return data
 
-        prepare = run_data.prepare_run_data
-        monkeypatch.setattr(run_data, "load_base_model", counted_load)
-        monkeypatch.setattr("trainer.pipeline.run.prepare_run_data", counted_prepare)
+        prepare = harvested.prepare_harvest
+        monkeypatch.setattr(harvested, "load_base_model", counted_load)
+        monkeypatch.setattr("trainer.pipeline.run.prepare_harvest", counted_prepare)
 
     def _record(self, module, args):
         input_ids = args[0]

@@ -32,22 +32,18 @@ from hub_cards.cards import (
     final_sae_card,
     hub_model_id,
 )
-from hub_cards.publish import (
-    HubAuthError,
-    HubRepoConflictError,
-    build_hub_folders,
-    parse_core_spec,
-    push_cycle,
-    push_run,
-    resolve_core,
-    short_model_name,
-)
+from hub_cards.publish import HubAuthError, HubRepoConflictError, build_hub_folders, push_cycle, push_run
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from tests.hub_fixtures import HUB_ORG, HubTestEnv, hub  # noqa: F401  (fixture)
 from tests.hub_server import HubError, card_metadata_errors
 from tests.tiny_models import tiny_tokenizer
 from trainer.config import HubSettings
 from trainer.errors import HubPushError
+from trainer.harvest.hub_access import parse_core_spec, resolve_core
+from trainer.run.hub_names import short_model_name
+from trainer.run.kinds import DMSAE, RANDOM_CORE
+from trainer.run.layout import RunDirectory
+from trainer.run.metrics_file import SAEMetrics
 from trainer.pipeline.evaluation import evidence_files
 from trainer.sae import evidence as evidence_settings
 from trainer.sae.evidence import EvidenceStream, FiringCounts
@@ -75,7 +71,7 @@ def _metrics(core_size: int, seed: int) -> dict:
         "fve": float(rng.uniform(0.6, 0.9)), "mse": float(rng.uniform(0.1, 1)), "l0_core": float(core_size),
         "l0_noncore": 4.0, "l0": 4.0 + core_size, "dead_fraction": 0.0625, "ce_loss_clean": 2.5,
         "ce_loss_spliced": 2.9, "ce_loss_zero_ablated": 9.0, "loss_recovered": 0.9375,
-        "core_size": core_size, "carry_over": 0.5, "tokens": 8192,
+        "core_size": core_size, "carry_over": 0.5, "eval_tokens": 8192,
     }
 
 
@@ -119,7 +115,7 @@ def make_run(run_dir: Path) -> Path:
         cycle_dir = run_dir / "cycles" / f"cycle-{cycle:03d}"
         model.save_pretrained(cycle_dir)
         _write_core(cycle_dir, model, selected, cycle)
-        (cycle_dir / "metrics.json").write_text(json.dumps(_metrics(model.config.core_size, cycle)))
+        SAEMetrics(_metrics(model.config.core_size, cycle)).write(cycle_dir / "metrics.json")
         _write_latent_files(cycle_dir, model, final=False)
         (cycle_dir / "checkpoint").mkdir()  # trainer scratch beside the published files: never pushed
         (cycle_dir / "checkpoint" / "optimizer.safetensors").write_bytes(b"scratch")
@@ -131,13 +127,13 @@ def make_run(run_dir: Path) -> Path:
     for name, core_directions in (("k-0008-dense_core", directions), ("random-core-k-0008", torch.randn_like(directions))):
         config = last.config.with_core(distilled["lineage"], cycle=NUM_CYCLES, k=8, threshold=0.05)
         DMSAEModel.from_core(config, core_directions).save_pretrained(run_dir / "transfer" / name)
-        core = "distilled" if name.startswith("k-") else "random"  # what the trainer records of each final SAE
-        (run_dir / "transfer" / name / "metrics.json").write_text(json.dumps({**_metrics(2, 10), "core": core}))
+        kind = DMSAE if name.startswith("k-") else RANDOM_CORE  # what the trainer records of each final SAE
+        SAEMetrics({**_metrics(2, 10), "k": 8}, kind.name).write(run_dir / "transfer" / name / "metrics.json")
         _write_latent_files(run_dir / "transfer" / name, DMSAEModel.from_pretrained(run_dir / "transfer" / name), final=True)
     (run_dir / "figures").mkdir()
     for figure in ("core_lineage", "l0_core_distilled_vs_random", "coverage_curve"):
         matplotlib.image.imsave(run_dir / "figures" / f"{figure}.png", np.random.default_rng(0).random((4, 4)))
-    (run_dir / "run_config.yaml").write_text(yaml.safe_dump({"hub": {"repo_id": RUN_REPO}, "cycles": NUM_CYCLES}))
+    (run_dir / "run_config.yaml").write_text(yaml.safe_dump({"hub": {"repo_id": RUN_REPO}, "cycles": {"num_cycles": NUM_CYCLES}}))
     return run_dir
 
 
@@ -198,7 +194,7 @@ def test_cycle_card_has_metadata_config_lineage_and_usage(run_dir: Path):
 
 
 def test_final_sae_card_and_hub_folders(run_dir: Path):
-    units = build_hub_folders(run_dir, settings())
+    units = build_hub_folders(RunDirectory(run_dir), settings())
     assert [u.name for u in units] == [
         *(f"{RUN_REPO}@cycle-{t}" for t in range(NUM_CYCLES)), f"{RUN_REPO}@distilled", SAE_REPO, RANDOM_SAE_REPO,
     ]
@@ -215,7 +211,7 @@ def test_final_sae_card_and_hub_folders(run_dir: Path):
     assert sorted(p.name for p in (sae_folder / "saelens").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
     assert (sae_folder / "model.safetensors").read_bytes() == (run_dir / "transfer/k-0008-dense_core/model.safetensors").read_bytes()
     text = (sae_folder / "README.md").read_text()
-    assert text == str(final_sae_card(run_dir / "transfer/k-0008-dense_core", CardSettings(RUN_REPO, datasets=[card_dataset("tiny-corpus")]), repo_id=SAE_REPO, core_name="the distilled core C* of that run"))
+    assert text == str(final_sae_card(run_dir / "transfer/k-0008-dense_core", CardSettings(RUN_REPO, datasets=[card_dataset("tiny-corpus")]), repo_id=SAE_REPO))
     meta = card_metadata(text)
     assert meta["model-index"][0]["name"] == SAE_REPO.split("/")[1] and "transfer-stage" in meta["tags"]
     assert "| Frozen core c | 2 |" in text and "| k_noncore | 8 |" in text and f'AutoModel.from_pretrained("{SAE_REPO}")' in text
@@ -225,12 +221,12 @@ def test_final_sae_card_and_hub_folders(run_dir: Path):
     assert "distilled core" in root and all(f"/tree/cycle-{t}/cycle-{t})" in root for t in range(NUM_CYCLES))
     # Rebuilding is byte-identical (so a re-push finds nothing new).
     before = {p: p.read_bytes() for p in hub_dir.rglob("*") if p.is_file()}
-    build_hub_folders(run_dir, settings())
+    build_hub_folders(RunDirectory(run_dir), settings())
     assert before == {p: p.read_bytes() for p in hub_dir.rglob("*") if p.is_file()}
 
 
 def test_a_build_stopped_midway_leaves_every_hub_folder_whole(run_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    build_hub_folders(run_dir, settings())
+    build_hub_folders(RunDirectory(run_dir), settings())
     hub_dir = run_dir / "hub"
     before = {p: p.read_bytes() for p in hub_dir.rglob("*") if p.is_file()}
     # The SAE's metrics change (a new file: the Hub folder holds a hard link to the old one), then the
@@ -245,11 +241,11 @@ def test_a_build_stopped_midway_leaves_every_hub_folder_whole(run_dir: Path, mon
 
     monkeypatch.setattr(publish, "to_saelens", killed)
     with pytest.raises(KeyboardInterrupt):
-        build_hub_folders(run_dir, settings())
+        build_hub_folders(RunDirectory(run_dir), settings())
     assert before == {p: p.read_bytes() for p in hub_dir.rglob("*") if p.is_file()}
     assert not [p for p in hub_dir.rglob("*") if p.name.endswith((".partial", ".previous"))]
     monkeypatch.undo()
-    build_hub_folders(run_dir, settings())
+    build_hub_folders(RunDirectory(run_dir), settings())
     assert json.loads((hub_dir / "saes" / SAE_REPO.split("/")[1] / "metrics.json").read_text())["fve"] == 0.5
 
 
@@ -267,7 +263,7 @@ def test_names_and_specs():
 
 def test_colliding_sae_repo_names_are_refused(run_dir: Path):
     with pytest.raises(ValueError, match="would both go to"):
-        build_hub_folders(run_dir, settings(sae_repo_pattern="{org}/dmsae-{model}-k{k}"))
+        build_hub_folders(RunDirectory(run_dir), settings(sae_repo_pattern="{org}/dmsae-{model}-k{k}"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -277,7 +273,7 @@ def test_colliding_sae_repo_names_are_refused(run_dir: Path):
 
 def test_push_run_load_back_and_repush(hub: HubTestEnv, run_dir: Path, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.DEBUG)
-    report = push_run(run_dir, settings())
+    report = push_run(RunDirectory(run_dir), settings())
     assert report.pushed == [*(f"{RUN_REPO}@cycle-{t}" for t in range(NUM_CYCLES)), f"{RUN_REPO}@distilled", SAE_REPO, RANDOM_SAE_REPO]
 
     # What arrived: one tag per cycle, each holding that cycle's folder byte for byte.
@@ -313,7 +309,7 @@ def test_push_run_load_back_and_repush(hub: HubTestEnv, run_dir: Path, caplog: p
 
     # Re-pushing pushes nothing.
     commits, tags = hub.server.count("commit", "POST"), hub.server.count("tag", "POST")
-    again = push_run(run_dir, settings())
+    again = push_run(RunDirectory(run_dir), settings())
     assert again.pushed == [] and len(again.skipped) == len(report.pushed)
     assert (hub.server.count("commit", "POST"), hub.server.count("tag", "POST")) == (commits, tags)
 
@@ -347,7 +343,7 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
 
 
 def test_trust_remote_code_without_the_package_online_then_offline(hub: HubTestEnv, run_dir: Path):
-    push_run(run_dir, settings())
+    push_run(RunDirectory(run_dir), settings())
     expected = DMSAEModel.from_pretrained(run_dir / "transfer/k-0008-dense_core")
     for offline in ("0", "1"):
         requests = len(hub.server.requests)
@@ -365,11 +361,11 @@ def test_trust_remote_code_without_the_package_online_then_offline(hub: HubTestE
 
 
 def test_push_cycle_during_the_run_then_finish(hub: HubTestEnv, run_dir: Path):
-    assert push_cycle(run_dir, 0, settings()).pushed == [f"{RUN_REPO}@cycle-0"]
+    assert push_cycle(RunDirectory(run_dir), 0, settings()).pushed == [f"{RUN_REPO}@cycle-0"]
     # Mid-run the repo's card is the newest cycle's.
     assert "cycle-0" in HfApi().model_info(RUN_REPO).card_data.tags
-    assert push_cycle(run_dir, 0, settings()).skipped == [f"{RUN_REPO}@cycle-0"]
-    report = push_run(run_dir, settings())
+    assert push_cycle(RunDirectory(run_dir), 0, settings()).skipped == [f"{RUN_REPO}@cycle-0"]
+    report = push_run(RunDirectory(run_dir), settings())
     assert report.skipped == [f"{RUN_REPO}@cycle-0"] and f"{RUN_REPO}@cycle-2" in report.pushed
     assert "distilled-core" in HfApi().model_info(RUN_REPO).card_data.tags
     # A tag lost after the run was finalized: re-pushing restores it without a new commit, and the
@@ -377,7 +373,7 @@ def test_push_cycle_during_the_run_then_finish(hub: HubTestEnv, run_dir: Path):
     repo = hub.server.repo(RUN_REPO)
     del repo.tags["cycle-1"]
     commits = len(repo.commits)
-    assert push_run(run_dir, settings()).pushed == [f"{RUN_REPO}@cycle-1"]
+    assert push_run(RunDirectory(run_dir), settings()).pushed == [f"{RUN_REPO}@cycle-1"]
     assert len(repo.commits) == commits and "cycle-1/core.json" in hub.server.files(RUN_REPO, "cycle-1")
     assert "distilled-core" in HfApi().model_info(RUN_REPO).card_data.tags
 
@@ -395,7 +391,7 @@ def test_no_token(hub: HubTestEnv, run_dir: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("HF_TOKEN")
     before = run_dir_digest(run_dir)
     with pytest.raises(HubAuthError, match="No Hugging Face token found") as error:
-        push_run(run_dir, settings())
+        push_run(RunDirectory(run_dir), settings())
     assert f"--push-only {run_dir}" in str(error.value) and "HF_TOKEN" in str(error.value)
     assert run_dir_digest(run_dir) == before and (run_dir / "hub/run/cycle-2/README.md").exists()
     assert hub.server.repos == {}
@@ -406,7 +402,7 @@ def test_rejected_token(hub: HubTestEnv, run_dir: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("HF_TOKEN", bad_token)
     before = run_dir_digest(run_dir)
     with pytest.raises(HubAuthError, match="rejected the Hugging Face token") as error:
-        push_run(run_dir, settings())
+        push_run(RunDirectory(run_dir), settings())
     assert_token_hidden(error.value, bad_token)
     assert run_dir_digest(run_dir) == before and hub.server.repos == {}
 
@@ -416,24 +412,24 @@ def test_repo_with_unrelated_content_is_refused(hub: HubTestEnv, run_dir: Path):
     hub.server.create_repo_with_files(RUN_REPO, foreign)
     commits = len(hub.server.repo(RUN_REPO).commits)
     with pytest.raises(HubRepoConflictError, match="not from a DMSAE run") as error:
-        push_run(run_dir, settings())
+        push_run(RunDirectory(run_dir), settings())
     assert "pytorch_model.bin" in str(error.value) and "another repo name" in str(error.value)
     assert len(hub.server.repo(RUN_REPO).commits) == commits and hub.server.files(RUN_REPO)["README.md"] == foreign["README.md"]
 
 
 def test_another_run_in_the_repo_is_refused(hub: HubTestEnv, run_dir: Path, tmp_path: Path):
-    push_cycle(run_dir, 0, settings())
+    push_cycle(RunDirectory(run_dir), 0, settings())
     other = make_run(tmp_path / "other")
     (other / "cycles/cycle-000/core.json").write_text(json.dumps({**json.loads((other / "cycles/cycle-000/core.json").read_text()), "selected": [5, 6, 7, 8]}))
     with pytest.raises(HubRepoConflictError, match="Tag cycle-0 of .* holds other files"):
-        push_cycle(other, 0, settings())
+        push_cycle(RunDirectory(other), 0, settings())
 
 
 def test_network_failure_mid_push_then_repush(hub: HubTestEnv, run_dir: Path):
     before = run_dir_digest(run_dir)
     hub.server.fail("commit", after=2, times=100, mode="drop")  # cycles 0 and 1 get through, then the network dies
     with pytest.raises(HubPushError) as error:
-        push_run(run_dir, settings())
+        push_run(RunDirectory(run_dir), settings())
     message = str(error.value)
     assert f"push {RUN_REPO}@cycle-2" in message and "after 3 attempts" in message and f"--push-only {run_dir}" in message
     assert sorted(hub.server.repo(RUN_REPO).tags) == ["cycle-0", "cycle-1"]
@@ -442,7 +438,7 @@ def test_network_failure_mid_push_then_repush(hub: HubTestEnv, run_dir: Path):
     hub.server.faults.clear()
     hub.server.fail("commit", times=1, mode="lost")  # one answer lost on the way: the retry must not commit twice
     hub.server.fail("tag", times=1, mode="error")  # and one transient 500
-    report = push_run(run_dir, settings())
+    report = push_run(RunDirectory(run_dir), settings())
     assert report.skipped == [f"{RUN_REPO}@cycle-0", f"{RUN_REPO}@cycle-1"]
     assert report.pushed == [f"{RUN_REPO}@cycle-2", f"{RUN_REPO}@distilled", SAE_REPO, RANDOM_SAE_REPO]
     titles = [c.title for c in hub.server.repo(RUN_REPO).commits.values()]
@@ -502,7 +498,7 @@ def test_every_snippet_of_every_card_runs(hub: HubTestEnv, run_dir: Path, tmp_pa
     """Every Python block of every generated card, run as written against the pushed repos in fresh
     processes: trust_remote_code blocks where the package cannot be imported, the others with it;
     a tiny Llama stands in for the base model on the test Hub."""
-    push_run(run_dir, settings())
+    push_run(RunDirectory(run_dir), settings())
     host_tiny_base_model(hub, tmp_path / "tiny-base")
     root_files, sae_files = hub.server.files(RUN_REPO), hub.server.files(SAE_REPO)
     assert {"configuration_dmsae.py", "modeling_dmsae.py", "interventions.py"} <= set(root_files)  # where remote code is looked for
@@ -548,7 +544,7 @@ def test_cards_the_hub_would_refuse_are_refused(hub: HubTestEnv, run_dir: Path):
         hub.server._create_commit(hub.server.repo(f"{HUB_ORG}/refused"), "main",
                                   json.dumps({"key": "file", "value": {"path": "README.md", "content": base64.b64encode(card.encode()).decode()}}).encode())
     # Every card this project writes passes, and names the embedded corpus when the run used it.
-    build_hub_folders(run_dir, HubSettings(repo_id=RUN_REPO))
+    build_hub_folders(RunDirectory(run_dir), HubSettings(repo_id=RUN_REPO))
     for readme in (run_dir / "hub").rglob("README.md"):
         text = readme.read_text()
         assert card_metadata_errors(text) == [], readme
@@ -560,9 +556,9 @@ def test_cards_the_hub_would_refuse_are_refused(hub: HubTestEnv, run_dir: Path):
 
 
 def test_a_file_holding_the_token_is_never_pushed(hub: HubTestEnv, run_dir: Path):
-    (run_dir / "run_config.yaml").write_text(f"hub:\n  token: {hub.token}\n")
+    (run_dir / "run_config.yaml").write_text(f"data:\n  dataset: /data/{hub.token}/corpus.jsonl\n")  # a path that holds it
     with pytest.raises(HubPushError, match="run_config.yaml contains your Hugging Face token") as error:
-        push_run(run_dir, settings())
+        push_run(RunDirectory(run_dir), settings())
     assert_token_hidden(error.value, hub.token)
     assert hub.server.repos == {}
 
@@ -570,7 +566,7 @@ def test_a_file_holding_the_token_is_never_pushed(hub: HubTestEnv, run_dir: Path
 def test_the_embedded_default_is_named_by_its_hub_id(tmp_path: Path):
     """The run's base_model_id is a Hub id; the GGUF file and its wheel go to a field of their own."""
     from trainer.config import EMBEDDED_MODEL_FILE, BaseModelConfig, parse_config
-    from trainer.run.plan import cycle0_sae_config
+    from trainer.run.stages import cycle0_sae_config
 
     embedded = BaseModelConfig()
     assert embedded.model_id == BASE_MODEL_ID and hub_model_id(embedded.model_id) == BASE_MODEL_ID

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# The rooms, lowest first. hub_cards publishes a finished run folder: it reads the run's layout
-# and settings, and the pipeline calls it.
+# The rooms, lowest first. hub_cards publishes a finished run folder: a reader of the run's records
+# (its layout, settings, kinds and metrics), handed to the pipeline as its publisher by the entry point.
 ROOMS = [
     "trainer.errors",
     "trainer.config",
@@ -21,8 +21,8 @@ ROOMS = [
     "trainer.harvest",
     "trainer.sae",
     "trainer.report",
-    "hub_cards",
     "trainer.pipeline",
+    "hub_cards",
     "trainer.distill",
 ]
 PACKAGES = ("trainer", "hub_cards", "modeling_dmsae")
@@ -108,6 +108,8 @@ def test_imports_point_down_the_rooms():
         (("trainer.errors", "trainer.config"), "imports from a room above it"),
         (("modeling_dmsae.modeling_dmsae", "trainer.errors"), "the model package is standalone"),
         (("trainer.run.files", "trainer.run.timings"), "import circle"),
+        (("trainer.pipeline.cycles", "hub_cards.publish"), "imports from a room above it"),
+        (("hub_cards.cards", "trainer.distill"), "imports from a room above it"),
     ],
 )
 def test_the_rule_catches_a_wrong_arrow(arrow, complaint):
@@ -126,7 +128,7 @@ def test_one_sae_knows_neither_the_data_source_nor_the_run_folder():
     """As SAELens's trainer: handed a data iterator and callbacks."""
     graph = import_graph()
     sae_imports = {target for module, targets in graph.items() if module.startswith("trainer.sae.") for target in targets}
-    assert not sae_imports & {"trainer.harvest.cache", "trainer.harvest.run_data", "trainer.run.layout", "trainer.run.plan"}
+    assert not sae_imports & {"trainer.harvest.cache", "trainer.harvest.harvested", "trainer.run.layout", "trainer.run.stages"}
 
 
 def test_help_imports_neither_torch_nor_transformers():
@@ -144,3 +146,57 @@ def test_the_cli_default_group_fractions_are_saebenchs():
     from trainer.config import DictionaryConfig
 
     assert DictionaryConfig().group_fractions == list(SAEBENCH_GROUP_FRACTIONS)
+
+
+def test_only_the_entry_point_imports_the_hub_code():
+    """hub_cards reads a finished run; the trainer's rooms hand it nothing but through the publisher
+    (trainer.pipeline.context.Publisher) that distill.py wires in."""
+    graph = import_graph()
+    importers = {module for module, targets in graph.items() if any(t.startswith("hub_cards") for t in targets)}
+    assert {m for m in importers if not m.startswith("hub_cards")} == {"trainer.distill"}
+
+
+def test_the_model_file_and_the_interventions_do_not_import_each_other_both_ways():
+    graph = import_graph()
+    model, interventions = "modeling_dmsae.modeling_dmsae", "modeling_dmsae.interventions"
+    assert not (interventions in graph[model] and model in graph[interventions])
+
+
+# Where a kind's name may be spelled: its registry entry, and the CLI's choices and defaults.
+KIND_NAME_HOMES = {ROOT / "trainer" / "run" / "kinds.py", ROOT / "trainer" / "config.py"}
+
+
+def kind_spellings() -> set[str]:
+    """Every name of a kind of SAE: the registry's names, folder prefixes and Hub suffixes, the
+    masking variants, and the names metrics.json files used for a kind before the registry."""
+    from trainer.run.kinds import KINDS, kind_of_legacy_metrics  # noqa: F401  (the legacy names are its own)
+
+    names = {f'"{kind.name}"' for kind in KINDS.values()} | {f'"{kind.variant}"' for kind in KINDS.values()}
+    names |= {kind.folder.split("{")[0].strip("-") for kind in KINDS.values() if not kind.folder.startswith("k-")}
+    names |= {kind.hub_suffix for kind in KINDS.values() if kind.hub_suffix}
+    return names | {'"random"', '"distilled"'}
+
+
+def spelled_kind_names(path: Path) -> list[str]:
+    text = path.read_text()
+    return sorted(name for name in kind_spellings() if name in text)
+
+
+def test_kind_names_are_spelled_only_in_the_registry_and_the_cli():
+    offenders = {
+        str(path.relative_to(ROOT)): spelled_kind_names(path)
+        for package in ("trainer", "hub_cards")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path not in KIND_NAME_HOMES and spelled_kind_names(path)
+    }
+    assert offenders == {}
+
+
+def test_the_kind_name_check_catches_a_spelling(tmp_path):
+    module = tmp_path / "report.py"
+    module.write_text('if metrics.kind == "random-core":\n    pass\n')
+    assert '"random-core"' in spelled_kind_names(module)
+    module.write_text('name = f"k-{k:04d}-sparse_core"\n')
+    assert spelled_kind_names(module) == []  # a folder's pattern alone says no kind name: the variant is quoted nowhere
+    module.write_text('variant = "sparse_core"\n')
+    assert spelled_kind_names(module) == ['"sparse_core"']

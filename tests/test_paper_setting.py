@@ -24,10 +24,10 @@ from modeling_dmsae import DMSAEConfig, DMSAEModel
 from test_distill import tiny_args, tiny_setup  # noqa: F401  (fixture)
 from trainer import distill
 from trainer.config import CONFIG_DIR, parse_config
-from trainer.harvest import run_data
+from trainer.harvest import harvested
 from trainer.pipeline.context import RunContext
 from trainer.run.layout import RunDirectory
-from trainer.run.plan import final_runs
+from trainer.run.stages import final_saes
 from trainer.sae.training import SAETrainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def test_a_checkpoint_at_another_k_is_refused_before_the_base_model_loads(tiny_s
     def no_loading(*args, **kwargs):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(run_data, "load_base_model", no_loading)
+    monkeypatch.setattr(harvested, "load_base_model", no_loading)
     checkpoint = saved_checkpoint(tmp_path / "k4", k=4)
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"trained at k = 4, the run's cycles train at --cycles.k 8: .*--cycles.accept_checkpoint_k true"):
@@ -110,7 +110,7 @@ def test_each_stage_releases_its_sae_and_optimiser(tiny_setup, tmp_path, monkeyp
     args = tiny_args(tiny_setup, tmp_path / "run", "--dictionary.num_latents", "16384", "--transfer.ks", "8", "16")
     assert distill.main(args) == 0
     gc.collect()
-    assert len(prepared) == 3 + len(final_runs(parse_config(args)))  # cycles 0-2 and every final SAE
+    assert len(prepared) == 3 + len(final_saes(parse_config(args)))  # cycles 0-2 and every final SAE
     assert all(counts == (1, 1) for counts in prepared), prepared
     assert not any(ref() is not None for ref in optimizers), "a finished stage's optimiser is still referenced"
     growth = resident[-1] - resident[1]
@@ -151,7 +151,7 @@ def test_checkpoints_fall_on_optimiser_steps_so_a_kill_under_accumulation_resume
 
 
 def test_an_invalid_hub_name_is_refused_before_loading(tiny_setup, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_data, "load_base_model", lambda *a, **k: pytest.fail("the base model was loaded"))
+    monkeypatch.setattr(harvested, "load_base_model", lambda *a, **k: pytest.fail("the base model was loaded"))
     with pytest.raises(ValueError, match="not a valid repo id"):
         distill.main(tiny_args(tiny_setup, tmp_path / "run", "--push-to-hub", "not a/valid//name"))
     with pytest.raises(ValueError, match=r"--hub.sae_repo_pattern .* invalid repo id"):
@@ -162,11 +162,12 @@ def test_no_hub_problem_stops_the_run(tmp_path, caplog):
     """Any exception from a push (not only a HubPushError) is logged with its traceback; the run goes on."""
     config = parse_config(["--push-to-hub", "org/run", "--run.output_dir", str(tmp_path)])
 
-    def broken_push():
-        raise ValueError("a bug in publishing")
+    class BrokenPublisher:
+        def push_run(self):
+            raise ValueError("a bug in publishing")
 
-    context = RunContext(config, Accelerator(cpu=True), RunDirectory(tmp_path), None)
-    context.publish(broken_push)
+    context = RunContext(config, Accelerator(cpu=True), RunDirectory(tmp_path), None, BrokenPublisher())
+    context.publish(lambda publisher: publisher.push_run())
     assert "a bug in publishing" in caplog.text and "--push-only" in caplog.text
 
 
@@ -210,5 +211,5 @@ def test_the_study_is_the_default_method_scaled_as_its_header_says():
         for name, value in vars(getattr(study, section)).items():
             expected = scaled.get((section, name), getattr(getattr(default, section), name))
             assert value == expected, f"{section}.{name}"
-    runs = final_runs(study)
-    assert len(runs) == 3 * len(final_runs(default)) and {r.seed for r in runs} == {0, 1, 2}
+    runs = final_saes(study)
+    assert len(runs) == 3 * len(final_saes(default)) and {r.seed for r in runs} == {0, 1, 2}

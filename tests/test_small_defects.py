@@ -17,7 +17,9 @@ from modeling_dmsae import DMSAEConfig, DMSAEModel
 from trainer.config import DEFAULT_CONFIG, OptimizerConfig, parse_config
 from trainer.report.summary import figure3_outcome, finals_table
 from trainer.run.layout import RunDirectory
-from trainer.run.plan import FinalRun
+from trainer.run.kinds import BASELINE, DMSAE, DMSAE_SPARSE_CORE, RANDOM_CORE
+from trainer.run.metrics_file import SAEMetrics
+from trainer.run.stages import FinalSAE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,24 +29,25 @@ def test_a_random_core_that_never_fired_early_does_not_crash_the_report(tmp_path
     paths = RunDirectory(tmp_path)
     k = config.cycles.k
     metrics = {}
-    for run, curve in ((FinalRun.of(k, "dense_core", "distilled"), [5.0] * 20), (FinalRun.of(k, "dense_core", "random"), [0.0] * 10 + [3.0] * 10)):
+    for run, curve in ((FinalSAE(DMSAE, k), [5.0] * 20), (FinalSAE(RANDOM_CORE, k), [0.0] * 10 + [3.0] * 10)):
         paths.logs.mkdir(parents=True, exist_ok=True)
         paths.log(run.stage).write_text("".join(json.dumps({"step": i, "l0_core": v}) + "\n" for i, v in enumerate(curve)))
         sae = DMSAEModel(DMSAEConfig(d_in=8, num_latents=64, group_sizes=[16, 48], k=4, core_size=0))
         sae.save_pretrained(paths.transfer(run.name))
-        metrics[run.name] = {"l0_core": curve[-1], "core_size": 0, "fve": 0.8, "loss_recovered": 0.97}
+        metrics[run.name] = SAEMetrics({"l0_core": curve[-1], "core_size": 0, "fve": 0.8, "loss_recovered": 0.97}, run.kind.name)
     outcome = figure3_outcome(paths, config, metrics)
     assert "from 0.0 (first tenth of training) to 3.0" in outcome and "did not fire in the first tenth" in outcome
 
 
-def test_the_final_sae_table_is_ordered_by_family_then_k():
-    def m(k, core, variant="dense_core"):
-        return {"k": k, "core": core, "variant": variant, "core_size": 0 if core == "none" else 10, "l0_core": 1.0, "l0_noncore": k,
-                "l0": k + 1.0, "k_noncore": k, "fve": 0.5, "dead_fraction": 0.0, "loss_recovered": 0.9}  # fmt: skip
+def test_the_final_sae_table_is_ordered_by_kind_then_k():
+    def m(k, kind):
+        values = {"k": k, "core_size": 10 if kind.has_core else 0, "l0_core": 1.0, "l0_noncore": k, "l0": k + 1.0, "k_noncore": k,
+                  "fve": 0.5, "dead_fraction": 0.0, "loss_recovered": 0.9}  # fmt: skip
+        return SAEMetrics(values, kind.name)
 
     transfer = {
-        "k-0016": m(16, "distilled"), "k-0064": m(64, "distilled"), "k-0032": m(32, "distilled"), "random-core-k-0032": m(32, "random"),
-        "baseline-k-0064": m(64, "none"), "baseline-k-0016": m(16, "none"), "k-0032-sparse": m(32, "distilled", "sparse_core"),
+        "k-0016": m(16, DMSAE), "k-0064": m(64, DMSAE), "k-0032": m(32, DMSAE), "random-core-k-0032": m(32, RANDOM_CORE),
+        "baseline-k-0064": m(64, BASELINE), "baseline-k-0016": m(16, BASELINE), "k-0032-sparse": m(32, DMSAE_SPARSE_CORE),
     }  # fmt: skip
     rows = [line.split(" | ")[0].lstrip("| ") for line in finals_table(transfer).splitlines()[2:]]
     assert rows == ["k-0016", "k-0032", "k-0064", "k-0032-sparse", "baseline-k-0016", "baseline-k-0064", "random-core-k-0032"]

@@ -204,7 +204,7 @@ class HubSettings:
     build the Hub-ready folders in RUN_DIR/hub."""
     sae_repo_pattern: str = "{org}/dmsae-{model}-l{layer}-k{k}{suffix}"
     """Repo of each transfer-stage SAE. Fields: org, name (run repo name), model, layer, k, variant
-    and suffix ("" for the distilled dense core, "-sparse-core", "-random-core", "-baseline"; then "-seedS" for a transfer seed S other than 0)."""
+    and suffix (the kind's: "" for the DMSAE, "-sparse-core", "-random-core", "-baseline"; then "-seed-S" for a transfer seed S other than 0, as in its folder name)."""
     model_short_name: str = ""
     """Base model name in SAE repo names; default: derived from base_model_id (gemma-2-2b -> gemma2)."""
     private: bool = False
@@ -272,6 +272,9 @@ class CycleConfig:
     """Run the cycles at cycles.k although the cycle-0 checkpoint was trained at another k (otherwise refused)."""
 
 
+DISTILLED_TAG = "distilled"  # --transfer.core ORG/NAME@distilled: the run repo's tag of C* (trainer.run.layout)
+
+
 @dataclass
 class TransferConfig:
     """The transfer stage (Algorithm 3): fresh DMSAEs from the distilled core."""
@@ -291,7 +294,7 @@ class TransferConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds of the final SAEs: every SAE above (DMSAEs, controls, baselines) is trained once per seed, its initialisation, data order and random core drawn from it (seed 0: folder NAME, seed s: NAME-seed-s). With several, the report gives each comparison's mean and min-max over seeds. The cycles are trained once (run.seed)."""
     core: str | None = None
-    """Skip distillation and start from a saved core: a local distilled_core/ or cycle folder, or ORG/NAME@cycle-7 on the Hub."""
+    """Skip distillation and start from a saved core: a local distilled_core/ or cycle folder, or a run repo on the Hub: ORG/NAME@cycle-7 (cycle 7's core) or ORG/NAME[@distilled] (C*)."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ directory (see the run's SUMMARY.md):
 3. cycles    t = 1..T: copy and freeze the selected encoder rows, reinitialise the rest, train,
              select C(t) from core + prefix-0 (Algorithm 1);
 4. C*        the latents of cycle T's core that cycle T selects again (Eq. 8);
-5. transfer  fresh DMSAEs from C* at every k (Algorithm 3), and the random-core control;
+5. transfer  fresh DMSAEs from C* at every k (Algorithm 3), the baselines and the controls;
 6. report    metrics, figures, summary, Hub-ready folders (and the push with --push-to-hub).
 
 Everything that can be checked without the base model's weights is checked before anything is
@@ -69,10 +69,11 @@ def push_only(run_dir: str, argv: list[str]) -> int:
     from hub_cards.publish import push_run
     from trainer.run.layout import RunDirectory
 
-    config = parse_config(["--config", str(RunDirectory(run_dir).config_file), *argv])
+    paths = RunDirectory(run_dir)
+    config = parse_config(["--config", str(paths.config_file), *argv])
     if not config.hub.repo_id:
         raise ConfigError("--push-only needs the run repository: add --push-to-hub ORG/NAME")
-    report = push_run(run_dir, config.hub)
+    report = push_run(paths, config.hub)
     print(f"pushed {report.pushed or 'nothing'}; already on the Hub: {report.skipped or 'nothing'}")
     return 0
 
@@ -94,19 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    from hub_cards.publish import HubPublisher
     from trainer.pipeline.failures import fail_together
     from trainer.pipeline.run import DistillationRun
     from trainer.run.layout import TRACKER_PROJECT, RunDirectory
 
+    paths = RunDirectory(config.run.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.run.gradient_accumulation_steps,
         log_with=None if config.run.log_with == "none" else config.run.log_with,
-        project_config=ProjectConfiguration(project_dir=config.run.output_dir, logging_dir=str(RunDirectory(config.run.output_dir).logs)),
+        project_config=ProjectConfiguration(project_dir=config.run.output_dir, logging_dir=str(paths.logs)),
     )
     set_seed(config.run.seed)
-    with fail_together(accelerator, RunDirectory(config.run.output_dir)):
+    with fail_together(accelerator, paths):
         accelerator.init_trackers(TRACKER_PROJECT, config=flat_hyperparameters(config))
-        DistillationRun(config, accelerator).run()
+        # The entry point wires the Hub code in: the pipeline only calls the publisher it is handed.
+        DistillationRun(config, accelerator, HubPublisher(paths, config.hub)).run()
     shut_down(accelerator)
     return 0
 

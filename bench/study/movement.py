@@ -19,8 +19,8 @@ from statistics import fmean
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, like the other benchmarks
 
 from trainer.report.summary import movement_curves  # noqa: E402
-from trainer.run.files import read_json  # noqa: E402
 from trainer.run.layout import RunDirectory  # noqa: E402
+from trainer.run.metrics_file import RunMetrics  # noqa: E402
 
 TENTHS = [i / 10 for i in range(1, 11)]
 
@@ -33,7 +33,7 @@ def at_fraction(steps: list[int], values: list[float], fraction: float) -> float
 
 def movement_table(run: Path) -> str:
     paths = RunDirectory(run)
-    transfer = read_json(paths.metrics)["transfer"]
+    transfer = RunMetrics.read(paths.metrics).transfer
     kinds: dict[str, list] = {}
     curves = movement_curves(paths, transfer)
     families = list(dict.fromkeys(curve.label for curve in curves))  # the report's order: cycles, DMSAEs, ..., baselines

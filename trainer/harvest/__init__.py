@@ -1,2 +1,3 @@
-"""The base model and its activations: loading and hooks, text to token contexts, the activation
-and attribution caches, and everything a run reads from the base model. Imports run/ and below."""
+"""The base model and its activations: loading and hooks (``base_model``), text to token contexts
+(``text_corpus``), the activation and attribution caches (``cache``), the Hub access a run needs
+(``hub_access``), and the harvest every stage reads (``harvested.Harvest``). Imports run/ and below."""

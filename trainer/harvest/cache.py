@@ -4,9 +4,9 @@ Neither depends on the SAE, so every distillation cycle reuses them.
 
 Public API:
 
-- :class:`HarvestConfig`: token budgets, batch sizes, cache directory, storage dtype, seed.
-  :meth:`HarvestConfig.context_ranges` lays the packed contexts out as disjoint ranges: SAE
-  training, then the attribution sample, then everything after is free for held-out evaluation.
+- Its settings are ``trainer.config.HarvestConfig`` (token budgets, batch sizes, cache directory,
+  storage dtype, seed); ``HarvestConfig.context_ranges`` lays the packed contexts out as disjoint
+  ranges: SAE training, then the attribution sample, then everything after for held-out evaluation.
 - :func:`harvest_activations` ``(model, tokenizer, base, data, cfg)``: with ``cfg.cache_dir``, harvests
   (or resumes, or just opens) the activation cache and returns an :class:`ActivationCache`;
   without, returns an :class:`ActivationStream` that harvests while it is read (runs too large to
@@ -255,7 +255,7 @@ class ActivationCache:
         """[batch_size, d] float32 batches of the rows of the shards ``process`` owns (shard s
         belongs to s % num_processes; default: this process's).
 
-        The trainer reads by data lane (``process`` = lane l of L, see ``RunData.training_batches``):
+        The trainer reads by data lane (``process`` = lane l of L, see ``Harvest.training_batches``):
         lane l is read by process l % P, which harvested its shards (P divides L), so on a node each
         rank reads only the shards it wrote. ``shuffle`` visits the shards in a seeded random order
         and shuffles each one again.

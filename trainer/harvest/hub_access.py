@@ -1,15 +1,25 @@
-"""Whether the run needs the Hugging Face Hub before it loads anything, and whether the Hub can be
-reached from here: a dry run on a login node or a laptop without network still prints the whole
-plan, saying which checks it skipped. A real run checks everything (and refuses what it cannot
-reach) before loading any weights."""
+"""What a run reads from the Hugging Face Hub besides the base model and the text: a published core
+(``--transfer.core ORG/NAME@cycle-7``); and whether the run needs the Hub before it loads anything,
+and whether the Hub can be reached from here: a dry run on a login node or a laptop without network
+still prints the whole plan, saying which checks it skipped. A real run checks everything (and
+refuses what it cannot reach) before loading any weights."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
+from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
-from trainer.config import BaseModelConfig, DataConfig
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import validate_repo_id
+
+from trainer.config import DISTILLED_TAG, BaseModelConfig, DataConfig
+from trainer.errors import ConfigError
+from trainer.run.layout import CORE_FILES, DISTILLED_FOLDER
 from trainer.harvest.text_corpus import local_data_files
 
 PROBE_TIMEOUT_S = 3.0
@@ -39,3 +49,53 @@ def hub_unreachable(timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     except OSError as error:
         return f"{constants.ENDPOINT} is unreachable from here ({type(error).__name__}: {error})"
     return None
+
+
+class CoreSpec(NamedTuple):
+    repo_id: str
+    revision: str
+    folder: str
+
+
+def parse_core_spec(spec: str) -> CoreSpec:
+    """``ORG/NAME@cycle-7`` -> cycle 7's core (tag cycle-7, folder cycle-7/); ``ORG/NAME`` or
+    ``ORG/NAME@distilled`` -> the distilled core."""
+    repo_id, _, revision = spec.partition("@")
+    revision = revision or DISTILLED_TAG
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise ConfigError(f"--core {spec!r} is neither a local folder nor ORG/NAME[@cycle-T]: {error}") from None
+    if re.fullmatch(r"cycle-\d+", revision):
+        return CoreSpec(repo_id, revision, revision)
+    if revision == DISTILLED_TAG:
+        return CoreSpec(repo_id, DISTILLED_TAG, DISTILLED_FOLDER)
+    raise ConfigError(f"--core {spec!r}: the revision must be cycle-<t> or {DISTILLED_TAG}, got {revision!r}")
+
+
+def resolve_core(spec: str | Path, cache_dir: str | Path | None = None, token: str | None = None) -> Path:
+    """A local folder holding ``core.json`` and ``core_directions.safetensors`` for ``spec``: an
+    existing local folder, or ``ORG/NAME@cycle-7`` / ``ORG/NAME[@distilled]`` fetched into the HF cache
+    (works offline with HF_HUB_OFFLINE=1 once cached)."""
+    if Path(spec).is_dir():
+        folder = Path(spec)
+    else:
+        core = parse_core_spec(str(spec))
+        patterns = [f"{core.folder}/{name}" for name in (*CORE_FILES, "config.json")]
+        try:
+            snapshot = snapshot_download(core.repo_id, revision=core.revision, allow_patterns=patterns, cache_dir=cache_dir, token=token)
+        except RevisionNotFoundError:
+            raise ConfigError(f"--core {spec}: {core.repo_id} has no tag {core.revision}; its cycles are tagged cycle-0, cycle-1, ...") from None
+        except RepositoryNotFoundError:
+            raise ConfigError(f"--core {spec}: repo {core.repo_id} not found (or private and no token with access)") from None
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+            raise ConfigError(
+                f"--core {spec}: not in the Hugging Face cache and the Hub cannot be reached ({type(error).__name__}); "
+                "download it once online (unset HF_HUB_OFFLINE) or pass a local core folder"
+            ) from None
+        folder = Path(snapshot) / core.folder
+    missing = [name for name in CORE_FILES if not (folder / name).exists()]
+    if missing:
+        raise ConfigError(f"--core {spec}: {folder} has no {', '.join(missing)}; is it a DMSAE run's core folder?")
+    return folder
+

@@ -2,7 +2,8 @@
 
 Public API:
 
-- :class:`DataConfig`: which dataset, which text column, context length, BOS / EOS / padding.
+- Its settings are ``trainer.config.DataConfig``: which dataset, which text column, context length,
+  BOS / EOS / padding.
 - :func:`packed_contexts` ``(tokenizer, cfg, start=0, count=None, sharding=None)``: the dataset's
   documents tokenized and packed into contexts of exactly ``cfg.context_length`` tokens, yielded as
   :class:`PackedContext` (global index, token ids, loss mask). Context ``i`` is always the same

@@ -9,17 +9,17 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from hub_cards.publish import resolve_core, run_repo_id, sae_repo_id
 from modeling_dmsae.configuration_dmsae import hook_layer_index
 from trainer.config import DistillConfig
 from trainer.errors import ConfigError, CorruptRunFileError
 from trainer.harvest.base_model import base_model_width
 from trainer.harvest.cache import shard_count
-from trainer.harvest.hub_access import dataset_on_hub, hub_unreachable, model_on_hub
+from trainer.harvest.hub_access import dataset_on_hub, hub_unreachable, model_on_hub, resolve_core
 from trainer.harvest.text_corpus import load_text_dataset
 from trainer.pipeline.cores import check_compatible, load_core, read_cycle0_checkpoint
+from trainer.run.hub_names import run_repo_id, sae_repo_id
 from trainer.run.layout import RunDirectory
-from trainer.run.plan import batch_shape, cycle0_sae_config, final_runs, planned_processes
+from trainer.run.stages import batch_shape, cycle0_sae_config, final_saes, planned_processes
 
 
 def known_core_size(config: DistillConfig) -> int | None:
@@ -38,12 +38,12 @@ def check_hook_layer(config: DistillConfig) -> int:
 
 
 def _final_sae_configs(config: DistillConfig, d_in: int, core_size: int | None):
-    """(final run, its core size, a function building the DMSAE configuration it will have) for
+    """(final SAE, its core size, a function building the DMSAE configuration it will have) for
     every final SAE: a core of ``core_size`` latents (none when the size is not known yet)."""
     base = cycle0_sae_config(config, d_in)
-    for run in final_runs(config):
-        c = 0 if run.core == "none" else core_size or 0
-        yield run, c, lambda c=c, run=run: base.with_core([[0, j] for j in range(c)], cycle=1, k=run.k, variant=run.variant)
+    for final in final_saes(config):
+        c = (core_size or 0) if final.kind.has_core else 0
+        yield final, c, lambda c=c, final=final: base.with_core([[0, j] for j in range(c)], cycle=1, k=final.k, variant=final.variant)
 
 
 def check_sparsities(config: DistillConfig, d_in: int) -> None:
@@ -55,13 +55,13 @@ def check_sparsities(config: DistillConfig, d_in: int) -> None:
     except ValueError as error:
         raise ConfigError(f"--cycles.k {config.cycles.k} with --dictionary.num_latents {K}: {error}") from None
     core_size = known_core_size(config)
-    for run, c, build in _final_sae_configs(config, d_in, core_size):
+    for final, c, build in _final_sae_configs(config, d_in, core_size):
         try:
             build()
         except ValueError as error:
-            core = f"a core of {c} latents" if core_size is not None or run.core == "none" else "the smallest possible core"
+            core = f"a core of {c} latents" if core_size is not None or not final.kind.has_core else "the smallest possible core"
             raise ConfigError(
-                f"--transfer.ks {run.k} ({run.name}) is impossible with --dictionary.num_latents {K} and {core}: {error}. "
+                f"--transfer.ks {final.k} ({final.name}) is impossible with --dictionary.num_latents {K} and {core}: {error}. "
                 "Lower --transfer.ks or raise --dictionary.num_latents"
             ) from None
 
@@ -71,13 +71,13 @@ def check_hub_names(config: DistillConfig, d_in: int) -> None:
     days of training rather than at the first push."""
     if not config.hub.repo_id:
         return
-    run_repo = run_repo_id(config.hub, Path(config.run.output_dir))
-    for run, _, build in _final_sae_configs(config, d_in, known_core_size(config)):
+    run_repo = run_repo_id(config.hub, RunDirectory(config.run.output_dir))
+    for final, _, build in _final_sae_configs(config, d_in, known_core_size(config)):
         try:
-            sae_repo_id(build(), run.core, run.seed, run_repo, config.hub)
+            sae_repo_id(build(), final.kind, final.seed, run_repo, config.hub)
         except ValueError as error:
             raise ConfigError(
-                f"--hub.sae_repo_pattern {config.hub.sae_repo_pattern!r} makes an invalid repo id for {run.name}: {error}"
+                f"--hub.sae_repo_pattern {config.hub.sae_repo_pattern!r} makes an invalid repo id for {final.name}: {error}"
             ) from None
 
 

@@ -4,7 +4,6 @@ cycle-0 SAE."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,27 +13,11 @@ from modeling_dmsae.convert_checkpoints import from_checkpoint
 from trainer.config import DistillConfig
 from trainer.errors import ConfigError, CorruptRunFileError
 from trainer.run.files import read_json, require_files, write_json
+from trainer.run.kinds import Core
 from trainer.run.layout import CORE_DIRECTIONS, CORE_FILES, CORE_JSON, CYCLE_FILES
-from trainer.run.plan import cycle0_sae_config
+from trainer.run.stages import cycle0_sae_config
 from trainer.sae.selection import CoreSelection
 from trainer.sae.training import check_finite_weights
-
-
-class Core(NamedTuple):
-    """A core to freeze into the next SAE: encoder directions [c, d] and their lineage."""
-
-    directions: torch.Tensor
-    lineage: list[list[int]]
-
-
-def random_core(like: Core, cycle: int, seed: int) -> Core:
-    """The Figure-3 control: as many random directions as ``like`` has, each with the norm of the
-    distilled row it stands in for (uniform on the sphere, then scaled), so the directions are the
-    only difference; their lineage says they were born in ``cycle``."""
-    generator = torch.Generator().manual_seed(seed)
-    directions = torch.nn.functional.normalize(torch.randn(like.directions.shape, generator=generator), dim=-1)
-    norms = like.directions.float().norm(dim=-1, keepdim=True)
-    return Core((directions * norms).to(like.directions.dtype), [[cycle, j] for j in range(len(like.lineage))])
 
 
 def save_core(folder: Path, cycle: int, selection: CoreSelection, model: DMSAEModel, config: DistillConfig) -> None:

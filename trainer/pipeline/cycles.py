@@ -8,13 +8,11 @@ from __future__ import annotations
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
-from hub_cards.publish import push_cycle
 from modeling_dmsae import DMSAEModel
 from trainer.errors import ConfigError
-from trainer.harvest.run_data import RunData
+from trainer.harvest.harvested import Harvest
 from trainer.pipeline.context import RunContext
 from trainer.pipeline.cores import (
-    Core,
     check_compatible,
     load_core,
     load_finished_cycle,
@@ -25,59 +23,62 @@ from trainer.pipeline.cores import (
 from trainer.pipeline.evaluation import evaluate, save_stage
 from trainer.pipeline.training import train_stage
 from trainer.run.files import atomic_folder, read_json
+from trainer.run.kinds import Core
 from trainer.run.layout import CORE_JSON, cycle_stage
-from trainer.run.plan import cycle0_sae_config, stage_seed
+from trainer.run.metrics_file import SAEMetrics
+from trainer.run.stages import cycle0_sae_config, stage_seed
 from trainer.sae.selection import CoreSelection, distilled_core, select_core
 
 
-def select(run: RunContext, sae: DMSAEModel, data: RunData) -> CoreSelection:
+def select(run: RunContext, sae: DMSAEModel, harvest: Harvest) -> CoreSelection:
     """Algorithm 2 on the main process, shared with every process (identical cores everywhere)."""
     result = [None]
     if run.is_main:
         c = run.config.cycles
-        result[0] = select_core(sae, data.attribution_x, data.attribution_g, c.quantile, c.tau, c.batch_size)
+        result[0] = select_core(sae, harvest.attribution_x, harvest.attribution_g, c.quantile, c.tau, c.batch_size)
     return broadcast_object_list(result)[0]
 
 
-def cycle_zero(run: RunContext, data: RunData) -> tuple[DMSAEModel, bool]:
+def cycle_zero(run: RunContext, harvest: Harvest) -> tuple[DMSAEModel, bool]:
     """(cycle-0 SAE, whether it still needs training): an imported checkpoint, or a fresh c = 0 SAE."""
     checkpoint = run.config.cycles.cycle0_checkpoint
     if checkpoint:
         model = read_cycle0_checkpoint(checkpoint)
-        check_compatible(model.config, data.d_in, data.hook_layer, run.config)
+        check_compatible(model.config, harvest.d_in, harvest.hook_layer, run.config)
         return with_run_settings(model, run.config), False
-    sae_config = cycle0_sae_config(run.config, data.d_in)
-    sae_config.normalization_factor = data.normalization_factor
+    sae_config = cycle0_sae_config(run.config, harvest.d_in)
+    sae_config.normalization_factor = harvest.normalization_factor
     return DMSAEModel(sae_config), True
 
 
-def train_cycle(run: RunContext, t: int, model: DMSAEModel, needs_training: bool, data: RunData) -> tuple[DMSAEModel, list[int]]:
+def train_cycle(run: RunContext, t: int, model: DMSAEModel, needs_training: bool, harvest: Harvest) -> tuple[DMSAEModel, list[int]]:
     """Train cycle t's SAE (Algorithm 1), select C(t) (Algorithm 2), evaluate, save; returns the
     trained SAE and C(t)."""
     stage, folder = cycle_stage(t), run.paths.cycle(t)
     training_metrics = {}
     if needs_training:
         with run.timer.timed("cycle training"):
-            model, training_metrics = train_stage(run, stage, model, run.config.cycles.tokens_per_cycle, data)
+            model, training_metrics = train_stage(run, stage, model, run.config.cycles.tokens_per_cycle, harvest)
     with run.timer.timed("attribution"):
-        selection = select(run, model, data)
+        selection = select(run, model, harvest)
     with run.timer.timed("evaluation"):
-        metrics, evidence = evaluate(run, model, data, stage)
+        metrics, evidence = evaluate(run, model, harvest, stage)
     c = model.config.core_size
-    metrics.update(
-        core_size=c,
-        k_noncore=model.config.k_noncore,
-        selected_core_size=len(selection.selected),
-        carry_over=sum(j < c for j in selection.selected) / c if c else float("nan"),
+    metrics = SAEMetrics({
+        **metrics,
+        "core_size": c,
+        "k_noncore": model.config.k_noncore,
+        "selected_core_size": len(selection.selected),
+        "carry_over": sum(j < c for j in selection.selected) / c if c else float("nan"),
         **training_metrics,
-    )
+    })  # fmt: skip
     save_stage(run, folder, model, metrics, lambda partial: save_core(partial, t, selection, model, run.config), evidence)
     run.finish_stage(stage)
-    run.publish(lambda: push_cycle(run.paths.root, t, run.config.hub))
+    run.publish(lambda publisher: publisher.push_cycle(t))
     return model, selection.selected
 
 
-def distill(run: RunContext, data: RunData) -> Core:
+def distill(run: RunContext, harvest: Harvest) -> Core:
     """Cycles 0..T, then C* = C(T) ∩ C(T-1)."""
     previous: tuple[DMSAEModel, list[int]] | None = None
     for t in range(run.config.cycles.num_cycles + 1):
@@ -89,11 +90,11 @@ def distill(run: RunContext, data: RunData) -> Core:
             continue
         set_seed(stage_seed(run.config, cycle_stage(t)))
         if previous is None:
-            model, needs_training = cycle_zero(run, data)
+            model, needs_training = cycle_zero(run, harvest)
         else:
-            model, needs_training = previous[0].next_cycle(previous[1], normalization_factor=data.normalization_factor), True
+            model, needs_training = previous[0].next_cycle(previous[1], normalization_factor=harvest.normalization_factor), True
             previous = None  # cycle t-1's SAE is done once its core is copied: not kept through cycle t
-        previous = train_cycle(run, t, model.to(run.accelerator.device), needs_training, data)
+        previous = train_cycle(run, t, model.to(run.accelerator.device), needs_training, harvest)
     return save_distilled_core(run, *previous)
 
 

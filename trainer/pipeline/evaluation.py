@@ -10,9 +10,10 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from modeling_dmsae import DMSAEModel
-from trainer.harvest.run_data import RunData
+from trainer.harvest.harvested import Harvest
 from trainer.pipeline.context import RunContext
 from trainer.run.files import atomic_folder, write_bytes, write_json
+from trainer.run.metrics_file import SAEMetrics
 from trainer.run.layout import EVIDENCE_JSON, EVIDENCE_TENSORS, FIRING_FREQUENCIES, METRICS_JSON
 from trainer.sae import evidence as latent_evidence
 from trainer.sae.evidence import EvidenceStream, FiringCounts, LatentEvidence, top_logit_effects
@@ -20,7 +21,7 @@ from trainer.sae.metrics import downstream_loss_metrics, reconstruction_metrics
 
 
 def evaluate(
-    run: RunContext, sae: DMSAEModel, data: RunData, name: str, per_latent_evidence: bool = False
+    run: RunContext, sae: DMSAEModel, harvest: Harvest, name: str, per_latent_evidence: bool = False
 ) -> tuple[dict[str, float], dict | None]:
     """Held-out metrics of one SAE (inference mode), and from the same pass the files
     :func:`save_stage` writes beside it: its firing frequencies, and with ``per_latent_evidence``
@@ -29,15 +30,15 @@ def evaluate(
         return {}, None
     sae.eval()
     batch_size = run.config.cycles.batch_size
-    batches = tqdm(data.held_out_batches(batch_size), desc=f"evaluate {name}", total=len(data.held_out) // batch_size + 1)
+    batches = tqdm(harvest.held_out_batches(batch_size), desc=f"evaluate {name}", total=len(harvest.held_out) // batch_size + 1)
     stream = (EvidenceStream if per_latent_evidence else FiringCounts)(sae.config.num_latents, sae.W_dec.device)
     metrics = reconstruction_metrics(sae, batches, stream.add)
     metrics.update(
-        downstream_loss_metrics(sae, data.base_model, data.hook_module, data.ce_input_ids, data.ce_loss_mask, data.ce_clean, data.ce_zero_ablated)
+        downstream_loss_metrics(sae, harvest.base_model, harvest.hook_module, harvest.ce_input_ids, harvest.ce_loss_mask, harvest.ce_clean, harvest.ce_zero_ablated)
     )
     if per_latent_evidence:
-        effect = top_logit_effects(sae, data.base_model)
-        files = evidence_files(stream.finish(sae, data.held_out, data.held_out_slots, data.held_out_tokens, effect), data.tokenizer)
+        effect = top_logit_effects(sae, harvest.base_model)
+        files = evidence_files(stream.finish(sae, harvest.held_out, harvest.held_out_slots, harvest.held_out_tokens, effect), harvest.tokenizer)
     else:
         files = {FIRING_FREQUENCIES: save({"firing_frequency": stream.firing_frequency()})}
     sae.train()
@@ -68,14 +69,14 @@ def evidence_files(evidence: LatentEvidence, tokenizer) -> dict[str, bytes]:
 
 
 def save_stage(
-    run: RunContext, folder: Path, sae: DMSAEModel, metrics: dict, extra: Callable[[Path], None] | None = None, evidence: dict | None = None
+    run: RunContext, folder: Path, sae: DMSAEModel, metrics: SAEMetrics, extra: Callable[[Path], None] | None = None, evidence: dict | None = None
 ) -> None:
     """Write an SAE's stage folder whole: save_pretrained, metrics.json, its evidence files and any ``extra`` files."""
 
     def write() -> None:
         with atomic_folder(folder) as partial:
             sae.save_pretrained(partial)
-            write_json(partial / METRICS_JSON, metrics)
+            metrics.write(partial / METRICS_JSON)
             for name, content in (evidence or {}).items():
                 (write_json if isinstance(content, dict) else write_bytes)(partial / name, content)
             if extra is not None:

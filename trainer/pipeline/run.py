@@ -13,31 +13,32 @@ from __future__ import annotations
 
 from accelerate import Accelerator
 
-from hub_cards.publish import build_hub_folders, push_run, resolve_core
 from trainer.config import DistillConfig
-from trainer.harvest.run_data import RunData, prepare_run_data
-from trainer.pipeline.context import RunContext
-from trainer.pipeline.cores import Core, load_core
+from trainer.harvest.harvested import Harvest, prepare_harvest
+from trainer.harvest.hub_access import resolve_core
+from trainer.pipeline.context import Publisher, RunContext
+from trainer.pipeline.cores import load_core
 from trainer.pipeline.cycles import distill
 from trainer.pipeline.transfer import transfer
 from trainer.report.summary import write_report
 from trainer.run.files import write_json
+from trainer.run.kinds import Core
 from trainer.run.resume import start_run
 
 
 class DistillationRun:
-    def __init__(self, config: DistillConfig, accelerator: Accelerator):
-        self.context = RunContext.create(config, accelerator)
+    def __init__(self, config: DistillConfig, accelerator: Accelerator, publisher: Publisher | None = None):
+        self.context = RunContext.create(config, accelerator, publisher)
 
     def run(self) -> None:
         """The run's table of contents."""
-        data = self.harvest()
-        core = self.distilled_core(data)
-        transfer(self.context, core, data)
+        harvest = self.harvest()
+        core = self.distilled_core(harvest)
+        transfer(self.context, core, harvest)
         self.report()
         self.publish()
 
-    def harvest(self) -> RunData:
+    def harvest(self) -> Harvest:
         """Load the base model and harvest (or reopen) the activation caches, the attribution sample
         and the held-out data; refuses a resume whose changed settings finished work depends on."""
         run = self.context
@@ -46,15 +47,15 @@ class DistillationRun:
         run.accelerator.wait_for_everyone()
         # On a resume after the harvest, loading the model and reopening the caches is the restart's overhead.
         with run.timer.timed("restart overhead" if harvested_before else "harvest"):
-            data = prepare_run_data(run.config, run.accelerator, run.paths, after_shard=run.timer.save)
-        run.on_main(lambda: write_json(run.paths.harvest, data.positions))
-        return data
+            harvest = prepare_harvest(run.config, run.accelerator, run.paths, after_shard=run.timer.save)
+        run.on_main(lambda: write_json(run.paths.harvest, harvest.positions))
+        return harvest
 
-    def distilled_core(self, data: RunData) -> Core:
+    def distilled_core(self, harvest: Harvest) -> Core:
         """C*: distilled by the cycles, or a saved one (--transfer.core)."""
         if self.context.config.transfer.core:
             return load_core(resolve_core(self.context.config.transfer.core))
-        return distill(self.context, data)
+        return distill(self.context, harvest)
 
     def report(self) -> None:
         """metrics.json, the figures and SUMMARY.md, and the summary on the terminal."""
@@ -67,5 +68,6 @@ class DistillationRun:
     def publish(self) -> None:
         """The Hub-ready folders, and the push when --push-to-hub names a repo."""
         run = self.context
-        run.on_main(lambda: build_hub_folders(run.paths.root, run.config.hub))
-        run.publish(lambda: push_run(run.paths.root, run.config.hub))
+        if run.publisher is not None:
+            run.on_main(run.publisher.build_folders)
+        run.publish(lambda publisher: publisher.push_run())

@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 
 from modeling_dmsae import DMSAEModel
 from trainer.errors import CorruptRunFileError
-from trainer.harvest.run_data import RunData
+from trainer.harvest.harvested import Harvest
 from trainer.pipeline.context import RunContext
 from trainer.run.logs import append_record, truncate_log
-from trainer.run.plan import batch_shape, calibration_batches, stage_seed, steps_for
+from trainer.run.stages import batch_shape, calibration_batches, stage_seed, steps_for
 from trainer.sae.training import NonFiniteTrainingError, SAETrainer, StepStats, TrainingCallback, check_finite_weights, fit
 
 
@@ -79,7 +79,7 @@ def stage_failure(stage: str, step: int, error: Exception, checkpoint: Path) -> 
     return type(error)(f"stage {stage}, step {step}: {error} ({kept}; finished stages are kept).{fix}")
 
 
-def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, data: RunData) -> tuple[DMSAEModel, dict[str, float]]:
+def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, harvest: Harvest) -> tuple[DMSAEModel, dict[str, float]]:
     """Train one SAE for ``tokens`` tokens, resuming from the stage's checkpoint when there is one;
     returns it calibrated, with what training alone can tell (how far its decoder moved from the
     start), and with the optimiser and everything Accelerate kept for it released."""
@@ -91,7 +91,7 @@ def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, dat
         trainer.load_checkpoint(checkpoint)
     if run.is_main:
         truncate_log(run.paths.log(stage), trainer.optimizer_steps)
-    batches = data.training_batches(shape, seed=stage_seed(config, stage, "/data"), start_step=trainer.steps_taken)
+    batches = harvest.training_batches(shape, seed=stage_seed(config, stage, "/data"), start_step=trainer.steps_taken)
     callbacks = [
         ProgressBar(stage, steps, trainer.steps_taken, run.accelerator.is_local_main_process),
         TrainingLog(run, stage, steps),
@@ -101,7 +101,7 @@ def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, dat
         fit(trainer, batches, steps, callbacks)
     except (FloatingPointError, CorruptRunFileError) as error:
         raise stage_failure(stage, trainer.steps_taken, error, checkpoint) from error
-    calibration = islice(data.training_batches(shape, seed=stage_seed(config, stage, "/calibration")), calibration_batches(config))
+    calibration = islice(harvest.training_batches(shape, seed=stage_seed(config, stage, "/calibration")), calibration_batches(config))
     # Never evaluate, save or push a NaN SAE (the step guard keeps training from making one).
     check_finite_weights(trainer.calibrate_threshold(calibration), stage)
     drift = {"decoder_cosine_to_init": trainer.decoder_cosine_to_init()}

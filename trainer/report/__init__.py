@@ -1,1 +1,2 @@
-"""What a run tells its reader: metrics.json, SUMMARY.md, the figures, and the --dry-run plan."""
+"""What a run tells its reader: the run's metrics.json, SUMMARY.md, the figures, the offline
+feature browser, and the --dry-run plan. Reads the run folder; imports sae/ and below."""

@@ -29,7 +29,9 @@ from safetensors.torch import load_file
 
 from modeling_dmsae import DMSAEConfig
 from trainer.run.files import atomic_folder, read_json, write_text
+from trainer.run.kinds import KINDS
 from trainer.run.layout import BROWSER_INDEX, CORE_JSON, EVIDENCE_JSON, EVIDENCE_TENSORS, METRICS_JSON, RunDirectory, cycle_number
+from trainer.run.metrics_file import SAEMetrics
 
 SHARD_SIZE = 256
 SUMMARY_TOKENS = 3  # top tokens per latent in the summary (what search matches)
@@ -62,13 +64,13 @@ def core_lineage(paths: RunDirectory) -> list[dict]:
     ]
 
 
-def _final_saes(paths: RunDirectory) -> list[tuple[Path, dict, DMSAEConfig]]:
-    """The final SAEs that have evidence, ordered by family then k."""
+def _final_saes(paths: RunDirectory) -> list[tuple[Path, SAEMetrics, DMSAEConfig]]:
+    """The final SAEs that have evidence, ordered by kind (the registry's order), k and seed."""
     finals = []
     for folder in paths.transfers():
         if (folder / EVIDENCE_TENSORS).exists():
-            finals.append((folder, read_json(folder / METRICS_JSON), DMSAEConfig.from_pretrained(folder)))
-    return sorted(finals, key=lambda item: (item[1]["core"] != "distilled", item[1]["core"], item[2].variant, item[2].k))
+            finals.append((folder, SAEMetrics.read(folder / METRICS_JSON), DMSAEConfig.from_pretrained(folder)))
+    return sorted(finals, key=lambda item: (list(KINDS).index(item[1].kind), item[2].k, item[1].seed))
 
 
 def _summary(evidence: dict[str, torch.Tensor]) -> list[list]:
@@ -134,18 +136,19 @@ def build_browser(paths: RunDirectory) -> Path | None:
             contexts = evidence["context_tokens"] if contexts is None else contexts
             # Which core latent of the run each of this SAE's core latents is (random cores: none).
             core_latents = {keys[tuple(key)]: j for j, key in enumerate(config.core_lineage) if tuple(key) in keys}
-            if metrics["core"] != "distilled":
+            if not metrics.sae_kind.keeps_distilled_core:
                 core_latents = {}
             saes.append(
                 {
                     "name": folder.name,
                     "k": config.k,
-                    "variant": config.variant,
-                    "core": metrics["core"],
+                    "kind": metrics.kind,
+                    "label": metrics.sae_kind.label,
                     "core_size": config.core_size,
                     "num_latents": config.num_latents,
                     "fve": metrics.get("fve"),
                     "l0": metrics.get("l0"),
+                    "seed": metrics.seed,
                     "core_latents": core_latents,
                     "quantiles": settings["quantiles"],
                     "top_n": settings["top_n"],

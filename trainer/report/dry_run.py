@@ -2,7 +2,7 @@
 the stages, the base-model passes, the cache's disk per process, memory per process, and the
 wall time per stage estimated from throughputs measured by ``bench/bench_throughputs.py`` on the
 same kind of device (``trainer/report/throughputs.json``, shipped with the package; a kind or base
-model never measured is said so). What the run trains comes from ``trainer.run.plan``."""
+model never measured is said so). What the run trains comes from ``trainer.run.stages``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from modeling_dmsae import DMSAEConfig
 from trainer.config import DistillConfig
 from trainer.harvest.base_model import base_model_width, pretrained_source
 from trainer.run.files import read_json
-from trainer.run.plan import batch_shape, cycle0_sae_config, final_runs, planned_processes, steps_for
+from trainer.run.metrics_file import METRICS
+from trainer.run.stages import batch_shape, cycle0_sae_config, final_saes, planned_processes, steps_for
 from trainer.sae import evidence
 
 GIB = 1024**3
@@ -40,7 +41,7 @@ def describe_plan(config: DistillConfig, d_in: int | None = None, skipped: Seque
     d_in = d_in or config.dictionary.d_in or base_model_width(config.model)
     sae = cycle0_sae_config(config, d_in)
     shape = batch_shape(config, planned_processes(config))
-    finals = final_runs(config)
+    finals = final_saes(config)
 
     def stage(tokens: int) -> str:
         steps = steps_for(tokens, config) // shape.accumulation
@@ -67,7 +68,8 @@ def describe_plan(config: DistillConfig, d_in: int | None = None, skipped: Seque
             f"  distilled core  C* = C({config.cycles.num_cycles}) ∩ C({config.cycles.num_cycles - 1})",
         ]
     lines.append(f"  transfer        {len(finals)} SAE(s), {stage(config.transfer.tokens)} each:")
-    lines += [f"                    {run.name} (k = {run.k}, {run.variant}, core: {run.core})" for run in finals]
+    lines += [f"                    {final.name} ({final.kind.label}, k = {final.k}, {final.variant})" for final in finals]
+    lines.append(f"  metrics         held-out, of every SAE: {', '.join(m.column for m in METRICS.values() if m.measured)}")
     if config.hub.repo_id:
         lines.append(f"  hub             {config.hub.repo_id} (one tag per cycle), finals as {config.hub.sae_repo_pattern}")
     lines += [f"  not checked     {note}" for note in skipped]
@@ -192,7 +194,7 @@ def describe_costs(config: DistillConfig, d_in: int, model_config_read: bool = T
     train_positions = len(ranges.train) * context
     attribution_positions = len(ranges.attribution) * context
     held_out_contexts = max(math.ceil(config.eval.tokens / context), config.eval.ce_contexts)
-    finals = final_runs(config)
+    finals = final_saes(config)
     trained_cycles, _ = cycle_counts(config)
     streamed = config.run.stream_activations
     lines = [f"cost plan       {processes} process(es) of kind {kind}"]
@@ -282,7 +284,7 @@ def estimate_stage_times(config: DistillConfig, d_in: int, processes: int, kind:
         return steps_for(tokens, config) * figures["step_s"] + calibration_tokens * figures["calibration_s_per_token"], figures
 
     cycle = sae_time(config.cycles.k, config.cycles.tokens_per_cycle)
-    transfers = [sae_time(run.k, config.transfer.tokens) for run in final_runs(config)]
+    transfers = [sae_time(final.k, config.transfer.tokens) for final in final_saes(config)]
     if cycle is None or None in transfers:
         stages["SAE training"] = (
             f"not estimated: no SAE step measured on {kind} within {MAX_SCALING}x of d = {d_in}, "

@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from trainer.report.spreads import Spread, spread  # noqa: E402
+from trainer.run.kinds import KINDS  # noqa: E402
 from trainer.run.files import atomic_path  # noqa: E402
 
 
@@ -49,13 +50,15 @@ def core_lineage_figure(core_origins: Sequence[Sequence[int]], path: Path) -> Pa
 class CoreCurve(NamedTuple):
     """L0_core during the training of one final SAE."""
 
-    kind: str  # "distilled core" or "random core"
+    kind: str  # the kind's label (trainer.run.kinds)
     seed: int
     steps: Sequence[int]
     values: Sequence[float]
 
 
-CORE_COLORS = {"distilled core": "tab:blue", "random core": "tab:red"}
+# Colour and marker of each kind's series, by its label (the registry's order is the legend's).
+STYLES = {kind.label: (kind.color, kind.marker) for kind in KINDS.values()}
+DEFAULT_STYLE = ("tab:green", None)  # the cycles
 
 
 def l0_core_figure(curves: Sequence[CoreCurve], path: Path) -> Path:
@@ -67,7 +70,7 @@ def l0_core_figure(curves: Sequence[CoreCurve], path: Path) -> Path:
     for curve in curves:
         n = seeds.index(curve.seed)
         label = curve.kind + (f", seed {curve.seed}" if len(seeds) > 1 else "")
-        axis.plot(curve.steps, curve.values, color=CORE_COLORS.get(curve.kind), linestyle=styles[n % len(styles)], label=label)
+        axis.plot(curve.steps, curve.values, color=STYLES.get(curve.kind, DEFAULT_STYLE)[0], linestyle=styles[n % len(styles)], label=label)
     axis.set_xlabel("training step")
     axis.set_ylabel("L0 core (active core latents per token)")
     axis.set_title("Core usage during training: distilled vs random core" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
@@ -92,7 +95,7 @@ def dictionary_movement_figure(curves: Sequence[MovementCurve], path: Path) -> P
     figure, axis = plt.subplots(figsize=(7, 4))
     labelled = set()
     for curve in curves:
-        color = FAMILY_STYLES.get(curve.label, ("tab:green", None))[0]
+        color = STYLES.get(curve.label, DEFAULT_STYLE)[0]
         axis.plot(curve.steps, curve.values, color=color, alpha=0.7, linewidth=1, label=None if curve.label in labelled else curve.label)
         labelled.add(curve.label)
     axis.axhline(0.5, color="gray", linestyle=":", linewidth=1)
@@ -121,7 +124,7 @@ def coverage_figure(curves: dict[str, Sequence[float]], tau: float, path: Path) 
 class SparsityPoint(NamedTuple):
     """One evaluated SAE on the sparsity-fidelity plane."""
 
-    family: str  # e.g. "DMSAE (dense core)", "Matryoshka baseline"
+    family: str  # the kind's label (trainer.run.kinds)
     k: int
     l0: float
     l0_noncore: float
@@ -129,12 +132,6 @@ class SparsityPoint(NamedTuple):
     fve: float
 
 
-FAMILY_STYLES = {
-    "DMSAE (dense core)": ("tab:blue", "o"),
-    "DMSAE (sparse core)": ("tab:purple", "s"),
-    "Matryoshka baseline": ("tab:gray", "^"),
-    "random core": ("tab:red", "x"),
-}
 
 
 def sparsity_fidelity_figure(points: Sequence[SparsityPoint], path: Path) -> Path:
@@ -147,7 +144,7 @@ def sparsity_fidelity_figure(points: Sequence[SparsityPoint], path: Path) -> Pat
     for row, (metric, metric_label) in enumerate(panels):
         for col, (x_name, x_label) in enumerate([("l0", "L0 (global, Eq. 9)"), ("l0_noncore", "L0 non-core")]):
             axis = axes[row][col]
-            for family, (color, marker) in FAMILY_STYLES.items():
+            for family, (color, marker) in STYLES.items():
                 ks = sorted({p.k for p in points if p.family == family})
                 if not ks:
                     continue

@@ -29,14 +29,14 @@ from trainer.report.figures import (
     sparsity_fidelity_figure,
 )
 from trainer.report.spreads import spread, verdict
-from trainer.run.files import read_json, write_json, write_text
+from trainer.run.files import read_json, write_text
+from trainer.run.kinds import BASELINE, DENSE_CORE, DMSAE, KINDS, RANDOM_CORE, SAEKind, kind_named
 from trainer.run.layout import BROWSER_FOLDER, BROWSER_INDEX, CORE_JSON, METRICS_JSON, RunDirectory, figure_file
 from trainer.run.logs import read_curve, read_records
-from trainer.run.plan import FinalRun, final_runs, seed_of
+from trainer.run.metrics_file import HIGHER, METRICS, RunMetrics, SAEMetrics
+from trainer.run.stages import FinalSAE, final_saes
 from trainer.sae.metrics import MATCH_COSINE, chance_max_cosine, decoder_consistency
 
-FAMILIES = {("distilled", "dense_core"): "DMSAE (dense core)", ("distilled", "sparse_core"): "DMSAE (sparse core)"}
-FAMILIES.update({("none", "dense_core"): "Matryoshka baseline", ("random", "dense_core"): "random core"})
 # Below this margin over random directions, a mean best match says nothing: it moves by a few
 # hundredths between unrelated dictionaries.
 CHANCE_MARGIN = 0.05
@@ -44,47 +44,46 @@ CHANCE_MARGIN = 0.05
 UNDERTRAINED_COSINE = 0.8
 
 
-def family(metrics: dict) -> str:
-    return FAMILIES[(metrics["core"], metrics["variant"])]
-
-
-def batchtopk_l0(metrics: dict) -> float:
+def batchtopk_l0(metrics: SAEMetrics, variant: str) -> float:
     """The measured L0 of the latents BatchTopK budgets (non-core for a dense core, all otherwise),
     to hold against its target ``k_noncore``."""
-    dense_core = metrics.get("variant", "dense_core") == "dense_core" and metrics.get("core_size", 0) > 0
-    return metrics["l0_noncore"] if dense_core else metrics["l0"]
+    return metrics["l0_noncore"] if variant == DENSE_CORE and metrics["core_size"] > 0 else metrics["l0"]
 
 
-def collect_metrics(paths: RunDirectory, runs: list[FinalRun]) -> dict:
-    """{"cycles": {name: metrics}, "transfer": {name: metrics}}."""
-    metrics = {"cycles": {}, "transfer": {}}
+def collect_metrics(paths: RunDirectory, finals: list[FinalSAE]) -> RunMetrics:
+    """Every finished SAE's metrics.json: the cycles', and the final SAEs' of this configuration."""
+    metrics = RunMetrics()
     for folder in paths.cycles():
-        metrics["cycles"][folder.name] = read_json(folder / METRICS_JSON)
-    for run in runs:
-        folder = paths.transfer(run.name)
+        metrics.cycles[folder.name] = SAEMetrics.read(folder / METRICS_JSON)
+    for final in finals:
+        folder = paths.transfer(final.name)
         if folder.exists():
-            metrics["transfer"][run.name] = read_json(folder / METRICS_JSON)
+            metrics.transfer[final.name] = SAEMetrics.read(folder / METRICS_JSON)
     return metrics
 
 
 # ---- feature consistency across sparsities --------------------------------------------------
 
 
-def consistency_across_sparsities(paths: RunDirectory, runs: list[FinalRun], core_size: int) -> list[dict]:
-    """Decoder-direction matches for every pair of final SAEs of one family and seed at different
-    k: the DMSAEs (dense core) and the baselines, whose first |C*| latents stand in for a core (the
-    start of the most nested prefix, where a Matryoshka SAE keeps its most general features)."""
+CONSISTENCY_KINDS = (DMSAE, BASELINE)
+"""The kinds compared across k: the DMSAEs (dense core) and the baselines, whose first |C*| latents
+stand in for a core (the start of the most nested prefix, where a Matryoshka SAE keeps its most
+general features)."""
+
+
+def consistency_across_sparsities(paths: RunDirectory, finals: list[FinalSAE], core_size: int) -> list[dict]:
+    """Decoder-direction matches for every pair of final SAEs of one kind and seed at different k
+    (CONSISTENCY_KINDS)."""
     results = []
-    for seed in sorted({r.seed for r in runs}):
-        for core in ("distilled", "none"):
-            members = sorted((r for r in runs if (r.core, r.variant, r.seed) == (core, "dense_core", seed)), key=lambda r: r.k)
-            members = [r for r in members if paths.transfer(r.name).exists()]
-            models = {r.name: DMSAEModel.from_pretrained(paths.transfer(r.name)) for r in members}
+    for seed in sorted({final.seed for final in finals}):
+        for kind in CONSISTENCY_KINDS:
+            members = sorted((f for f in finals if (f.kind, f.seed) == (kind, seed)), key=lambda f: f.k)
+            members = [f for f in members if paths.transfer(f.name).exists()]
+            models = {f.name: DMSAEModel.from_pretrained(paths.transfer(f.name)) for f in members}
             for a, b in combinations(members, 2):
                 match = decoder_consistency(models[a.name], models[b.name], core_size)
                 chance = chance_max_cosine(models[b.name])
-                family_name = FAMILIES[(core, "dense_core")]
-                results.append({"family": family_name, "k_a": a.k, "k_b": b.k, "seed": seed, **match, "chance_mean_max_cosine": chance})
+                results.append({"family": kind.label, "k_a": a.k, "k_b": b.k, "seed": seed, **match, "chance_mean_max_cosine": chance})
     return results
 
 
@@ -97,31 +96,37 @@ class CoreUsage(NamedTuple):
     held_out: float  # L0_core on held-out tokens, inference threshold
 
 
-def _core_usage(paths: RunDirectory, run: FinalRun, metrics: dict) -> CoreUsage | None:
-    _, curve = read_curve(paths.log(run.stage), "l0_core")
-    if not curve or run.name not in metrics:
+def _core_usage(paths: RunDirectory, final: FinalSAE, metrics: dict[str, SAEMetrics]) -> CoreUsage | None:
+    _, curve = read_curve(paths.log(final.stage), "l0_core")
+    if not curve or final.name not in metrics:
         return None
     tenth = max(1, len(curve) // 10)
-    return CoreUsage(sum(curve[:tenth]) / tenth, sum(curve[-tenth:]) / tenth, metrics[run.name]["l0_core"])
+    return CoreUsage(sum(curve[:tenth]) / tenth, sum(curve[-tenth:]) / tenth, metrics[final.name]["l0_core"])
 
 
-def _core_biases(paths: RunDirectory, run: FinalRun) -> str:
+def _core_biases(paths: RunDirectory, final: FinalSAE) -> str:
     """How many core encoder biases ended positive, and their mean: in the dense-core variant nothing
     penalises core activity, so a positive bias lets a core latent fire on most tokens."""
-    sae = DMSAEModel.from_pretrained(paths.transfer(run.name))
+    sae = DMSAEModel.from_pretrained(paths.transfer(final.name))
     core = sae.b_enc.detach()[: sae.config.core_size]
     return f"{int((core > 0).sum())} of {len(core)} positive (mean {float(core.mean()):+.3f})"
 
 
-def _seed_pairs(paths: RunDirectory, config: DistillConfig, transfer_metrics: dict) -> list[tuple[FinalRun, FinalRun, CoreUsage, CoreUsage]]:
+FIGURE3_CONTROL = RANDOM_CORE
+"""The paper's Figure-3 control, against the kind it controls."""
+
+
+def _seed_pairs(
+    paths: RunDirectory, config: DistillConfig, transfer_metrics: dict[str, SAEMetrics]
+) -> list[tuple[FinalSAE, FinalSAE, CoreUsage, CoreUsage]]:
     """Per seed with both SAEs finished: the distilled and the random core at the distillation k,
     and their core usage."""
     pairs = []
     for seed in config.transfer.seeds:
-        runs = [FinalRun.of(config.cycles.k, "dense_core", core, seed) for core in ("distilled", "random")]
-        usage = [_core_usage(paths, run, transfer_metrics) for run in runs]
+        finals = [FinalSAE(kind, config.cycles.k, seed) for kind in (kind_named(FIGURE3_CONTROL.controls), FIGURE3_CONTROL)]
+        usage = [_core_usage(paths, final, transfer_metrics) for final in finals]
         if None not in usage:
-            pairs.append((*runs, *usage))
+            pairs.append((*finals, *usage))
     return pairs
 
 
@@ -130,7 +135,7 @@ def _happened(event: str, negation: str, count: int, n: int) -> str:
     return (event if count else negation) if n == 1 else f"{event} in {count} of {n} seeds"
 
 
-def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics: dict) -> str | None:
+def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics: dict[str, SAEMetrics]) -> str | None:
     """Figure 3 in words: did the random core's L0_core fall during training, and did the distilled
     core end above it, seed by seed; and their held-out fidelity with its spread over seeds.
     Measured, never tuned for."""
@@ -172,7 +177,7 @@ def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics
 # ---- figures -----------------------------------------------------------------------------------
 
 
-def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: dict, consistency: list[dict]) -> list[Path]:
+def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: RunMetrics) -> list[Path]:
     figures = []
     cores = [read_json(folder / CORE_JSON) for folder in paths.cycles()]
     if cores:
@@ -181,31 +186,31 @@ def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: dict, cons
         curves = {f"cycle {core['cycle']}": core["coverage_curve"] for core in cores}
         figures.append(coverage_figure(curves, config.cycles.tau, paths.figure("coverage_curve")))
     curves = [
-        CoreCurve(f"{run.core} core", run.seed, *read_curve(paths.log(run.stage), "l0_core"))
-        for pair in _seed_pairs(paths, config, metrics["transfer"]) for run in pair[:2]
+        CoreCurve(final.kind.label, final.seed, *read_curve(paths.log(final.stage), "l0_core"))
+        for pair in _seed_pairs(paths, config, metrics.transfer) for final in pair[:2]
     ]  # fmt: skip
     if curves:
         figures.append(l0_core_figure(curves, paths.figure("l0_core")))
     points = [
-        SparsityPoint(family(m), m["k"], m["l0"], m["l0_noncore"], m["loss_recovered"], m["fve"])
-        for m in metrics["transfer"].values()
+        SparsityPoint(m.sae_kind.label, m.k, m["l0"], m["l0_noncore"], m["loss_recovered"], m["fve"])
+        for m in metrics.transfer.values()
     ]
     if points:
         figures.append(sparsity_fidelity_figure(points, paths.figure("sparsity_fidelity")))
-    if consistency:
-        figures.append(consistency_figure(consistency_bars(consistency), paths.figure("consistency")))
-    movement = movement_curves(paths, metrics["transfer"])
+    if metrics.consistency:
+        figures.append(consistency_figure(consistency_bars(metrics.consistency), paths.figure("consistency")))
+    movement = movement_curves(paths, metrics.transfer)
     if movement:
         figures.append(dictionary_movement_figure(movement, paths.figure("dictionary_movement")))
     return figures
 
 
-def movement_curves(paths: RunDirectory, transfer: dict) -> list[MovementCurve]:
+def movement_curves(paths: RunDirectory, transfer: dict[str, SAEMetrics]) -> list[MovementCurve]:
     """Every trained SAE's logged decoder movement (cycles, then the final SAEs); logs written
     before the trainer logged it are skipped."""
     stages = [(folder.name, "cycle", read_json(folder / "config.json")["k"], 0) for folder in paths.cycles()]
     stages += [
-        (run.stage, family(m), run.k, run.seed) for m in transfer.values() for run in [FinalRun.from_metrics(m)]
+        (final.stage, final.kind.label, final.k, final.seed) for m in transfer.values() for final in [FinalSAE.from_metrics(m)]
     ]
     curves = []
     for stage, label, k, seed in stages:
@@ -243,85 +248,89 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _moved(metrics: dict) -> str:
-    """The median trainable decoder row's cosine with its initialisation ("" for an imported SAE)."""
-    return f"{metrics['decoder_cosine_to_init']:.2f}" if "decoder_cosine_to_init" in metrics else ""
+def _cell(metrics: SAEMetrics, key: str) -> str:
+    """A metric as the report writes it; "" where the SAE has none (an imported cycle 0 has no
+    decoder movement, a cycle without a frozen core no carry-over)."""
+    value = metrics.get(key)
+    return "" if value is None or value != value else METRICS[key].show(value)
 
 
-def cycles_table(cycles: dict) -> str:
-    rows = [
-        [
-            name, str(m["core_size"]), str(m["selected_core_size"]),
-            "" if m["core_size"] == 0 else f"{m['carry_over']:.2f}",
-            f"{m['fve']:.3f}", f"{m['l0_core']:.1f}", f"{batchtopk_l0(m):.1f} / {m['k_noncore']}",
-            f"{m['dead_fraction']:.1%}", f"{m['loss_recovered']:.3f}", _moved(m),
-        ]
-        for name, m in cycles.items()
-    ]  # fmt: skip
-    header = ["cycle", "frozen core c", "selected C(t)", "carry-over", "FVE", "L0 core", "BatchTopK L0 / target", "dead", "loss recovered", "dec. cos to init"]
-    return _table(header, rows)
+def _batchtopk_cell(metrics: SAEMetrics, variant: str) -> str:
+    return f"{batchtopk_l0(metrics, variant):.1f} / {metrics['k_noncore']}"
 
 
-FAMILY_ORDER = list(FAMILIES.values())
+BATCHTOPK_COLUMN = "BatchTopK L0 / target"
+CYCLE_COLUMNS = ("fve", "l0_core", BATCHTOPK_COLUMN, "dead_fraction", "loss_recovered", "decoder_cosine_to_init")
+FINAL_COLUMNS = ("core_size", "l0_core", BATCHTOPK_COLUMN, "l0", "fve", "dead_fraction", "loss_recovered")
+FIDELITY = tuple(metric.key for metric in METRICS.values() if metric.better == HIGHER)
+"""The metrics a final SAE is compared with the baseline by (higher is better): FVE, loss recovered."""
 
 
-def finals_table(transfer: dict) -> str:
-    """One row per final SAE, by family (DMSAEs, sparse core, baselines, random core), k and seed;
-    each against the baseline at its k and seed."""
-    baselines = {(m["k"], seed_of(m)): m for m in transfer.values() if m["core"] == "none"}
+def _header(columns: tuple[str, ...]) -> list[str]:
+    return [METRICS[key].column if key in METRICS else key for key in columns]
+
+
+def _cells(metrics: SAEMetrics, columns: tuple[str, ...], variant: str) -> list[str]:
+    return [_batchtopk_cell(metrics, variant) if key == BATCHTOPK_COLUMN else _cell(metrics, key) for key in columns]
+
+
+def cycles_table(cycles: dict[str, SAEMetrics], variant: str) -> str:
+    """One row per cycle (``variant``: the cycles' masking, --cycles.variant)."""
+    identity = ("core_size", "selected_core_size", "carry_over")
+    rows = [[name, *(_cell(m, key) for key in identity), *_cells(m, CYCLE_COLUMNS, variant)] for name, m in cycles.items()]
+    return _table(["cycle", *_header(identity), *_header(CYCLE_COLUMNS)], rows)
+
+
+def _order(metrics: SAEMetrics) -> tuple[int, int, int]:
+    """The report's order of final SAEs: by kind (the registry's order), k and seed."""
+    return list(KINDS).index(metrics.kind), metrics.k, metrics.seed
+
+
+def finals_table(transfer: dict[str, SAEMetrics]) -> str:
+    """One row per final SAE, by kind, k and seed; each against the baseline at its k and seed."""
+    baselines = {(m.k, m.seed): m for m in transfer.values() if m.sae_kind is BASELINE}
     rows = []
-    order = lambda item: (FAMILY_ORDER.index(family(item[1])), item[1]["k"], seed_of(item[1]))  # noqa: E731
-    for name, m in sorted(transfer.items(), key=order):
-        base = baselines.get((m["k"], seed_of(m))) if m["core"] != "none" else None
-        versus = f"{m['loss_recovered'] - base['loss_recovered']:+.3f} / {m['fve'] - base['fve']:+.3f}" if base else ""
-        rows.append([
-            name, family(m), str(m["k"]), str(m["core_size"]), f"{m['l0_core']:.1f}",
-            f"{batchtopk_l0(m):.1f} / {m['k_noncore']}", f"{m['l0']:.1f}", f"{m['fve']:.3f}",
-            f"{m['dead_fraction']:.1%}", f"{m['loss_recovered']:.3f}", versus, _moved(m),
-        ])  # fmt: skip
-    header = [
-        "SAE", "family", "k", "c", "L0 core", "BatchTopK L0 / target", "L0", "FVE", "dead", "loss recovered",
-        "vs baseline: loss rec. / FVE", "dec. cos to init",
-    ]  # fmt: skip
-    return _table(header, rows)
+    for name, m in sorted(transfer.items(), key=lambda item: _order(item[1])):
+        base = baselines.get((m.k, m.seed)) if m.sae_kind is not BASELINE else None
+        versus = " / ".join(f"{m[key] - base[key]:+.3f}" for key in FIDELITY) if base else ""
+        cells = _cells(m, FINAL_COLUMNS, m.sae_kind.variant)
+        rows.append([name, m.sae_kind.label, str(m.k), *cells, versus, _cell(m, "decoder_cosine_to_init")])
+    versus_header = "vs baseline: " + " / ".join(METRICS[key].column for key in FIDELITY)
+    return _table(["SAE", "family", "k", *_header(FINAL_COLUMNS), versus_header, METRICS["decoder_cosine_to_init"].column], rows)
 
 
-SEED_METRICS = ("fve", "loss_recovered")  # the fidelity columns of the table over seeds
+def kinds_over_seeds(transfer: dict[str, SAEMetrics]) -> dict[tuple[SAEKind, int], dict[int, SAEMetrics]]:
+    """The final SAEs by (kind, k), each one's metrics by seed, in the report's order."""
+    kinds: dict[tuple[SAEKind, int], dict[int, SAEMetrics]] = {}
+    for m in sorted(transfer.values(), key=_order):
+        kinds.setdefault((m.sae_kind, m.k), {})[m.seed] = m
+    return kinds
 
 
-def kinds_over_seeds(transfer: dict) -> dict[tuple[str, int], dict[int, dict]]:
-    """The final SAEs by (family, k), each kind's metrics by seed, in the report's order."""
-    kinds: dict[tuple[str, int], dict[int, dict]] = {}
-    for m in transfer.values():
-        kinds.setdefault((family(m), m["k"]), {})[seed_of(m)] = m
-    return dict(sorted(kinds.items(), key=lambda item: (FAMILY_ORDER.index(item[0][0]), item[0][1])))
-
-
-def seeds_table(transfer: dict) -> str:
+def seeds_table(transfer: dict[str, SAEMetrics]) -> str:
     """Each kind of final SAE over its seeds (mean, and min to max), against the baseline at its k:
     the difference paired by seed, and whether the two kinds' ranges over seeds are apart."""
     kinds = kinds_over_seeds(transfer)
     rows = []
-    for (name, k), seeds in kinds.items():
-        base = kinds.get(("Matryoshka baseline", k), {}) if name != "Matryoshka baseline" else {}
-        row = [name, str(k), str(len(seeds)), spread(m["l0"] for m in seeds.values()).format(1)]
-        for metric in SEED_METRICS:
+    for (kind, k), seeds in kinds.items():
+        base = kinds.get((BASELINE, k), {}) if kind is not BASELINE else {}
+        row = [kind.label, str(k), str(len(seeds)), spread(m["l0"] for m in seeds.values()).format(1)]
+        for metric in FIDELITY:
             own = spread(m[metric] for m in seeds.values())
             paired = [m[metric] - base[s][metric] for s, m in seeds.items() if s in base]
             versus = f"{spread(paired).format(signed=True)}, {verdict(own, spread(m[metric] for m in base.values()))}" if paired else ""
             row += [own.format(), versus]
         row += [spread(m["dead_fraction"] * 100 for m in seeds.values()).format(1)]
-        row += [spread(m["decoder_cosine_to_init"] for m in seeds.values()).format(2) if all("decoder_cosine_to_init" in m for m in seeds.values()) else ""]
+        moved = all(m.has("decoder_cosine_to_init") for m in seeds.values())
+        row += [spread(m["decoder_cosine_to_init"] for m in seeds.values()).format(2) if moved else ""]
         rows.append(row)
-    header = [
-        "family", "k", "seeds", "L0", "FVE", "FVE vs baseline (paired by seed)", "loss recovered",
-        "loss rec. vs baseline (paired by seed)", "dead %", "dec. cos to init",
-    ]  # fmt: skip
+    fidelity = [name for key in FIDELITY for name in (METRICS[key].column, f"{METRICS[key].column} vs baseline (paired by seed)")]
+    header = ["family", "k", "seeds", "L0", *fidelity, "dead %", METRICS["decoder_cosine_to_init"].column]
     return _table(header, rows)
 
 
-def several_seeds(transfer: dict) -> bool:
-    return len({seed_of(m) for m in transfer.values()}) > 1
+def several_seeds(transfer: dict[str, SAEMetrics]) -> bool:
+    return len({m.seed for m in transfer.values()}) > 1
 
 
 def consistency_table(consistency: list[dict]) -> str:
@@ -338,7 +347,7 @@ def consistency_table(consistency: list[dict]) -> str:
     return _table(header, rows)
 
 
-def consistency_outcome(consistency: list[dict], transfer: dict) -> str:
+def consistency_outcome(consistency: list[dict], transfer: dict[str, SAEMetrics]) -> str:
     """What the consistency table can say, in words: the core's agreement across k for each family,
     whether the other latents' matches beat random directions, and how far training moved the
     decoders (a dictionary still at its initialisation has nothing to be consistent about)."""
@@ -359,7 +368,7 @@ def consistency_outcome(consistency: list[dict], transfer: dict) -> str:
         f"Outside the core, the mean best match exceeds what random directions reach by {min(margins):+.3f} to {max(margins):+.3f}"
         + (" (no better than chance: no features measurably shared across k)." if max(margins) < CHANCE_MARGIN else ".")
     )
-    moved = [m["decoder_cosine_to_init"] for m in transfer.values() if "decoder_cosine_to_init" in m]
+    moved = [m["decoder_cosine_to_init"] for m in transfer.values() if m.has("decoder_cosine_to_init")]
     if moved:
         sentences.append(
             f"The median trainable decoder row of these SAEs keeps cosine {min(moved):.2f} to {max(moved):.2f} with its "
@@ -386,13 +395,11 @@ def positions_section(harvest: dict) -> str:
     return "\n".join(lines)
 
 
-FILES = """| path | what it is |
+FILES_TEMPLATE = """| path | what it is |
 |---|---|
 | `cycles/cycle-NNN/` | cycle t's SAE (`AutoModel.from_pretrained`), `core.json` (C(t): latent indices by descending attribution, scores, lineage `[origin_cycle, origin_index]`, coverage curve), `core_directions.safetensors` (the next cycle's frozen core), `metrics.json` |
 | `distilled_core/` | C* = C(T) ∩ C(T-1) (`core.json`, `core_directions.safetensors`): the transfer stage's input (`--transfer.core`) |
-| `transfer/k-KKKK-VARIANT/` | the final DMSAEs from C* at sparsity k (Algorithm 3), with `metrics.json` |
-| `transfer/random-core-k-KKKK/` | the Figure-3 control: a random frozen core of |C*| latents |
-| `transfer/baseline-k-KKKK/` | the plain Matryoshka baseline (c = 0) at k: same K, groups, tokens, seed policy |
+{kinds}
 | `metrics.json` | every metric of every SAE, and feature consistency across sparsities |
 | `harvest.json` | which positions reached the SAEs and why others did not; the activation-norm profile |
 | `figures/` | the figures above |
@@ -404,6 +411,10 @@ FILES = """| path | what it is |
 | `cache/` | harvested activations and the (x, g) attribution sample (reused by every cycle and by a resumed run) |
 | `checkpoints/` | training checkpoints of unfinished stages (`--run.resume true` continues from them) |
 | `timings.json` | wall time per kind of work |"""
+FILES = FILES_TEMPLATE.replace("{kinds}", "\n".join(
+    f"| `transfer/{kind.folder_pattern}/` | {kind.label} at sparsity k (seed s > 0 adds `-seed-s`); frozen core: "
+    f"{kind.core_origin}; with `metrics.json` |" for kind in KINDS.values()
+))  # fmt: skip
 
 DEFINITIONS = f"""All metrics on held-out tokens (never trained on), in inference mode: the calibrated threshold,
 one token at a time, as users run the SAEs. FVE = 1 - SSE / total variance around the mean; L0
@@ -431,46 +442,46 @@ BROWSER_LINK = (
 )
 
 
-def summary_markdown(config: DistillConfig, paths: RunDirectory, metrics: dict, harvest: dict) -> str:
+def summary_markdown(config: DistillConfig, paths: RunDirectory, metrics: RunMetrics, harvest: dict) -> str:
     sections = [
         "# DMSAE distillation run",
         f"`{paths.root}`; configuration `run_config.yaml` (resume with `--config run_config.yaml --run.resume true`).",
         *([BROWSER_LINK] if (paths.browser / BROWSER_INDEX).exists() else []),
         "## Positions that reached the SAEs\n\n" + positions_section(harvest),
     ]
-    if metrics["cycles"]:
-        sections.append("## Distillation cycles\n\n" + cycles_table(metrics["cycles"]))
+    if metrics.cycles:
+        sections.append("## Distillation cycles\n\n" + cycles_table(metrics.cycles, config.cycles.variant))
         sections.append(f"![Figure 2]({figure_file('core_lineage')})\n\n![coverage]({figure_file('coverage_curve')})")
-    if metrics["transfer"]:
-        sections.append("## Final SAEs against the Matryoshka baseline\n\n" + finals_table(metrics["transfer"]))
-        if several_seeds(metrics["transfer"]):
-            sections.append("### Over seeds\n\n" + SEEDS_NOTE + "\n\n" + seeds_table(metrics["transfer"]))
+    if metrics.transfer:
+        sections.append("## Final SAEs against the Matryoshka baseline\n\n" + finals_table(metrics.transfer))
+        if several_seeds(metrics.transfer):
+            sections.append("### Over seeds\n\n" + SEEDS_NOTE + "\n\n" + seeds_table(metrics.transfer))
         sections.append(f"![Figure 4 analogue]({figure_file('sparsity_fidelity')})")
         if paths.figure("dictionary_movement").exists():
             sections.append(f"How far training moved each dictionary:\n\n![dictionary movement]({figure_file('dictionary_movement')})")
-    if metrics.get("figure3"):
-        sections.append("## Figure 3: distilled against random core\n\n" + metrics["figure3"])
+    if metrics.figure3:
+        sections.append("## Figure 3: distilled against random core\n\n" + metrics.figure3)
         sections.append(f"![Figure 3]({figure_file('l0_core')})")
-    if metrics.get("consistency"):
-        sections.append("## Feature consistency across sparsities\n\n" + consistency_table(metrics["consistency"]))
-        sections.append(consistency_outcome(metrics["consistency"], metrics["transfer"]))
+    if metrics.consistency:
+        sections.append("## Feature consistency across sparsities\n\n" + consistency_table(metrics.consistency))
+        sections.append(consistency_outcome(metrics.consistency, metrics.transfer))
         sections.append(f"![consistency]({figure_file('consistency')})")
     sections += ["## Definitions\n\n" + DEFINITIONS, "## Files\n\n" + FILES]
     return "\n\n".join(sections) + "\n"
 
 
-def terminal_summary(paths: RunDirectory, metrics: dict) -> str:
+def terminal_summary(config: DistillConfig, paths: RunDirectory, metrics: RunMetrics) -> str:
     parts = [f"Run finished: {paths.root.resolve()}"]
-    if metrics["cycles"]:
-        parts.append("Distillation cycles (held-out):\n" + cycles_table(metrics["cycles"]))
-    if metrics["transfer"]:
-        parts.append("Final SAEs (held-out):\n" + finals_table(metrics["transfer"]))
-        if several_seeds(metrics["transfer"]):
-            parts.append("Over seeds (mean [min, max]):\n" + seeds_table(metrics["transfer"]))
-    if metrics.get("figure3"):
-        parts.append(metrics["figure3"])
-    if metrics.get("consistency"):
-        parts.append("Feature consistency across sparsities: " + consistency_outcome(metrics["consistency"], metrics["transfer"]))
+    if metrics.cycles:
+        parts.append("Distillation cycles (held-out):\n" + cycles_table(metrics.cycles, config.cycles.variant))
+    if metrics.transfer:
+        parts.append("Final SAEs (held-out):\n" + finals_table(metrics.transfer))
+        if several_seeds(metrics.transfer):
+            parts.append("Over seeds (mean [min, max]):\n" + seeds_table(metrics.transfer))
+    if metrics.figure3:
+        parts.append(metrics.figure3)
+    if metrics.consistency:
+        parts.append("Feature consistency across sparsities: " + consistency_outcome(metrics.consistency, metrics.transfer))
     parts.append(f"Tables, figures and definitions: {paths.summary}")
     if (paths.browser / BROWSER_INDEX).exists():
         parts.append(f"Feature browser (offline): {paths.browser / BROWSER_INDEX}")
@@ -479,13 +490,13 @@ def terminal_summary(paths: RunDirectory, metrics: dict) -> str:
 
 def write_report(config: DistillConfig, paths: RunDirectory) -> str:
     """metrics.json, the figures and SUMMARY.md; returns the terminal summary."""
-    runs = final_runs(config)
-    metrics = collect_metrics(paths, runs)
-    core_sizes = {m["core_size"] for m in metrics["transfer"].values() if m["core"] == "distilled"}
-    metrics["consistency"] = consistency_across_sparsities(paths, runs, core_sizes.pop()) if core_sizes else []
-    metrics["figure3"] = figure3_outcome(paths, config, metrics["transfer"])
-    write_json(paths.metrics, metrics)
-    draw_figures(config, paths, metrics, metrics["consistency"])
+    finals = final_saes(config)
+    metrics = collect_metrics(paths, finals)
+    core_sizes = {m["core_size"] for m in metrics.transfer.values() if m.sae_kind.keeps_distilled_core}
+    metrics.consistency = consistency_across_sparsities(paths, finals, core_sizes.pop()) if core_sizes else []
+    metrics.figure3 = figure3_outcome(paths, config, metrics.transfer)
+    metrics.write(paths.metrics)
+    draw_figures(config, paths, metrics)
     build_browser(paths)
     write_text(paths.summary, summary_markdown(config, paths, metrics, read_json(paths.harvest)))
-    return terminal_summary(paths, metrics)
+    return terminal_summary(config, paths, metrics)

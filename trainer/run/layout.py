@@ -6,7 +6,7 @@ report and ``hub_cards`` all find files through :class:`RunDirectory`.
     cache/attribution/         the (x, g) attribution sample
     cycles/cycle-NNN/          cycle t's SAE, its metrics and the core C(t) it selected
     distilled_core/            C* = C(T) ∩ C(T-1)
-    transfer/NAME/             each final SAE (names: trainer.run.plan.FinalRun)
+    transfer/NAME/             each final SAE (names: trainer.run.stages.FinalSAE, trainer.run.kinds)
     checkpoints/STAGE/         training checkpoints of unfinished stages
     logs/STAGE.jsonl           training curves; logs/dmsae/: the tracker's (tensorboard) events
     figures/, metrics.json, SUMMARY.md, harvest.json, timings.json
@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from trainer.config import DistillConfig, parse_config
 from trainer.errors import CorruptRunFileError
 from trainer.run.files import read_json
 
@@ -33,7 +34,6 @@ CORE_FILES = (CORE_JSON, CORE_DIRECTIONS)
 EVIDENCE_TENSORS, EVIDENCE_JSON = "latent_evidence.safetensors", "latent_evidence.json"
 FIRING_FREQUENCIES = "firing_frequencies.safetensors"
 SAE_FILES = ("config.json", "model.safetensors", METRICS_JSON, FIRING_FREQUENCIES)
-FINAL_SAE_FILES = (*SAE_FILES, EVIDENCE_TENSORS, EVIDENCE_JSON)
 CYCLE_FILES = (*SAE_FILES, *CORE_FILES)
 CACHE_KINDS = ("activations", "attribution")
 FIGURES = {  # the run's figures, by what they show, as files under figures/
@@ -44,18 +44,29 @@ FIGURES = {  # the run's figures, by what they show, as files under figures/
     "consistency": "consistency_across_sparsities.png",
     "dictionary_movement": "dictionary_movement.png",
 }
-TRACKER_PROJECT = "dmsae"
+TRACKER_PROJECT = "dmsae"  # the trackers' project name: tensorboard writes logs/dmsae/
 BROWSER_FOLDER, BROWSER_INDEX = "browser", "index.html"  # the offline feature browser (trainer.report.browser)
 
 
 def figure_file(name: str) -> str:
     """A figure's path relative to the run folder (and to the run repo on the Hub)."""
-    return f"figures/{FIGURES[name]}"  # the trackers' project name: tensorboard writes logs/dmsae/
+    return f"{FIGURES_FOLDER}/{FIGURES[name]}"
 
 
 def cycle_stage(t: int) -> str:
     """Name of cycle t's stage: its folder, checkpoint and log."""
     return f"cycle-{t:03d}"
+
+
+# The run repo on the Hub (hub_cards.publish writes it, trainer.harvest.hub_access reads a core from
+# it): cycle t in folder and tag cycle-t, C* in distilled_core/ under the tag trainer.config.DISTILLED_TAG.
+DISTILLED_FOLDER = "distilled_core"
+FIGURES_FOLDER, RUN_CONFIG = "figures", "run_config.yaml"
+
+
+def hub_cycle_folder(cycle: int) -> str:
+    """Cycle t's folder (and tag) in the run repo: ``cycle-7``."""
+    return f"cycle-{cycle}"
 
 
 def cycle_number(folder: Path) -> int:
@@ -68,19 +79,24 @@ class RunDirectory:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
-    config_file = property(lambda self: self.root / "run_config.yaml")
+    config_file = property(lambda self: self.root / RUN_CONFIG)
     cache = property(lambda self: self.root / "cache")
-    figures = property(lambda self: self.root / "figures")
+    figures = property(lambda self: self.root / FIGURES_FOLDER)
     logs = property(lambda self: self.root / "logs")
     hub = property(lambda self: self.root / "hub")
     hub_run = property(lambda self: self.root / "hub" / "run")
     hub_saes = property(lambda self: self.root / "hub" / "saes")
-    distilled_core = property(lambda self: self.root / "distilled_core")
+    distilled_core = property(lambda self: self.root / DISTILLED_FOLDER)
     metrics = property(lambda self: self.root / "metrics.json")
     summary = property(lambda self: self.root / "SUMMARY.md")
     harvest = property(lambda self: self.root / "harvest.json")
     timings = property(lambda self: self.root / "timings.json")
     browser = property(lambda self: self.root / BROWSER_FOLDER)
+
+    def configuration(self) -> DistillConfig:
+        """The run's configuration, read from run_config.yaml by the CLI's own parser (the defaults
+        for a folder without one)."""
+        return parse_config(["--config", str(self.config_file)]) if self.config_file.exists() else DistillConfig()
 
     def figure(self, name: str) -> Path:
         return self.root / figure_file(name)

@@ -1,4 +1,4 @@
-"""What a run trains, from its configuration alone: the final SAEs (:func:`final_runs`), the
+"""What a run trains, from its configuration alone: the final SAEs (:func:`final_saes`), the
 DMSAE configuration of cycle 0, the optimisation steps of a stage and the world size. The
 pipeline, the report, the dry run and the checks before loading all read it here."""
 
@@ -13,9 +13,8 @@ from modeling_dmsae import DMSAEConfig
 from modeling_dmsae.configuration_dmsae import matryoshka_group_sizes
 from trainer.config import DistillConfig
 from trainer.errors import ConfigError
-
-CORE_KINDS = ("distilled", "random", "none")
-
+from trainer.run.kinds import BASELINE, DMSAE_SPARSE_CORE, RANDOM_CORE, SAEKind, distilled_kind, kind_named, seed_suffix
+from trainer.run.metrics_file import SAEMetrics
 
 def world_size() -> int:
     """Processes of this launch (``accelerate launch`` sets WORLD_SIZE), 1 for plain python: the
@@ -91,28 +90,23 @@ def calibration_batches(config: DistillConfig) -> int:
     return max(1, config.optimizer.calibration_tokens // batch_shape(config, 1).micro_batch)
 
 
-class FinalRun(NamedTuple):
-    """One SAE of the transfer stage: its folder under ``transfer/``, sparsity k, masking variant,
-    which core it starts from: ``distilled`` (C*, Algorithm 3), ``random`` (the Figure-3
-    control: random unit directions, frozen, of |C*| latents) or ``none`` (the plain Matryoshka
-    baseline, c = 0), and its seed (one of transfer.seeds)."""
+class FinalSAE(NamedTuple):
+    """One SAE of the transfer stage: its kind (``trainer.run.kinds``), sparsity k and seed (one of
+    transfer.seeds)."""
 
-    name: str
+    kind: SAEKind
     k: int
-    variant: str
-    core: str
     seed: int = 0
 
     @classmethod
-    def of(cls, k: int, variant: str, core: str, seed: int = 0) -> FinalRun:
-        """The final SAE at ``k``, ``variant``, ``core`` and ``seed``, named as its folder is."""
-        name = {"distilled": f"k-{k:04d}-{variant}", "random": f"random-core-k-{k:04d}", "none": f"baseline-k-{k:04d}"}[core]
-        return cls(name + (f"-seed-{seed}" if seed else ""), k, variant, core, seed)
-
-    @classmethod
-    def from_metrics(cls, metrics: dict) -> FinalRun:
+    def from_metrics(cls, metrics: SAEMetrics) -> FinalSAE:
         """The final SAE a transfer folder's metrics.json describes."""
-        return cls.of(metrics["k"], metrics["variant"], metrics["core"], seed_of(metrics))
+        return cls(metrics.sae_kind, metrics.k, metrics.seed)
+
+    @property
+    def name(self) -> str:
+        """Its folder under transfer/."""
+        return self.kind.folder.format(k=self.k) + seed_suffix(self.seed)
 
     @property
     def stage(self) -> str:
@@ -121,37 +115,28 @@ class FinalRun(NamedTuple):
         return f"transfer-{self.name}"
 
     @property
-    def comparison(self) -> tuple[int, str, str]:
-        """What it is apart from its seed: the SAEs the report aggregates over seeds."""
-        return self.k, self.variant, self.core
+    def variant(self) -> str:
+        return self.kind.variant
 
 
-def seed_of(metrics: dict) -> int:
-    """The transfer seed of a final SAE's metrics.json (one written before transfer seeds existed
-    names none: seed 0)."""
-    return metrics.get("seed", 0)
-
-
-def final_runs(config: DistillConfig) -> list[FinalRun]:
+def final_saes(config: DistillConfig) -> list[FinalSAE]:
     """Every SAE the transfer stage trains, in training order: seed by seed (transfer.seeds), so
     that a run stopped early has whole seeds.
 
-    The DMSAEs at each k in transfer.ks and variant; with transfer.random_core_control, the
-    dense distilled core against a random core at the distillation k (Figure 3); with
-    transfer.sparsity_matched, the sparse-core variant at the distillation k (global L0 = k, as the
-    baseline's); with transfer.baseline, a plain Matryoshka SAE (c = 0) at every k trained above.
+    The DMSAEs at each k in transfer.ks and variant; with transfer.random_core_control, the random
+    core and the DMSAE it controls at the distillation k (Figure 3); with transfer.sparsity_matched,
+    the sparse-core DMSAE at the distillation k (global L0 = k, as the baseline's); with
+    transfer.baseline, the plain Matryoshka baseline (c = 0) at every k trained above.
     """
     transfer, k = config.transfer, config.cycles.k
-    kinds = [(kk, variant, "distilled") for kk in transfer.ks for variant in transfer.variants]
-    comparisons = [(k, "dense_core")] * transfer.random_core_control + [(k, "sparse_core")] * transfer.sparsity_matched
-    for kk, variant in comparisons:
-        if (kk, variant, "distilled") not in kinds:
-            kinds.append((kk, variant, "distilled"))
-    if transfer.random_core_control:
-        kinds.append((k, "dense_core", "random"))
+    planned = [(distilled_kind(variant), kk) for kk in transfer.ks for variant in transfer.variants]
+    controls = [RANDOM_CORE] * transfer.random_core_control
+    compared = [kind_named(control.controls) for control in controls] + [DMSAE_SPARSE_CORE] * transfer.sparsity_matched
+    planned += [(kind, k) for kind in dict.fromkeys(compared) if (kind, k) not in planned]
+    planned += [(control, k) for control in controls]
     if transfer.baseline:
-        kinds += [(kk, "dense_core", "none") for kk in sorted({kk for kk, _, _ in kinds})]
-    return [FinalRun.of(*kind, seed=seed) for seed in transfer.seeds for kind in kinds]
+        planned += [(BASELINE, kk) for kk in sorted({kk for _, kk in planned})]
+    return [FinalSAE(kind, kk, seed) for seed in transfer.seeds for kind, kk in planned]
 
 
 def cycle0_sae_config(config: DistillConfig, d_in: int) -> DMSAEConfig:

@@ -1,6 +1,7 @@
-"""Everything a run reads from the base model, prepared once: the training activations (cached
-or streamed), the (x, g) attribution sample, held-out activations and contexts for evaluation,
-and the input normalisation factor."""
+"""The harvest: everything a run reads from the base model, prepared once (:func:`prepare_harvest`)
+and handed to every stage as one :class:`Harvest`: the training activations (cached or streamed),
+the (x, g) attribution sample, held-out activations and contexts for evaluation, and the input
+normalisation factor."""
 
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ from trainer.harvest.cache import (
 )
 from trainer.harvest.text_corpus import ContextSharding, context_batches, packed_contexts, process_state
 from trainer.run.layout import RunDirectory
-from trainer.run.plan import BatchShape
+from trainer.run.stages import BatchShape
 
 
 @dataclass
-class RunData:
+class Harvest:
+    """What the stages read from the base model (the text it came from is ``config.data``)."""
+
     base_model: PreTrainedModel
     hook_module: nn.Module
     hook_layer: int
@@ -123,9 +126,9 @@ class HeldOut(NamedTuple):
     contexts: torch.Tensor
 
 
-def prepare_run_data(
+def prepare_harvest(
     config: DistillConfig, accelerator: Accelerator, paths: RunDirectory, after_shard: Callable[[], None] = lambda: None
-) -> RunData:
+) -> Harvest:
     """Load the base model, check it against the configuration, harvest (or reopen) everything;
     ``after_shard`` runs after each cached shard is written."""
     base_model, tokenizer = load_base_model(dataclasses.replace(config.model, device=str(accelerator.device)))
@@ -144,7 +147,7 @@ def prepare_run_data(
     ranges = harvest.context_ranges(config.data.context_length)
     held_out = _held_out(base_model, hook, config, tokenizer, ranges.heldout_start)
     training_census = training.manifest.get("positions") if isinstance(training, ActivationCache) else None
-    return RunData(
+    return Harvest(
         base_model=base_model,
         hook_module=hook,
         hook_layer=hook_layer_index(config.model.hook_module),
