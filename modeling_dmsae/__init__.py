@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_dmsae import DMSAEConfig, matryoshka_group_sizes, noncore_k
 from .interventions import SAESplice, kept_positions, logit_effect, splice_sae
-from .modeling_dmsae import DMSAEModel, DMSAEOutput, DMSAEPreTrainedModel, SparseLatents
+from .modeling_dmsae import DMSAEModel, DMSAEOutput, DMSAEPreTrainedModel, SparseLatents, TextLatents
 
 AutoConfig.register(DMSAEConfig.model_type, DMSAEConfig)
 AutoModel.register(DMSAEConfig, DMSAEModel)
@@ -23,6 +23,7 @@ __all__ = [
     "DMSAEPreTrainedModel",
     "SAESplice",
     "SparseLatents",
+    "TextLatents",
     "kept_positions",
     "logit_effect",
     "matryoshka_group_sizes",
