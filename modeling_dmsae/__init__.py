@@ -8,6 +8,7 @@ the code files beside the weights).
 from transformers import AutoConfig, AutoModel
 
 from .configuration_dmsae import DMSAEConfig, matryoshka_group_sizes, noncore_k
+from .evidence import LatentEvidence
 from .interventions import SAESplice, kept_positions, logit_effect, splice_sae
 from .modeling_dmsae import DMSAEModel, DMSAEOutput, DMSAEPreTrainedModel, SparseLatents, TextLatents
 
@@ -21,6 +22,7 @@ __all__ = [
     "DMSAEModel",
     "DMSAEOutput",
     "DMSAEPreTrainedModel",
+    "LatentEvidence",
     "SAESplice",
     "SparseLatents",
     "TextLatents",

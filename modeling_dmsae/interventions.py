@@ -118,7 +118,7 @@ def logit_effect(
     if latents is None:
         latents = torch.arange(sae.config.num_latents)
     latents = torch.as_tensor(latents, dtype=torch.long, device=sae.W_dec.device).reshape(-1)
-    _check_latents(latents.tolist(), sae.config.num_latents, "logit_effect")
+    check_latents(latents.tolist(), sae.config.num_latents, "logit_effect")
     directions = final_norm(base_model)(sae.W_dec[latents].to(head.weight.device, head.weight.dtype))
     if dtype is None:
         return head(directions).float()
@@ -255,7 +255,7 @@ def latents_from_text(
 # Latent edits
 
 
-def _check_latents(latents: Sequence[int], num_latents: int, what: str) -> None:
+def check_latents(latents: Sequence[int], num_latents: int, what: str) -> None:
     bad = [j for j in latents if not 0 <= int(j) < num_latents]
     if bad:
         raise ValueError(f"{what}: latents {bad} are out of range; this SAE has latents 0..{num_latents - 1}")
@@ -294,8 +294,8 @@ class LatentEdits:
         for name, values in (("clamp", clamp), ("scale", scale), ("steer", steer)):
             if not all(math.isfinite(float(v)) for v in values.values()):
                 raise ValueError(f"{name}: every value must be a finite number, got {values}")
-        _check_latents(list(rules), num_latents, "ablate/clamp/scale")
-        _check_latents(list(map(int, steer)), num_latents, "steer")
+        check_latents(list(rules), num_latents, "ablate/clamp/scale")
+        check_latents(list(map(int, steer)), num_latents, "steer")
         return cls(
             edited=torch.tensor(list(rules), dtype=torch.long),
             multiplier=torch.tensor([m for m, _ in rules.values()]),
