@@ -53,7 +53,7 @@ from huggingface_hub.errors import HFValidationError
 from safetensors.torch import load_file
 from torch import nn
 
-from .interventions import check_latents, logit_effect, read_hook
+from .interventions import check_latents, hooked_activations, logit_effect
 from .modeling_dmsae import DMSAEModel, DMSAEOutput, rank_in_groups
 
 TOP_N = 10
@@ -242,14 +242,8 @@ class LatentEvidence:
             raise ValueError("the tokenizer has no pad token to batch texts of different lengths: set tokenizer.pad_token = tokenizer.eos_token")
         inputs = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="right", truncation=max_length is not None, max_length=max_length)
         stream = EvidenceStream(sae.config.num_latents, sae.W_dec.device, seed)
-        rows, slots = [], []
-        for start in range(0, len(texts), batch_size):
-            hidden, kept = read_hook(sae, model, inputs.input_ids[start : start + batch_size], inputs.attention_mask[start : start + batch_size])
-            x = hidden[kept].to(sae.W_dec.device, torch.float32)  # as the run's held-out rows
-            stream.add(sae(x, use_threshold=sae.config.threshold >= 0, output_dense_latents=False), sum(map(len, rows)))
-            rows.append(x)
-            slots.append(kept.cpu().flatten().nonzero().squeeze(1) + start * kept.shape[1])
-        data = stream.finish(sae, torch.cat(rows), torch.cat(slots), inputs.input_ids, top_logit_effects(sae, model))
+        activations, slots = _stream_texts(sae, model, inputs.input_ids, inputs.attention_mask, batch_size, stream)
+        data = stream.finish(sae, activations, slots, inputs.input_ids, top_logit_effects(sae, model))
         ids = torch.cat([data.context_tokens.flatten(), data.promoted_tokens.flatten(), data.suppressed_tokens.flatten()]).unique().tolist()
         return cls(data, dict(zip(ids, tokenizer.batch_decode([[i] for i in ids]))))
 
@@ -301,6 +295,23 @@ class LatentEvidence:
 
     def _check(self, j: int) -> None:
         check_latents([j], self.num_latents, "LatentEvidence")
+
+
+def _stream_texts(
+    sae: DMSAEModel, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int, stream: EvidenceStream
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed ``stream`` the SAE's outputs at the positions it reads, ``batch_size`` texts per forward,
+    as the run's evaluation feeds it the held-out rows; return those rows' activations [N, d] and
+    their slots (text * length + position)."""
+    rows, slots = [], []
+    for start in range(0, len(input_ids), batch_size):
+        batch = slice(start, start + batch_size)
+        hidden, kept = hooked_activations(sae, model, input_ids[batch], attention_mask[batch])
+        x = hidden[kept].to(sae.W_dec.device, torch.float32)  # as the run keeps its held-out rows
+        stream.add(sae(x, use_threshold=sae.config.threshold >= 0, output_dense_latents=False), sum(map(len, rows)))
+        rows.append(x)
+        slots.append(kept.cpu().flatten().nonzero().squeeze(1) + start * kept.shape[1])
+    return torch.cat(rows), torch.cat(slots)
 
 
 def _evidence_file(path_or_hub_id: str | os.PathLike, name: str, subfolder: str | None, revision: str | None) -> Path:

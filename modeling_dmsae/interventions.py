@@ -175,6 +175,7 @@ class _StopForward(Exception):
 
 
 def check_token_inputs(input_ids: Tensor, attention_mask: Tensor | None) -> None:
+    """Refuse what a tokenizer called with return_tensors="pt" would not have returned."""
     if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
         raise ValueError(
             f"input_ids must be a [batch, tokens] tensor of token ids, got {getattr(input_ids, 'shape', type(input_ids))}: "
@@ -187,7 +188,7 @@ def check_token_inputs(input_ids: Tensor, attention_mask: Tensor | None) -> None
 
 
 @torch.no_grad()
-def read_hook(
+def hooked_activations(
     sae: DMSAEModel, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(hidden [B, T, d], kept [B, T]): the output of ``config.hook_module`` for the tokens, from a
@@ -235,7 +236,7 @@ def latents_from_text(
     batch median, as in training, so a borderline position can fall either way in another batch.
     Without ``attention_mask`` every position is real; pad on the right so that each row's
     activations are those of its text alone."""
-    hidden, kept = read_hook(sae, model, input_ids, attention_mask)
+    hidden, kept = hooked_activations(sae, model, input_ids, attention_mask)
     kept = kept.to(sae.W_dec.device)
     shape = (*kept.shape, sae.config.num_latents)
     latents = SparseLatents(*(kept.new_zeros(0, dtype=dtype) for dtype in (torch.long, torch.long, sae.W_dec.dtype)))
