@@ -77,11 +77,12 @@ class TextLatents(NamedTuple):
             raise ValueError(f"top(n): n must be an integer in [1, {num_latents}], got {n!r}")
         entries = (self.latents if self.latents.is_sparse else self.latents.to_sparse()).coalesce()
         (rows, positions, latents), values = entries.indices(), entries.values()
-        order, rank = rank_in_groups(rows * length + positions, values)
-        kept = rank < n
-        slots = ((rows * length + positions)[order][kept], rank[kept])
-        top_values = values.new_zeros(batch * length, n).index_put_(slots, values[order][kept])
-        top_indices = torch.full_like(top_values, -1, dtype=torch.long).index_put_(slots, latents[order][kept])
+        position_of = rows * length + positions
+        order, rank = rank_in_groups(position_of, values)
+        chosen = order[rank < n]
+        slots = (position_of[chosen], rank[rank < n])
+        top_values = values.new_zeros(batch * length, n).index_put_(slots, values[chosen])
+        top_indices = torch.full_like(top_values, -1, dtype=torch.long).index_put_(slots, latents[chosen])
         return top_values.reshape(batch, length, n), top_indices.reshape(batch, length, n)
 
 
