@@ -8,8 +8,9 @@ the code files beside the weights).
 from transformers import AutoConfig, AutoModel
 
 from .configuration_dmsae import DMSAEConfig, matryoshka_group_sizes, noncore_k
+from .evidence import LatentEvidence
 from .interventions import SAESplice, kept_positions, logit_effect, splice_sae
-from .modeling_dmsae import DMSAEModel, DMSAEOutput, DMSAEPreTrainedModel, SparseLatents
+from .modeling_dmsae import DMSAEModel, DMSAEOutput, DMSAEPreTrainedModel, SparseLatents, TextLatents
 
 AutoConfig.register(DMSAEConfig.model_type, DMSAEConfig)
 AutoModel.register(DMSAEConfig, DMSAEModel)
@@ -21,8 +22,10 @@ __all__ = [
     "DMSAEModel",
     "DMSAEOutput",
     "DMSAEPreTrainedModel",
+    "LatentEvidence",
     "SAESplice",
     "SparseLatents",
+    "TextLatents",
     "kept_positions",
     "logit_effect",
     "matryoshka_group_sizes",

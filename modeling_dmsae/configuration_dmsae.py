@@ -10,7 +10,10 @@ import math
 import re
 from typing import Sequence
 
-from transformers import PreTrainedConfig
+try:
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers 4 spells it PretrainedConfig (trust_remote_code runs this file there too)
+    from transformers import PretrainedConfig as PreTrainedConfig
 
 VARIANTS = ("dense_core", "sparse_core")
 

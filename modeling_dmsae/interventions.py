@@ -1,15 +1,19 @@
-"""The SAE inside a causal LM: which positions it reads, what its latents do to the logits, and
-a context manager that splices it into the model at ``config.hook_module``, with edits.
+"""The SAE inside a causal LM: which positions it reads, its latents of a text, what its latents
+do to the logits, and a context manager that splices it into the model at ``config.hook_module``,
+with edits.
 
 - :func:`kept_positions`: the positions an SAE reads (the trainer's rule, the one source of it):
-  the token mask less the massive-norm positions.
+  the token mask (:func:`token_mask`) less the massive-norm positions.
+- :func:`latents_from_text` (``DMSAEModel.latents_from_text``): the latents of tokenised text,
+  [B, T, K], zero at the positions the SAE does not read.
 - :func:`logit_effect`: each latent's direct effect on the next-token logits (its decoder
   direction through the base model's final norm and LM head).
 - :func:`splice_sae` (``DMSAEModel.splice``): the SAE spliced into a causal LM, reconstruction
   alone or with the error term, latents ablated, clamped, scaled or added as steering vectors;
   it works under ``model.generate`` and leaves the positions the trainer excludes untouched.
 
-This file is part of the Hub's ``trust_remote_code`` code: it imports torch only.
+This file is part of the Hub's ``trust_remote_code`` code: it imports torch and the model file
+(which imports it back only inside the methods that hand over to it).
 """
 
 from __future__ import annotations
@@ -17,13 +21,12 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Mapping, NamedTuple, Sequence
+from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .modeling_dmsae import DMSAEModel, SparseLatents
+from .modeling_dmsae import DMSAEModel, SparseLatents, TextLatents
 
 # ----------------------------------------------------------------------------------------------
 # Which positions an SAE reads
@@ -46,6 +49,34 @@ def kept_positions(hidden: Tensor, token_mask: Tensor, max_norm_ratio: float, re
     reference = norms[token_mask].median() if reference_norm is None else reference_norm
     # "not above", so that NaN rows stay in and meet the finiteness check instead of vanishing.
     return token_mask & ~(norms > max_norm_ratio * reference)
+
+
+class ForwardInputs(NamedTuple):
+    """What the causal LM's forward was called with, as far as the excluded positions need it."""
+
+    input_ids: Tensor | None  # [B, T] the new tokens (None when called with inputs_embeds)
+    attention_mask: Tensor | None  # [B, past + T] 2-D padding mask, when given
+    past_length: int  # tokens already in the KV cache
+
+
+def token_mask(hidden: Tensor, inputs: ForwardInputs | None, bos_token_id: int | None, mask_bos: bool) -> Tensor:
+    """[B, T] positions of ``hidden`` [B, T, d] the trainer's data settings keep: not padding, and
+    (with ``mask_bos``) not a BOS token at the first real position of its row. Without ``inputs``
+    (the module ran outside a call of the model) nothing is known about the tokens: all are kept."""
+    batch, length = hidden.shape[:2]
+    mask = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+    if inputs is None:
+        return mask
+    starts = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+    if inputs.attention_mask is not None and inputs.attention_mask.shape == (batch, inputs.past_length + length):
+        attention = inputs.attention_mask.to(hidden.device).bool()
+        mask &= attention[:, inputs.past_length :]
+        starts = attention.int().argmax(dim=1)  # first real token of each row (left padding)
+    if mask_bos and bos_token_id is not None and inputs.input_ids is not None:
+        positions = inputs.past_length + torch.arange(length, device=hidden.device)
+        at_start = positions.unsqueeze(0) == starts.unsqueeze(1)
+        mask &= ~(at_start & (inputs.input_ids.to(hidden.device) == bos_token_id))
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +118,7 @@ def logit_effect(
     if latents is None:
         latents = torch.arange(sae.config.num_latents)
     latents = torch.as_tensor(latents, dtype=torch.long, device=sae.W_dec.device).reshape(-1)
-    _check_latents(latents.tolist(), sae.config.num_latents, "logit_effect")
+    check_latents(latents.tolist(), sae.config.num_latents, "logit_effect")
     directions = final_norm(base_model)(sae.W_dec[latents].to(head.weight.device, head.weight.dtype))
     if dtype is None:
         return head(directions).float()
@@ -110,11 +141,122 @@ def with_hidden_states(output, hidden: Tensor):
     return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
 
 
+def hooked_module(sae: DMSAEModel, model: nn.Module) -> nn.Module:
+    """``model``'s module ``config.hook_module``, whose output the SAE reads."""
+    try:
+        return model.get_submodule(sae.config.hook_module)
+    except AttributeError:
+        raise ValueError(
+            f"{type(model).__name__} has no module {sae.config.hook_module!r} (config.hook_module): pass the causal LM "
+            f"the SAE was trained on ({sae.config.base_model_id})"
+        ) from None
+
+
+def check_width(sae: DMSAEModel, hidden: Tensor) -> Tensor:
+    """``hidden``, once its width is known to be the SAE's d_in."""
+    if hidden.shape[-1] != sae.config.d_in:
+        raise ValueError(
+            f"{sae.config.hook_module} outputs width {hidden.shape[-1]}, the SAE reads d_in = {sae.config.d_in}: "
+            "use the SAE with the model it was trained on"
+        )
+    return hidden
+
+
+def bos_token_id(model: nn.Module) -> int | None:
+    return getattr(model.config, "bos_token_id", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Latents of a text
+
+
+class _StopForward(Exception):
+    """Raised after the hooked module: nothing the model computes after it is needed."""
+
+
+def check_token_inputs(input_ids: Tensor, attention_mask: Tensor | None) -> None:
+    """Refuse what a tokenizer called with return_tensors="pt" would not have returned."""
+    if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(
+            f"input_ids must be a [batch, tokens] tensor of token ids, got {getattr(input_ids, 'shape', type(input_ids))}: "
+            "tokenise with return_tensors='pt'"
+        )
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: pass the mask the tokenizer returned with them"
+        )
+
+
+@torch.no_grad()
+def hooked_activations(
+    sae: DMSAEModel, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(hidden [B, T, d], kept [B, T]): the output of ``config.hook_module`` for the tokens, from a
+    forward that stops right after that module, and the positions the SAE reads there (the
+    trainer's rule, with the batch's median norm, as the trainer harvests a batch of contexts)."""
+    check_token_inputs(input_ids, attention_mask)
+    captured: list[Tensor] = []
+
+    def stop_after(module: nn.Module, args: tuple, output) -> None:
+        captured.append(hidden_states_of(output))
+        raise _StopForward
+
+    device = getattr(model, "device", input_ids.device)
+    handle = hooked_module(sae, model).register_forward_hook(stop_after)
+    try:
+        mask = None if attention_mask is None else attention_mask.to(device)
+        model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"{sae.config.hook_module} never ran in {type(model).__name__}'s forward: pass the causal LM the SAE was trained on")
+    hidden = check_width(sae, captured[0])
+    inputs = ForwardInputs(input_ids, attention_mask, past_length=0)
+    mask = token_mask(hidden, inputs, bos_token_id(model), sae.config.mask_bos)
+    return hidden, kept_positions(hidden, mask, sae.config.max_norm_ratio)
+
+
+@torch.no_grad()
+def latents_from_text(
+    sae: DMSAEModel,
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    use_threshold: bool = True,
+    sparse: bool = False,
+) -> TextLatents:
+    """The latents of tokenised text (``DMSAEModel.latents_from_text``), on the SAE's device.
+
+    The positions left out are the ones the trainer leaves out and a splice leaves untouched:
+    padding (``attention_mask``), a BOS token first in its row, and positions whose activation norm
+    exceeds ``config.max_norm_ratio`` x the median norm of the batch's other kept positions: a
+    batch median, as in training, so a borderline position can fall either way in another batch.
+    Without ``attention_mask`` every position is real; pad on the right so that each row's
+    activations are those of its text alone."""
+    hidden, kept = hooked_activations(sae, model, input_ids, attention_mask)
+    kept = kept.to(sae.W_dec.device)
+    shape = (*kept.shape, sae.config.num_latents)
+    latents = SparseLatents(*(kept.new_zeros(0, dtype=dtype) for dtype in (torch.long, torch.long, sae.W_dec.dtype)))
+    if kept.any():  # BatchTopK needs at least one token
+        normalized = sae.normalize_activations(hidden[kept.to(hidden.device)].to(sae.W_dec.device))
+        latents = sae.encode_sparse(normalized, use_threshold)[0]
+    rows, positions = kept.nonzero(as_tuple=True)  # row-major: the order of hidden[kept]
+    index = torch.stack([rows[latents.rows], positions[latents.rows], latents.cols])
+    if sparse:
+        dense_or_sparse = torch.sparse_coo_tensor(index, latents.values, shape, is_coalesced=True, check_invariants=False)
+    else:
+        dense_or_sparse = latents.values.new_zeros(shape).index_put_(tuple(index), latents.values)
+    return TextLatents(dense_or_sparse, kept)
+
+
 # ----------------------------------------------------------------------------------------------
 # Latent edits
 
 
-def _check_latents(latents: Sequence[int], num_latents: int, what: str) -> None:
+def check_latents(latents: Sequence[int], num_latents: int, what: str) -> None:
     bad = [j for j in latents if not 0 <= int(j) < num_latents]
     if bad:
         raise ValueError(f"{what}: latents {bad} are out of range; this SAE has latents 0..{num_latents - 1}")
@@ -153,8 +295,8 @@ class LatentEdits:
         for name, values in (("clamp", clamp), ("scale", scale), ("steer", steer)):
             if not all(math.isfinite(float(v)) for v in values.values()):
                 raise ValueError(f"{name}: every value must be a finite number, got {values}")
-        _check_latents(list(rules), num_latents, "ablate/clamp/scale")
-        _check_latents(list(map(int, steer)), num_latents, "steer")
+        check_latents(list(rules), num_latents, "ablate/clamp/scale")
+        check_latents(list(map(int, steer)), num_latents, "steer")
         return cls(
             edited=torch.tensor(list(rules), dtype=torch.long),
             multiplier=torch.tensor([m for m, _ in rules.values()]),
@@ -192,14 +334,6 @@ class LatentEdits:
 # The splice
 
 
-class ForwardInputs(NamedTuple):
-    """What the causal LM's forward was called with, as far as the excluded positions need it."""
-
-    input_ids: Tensor | None  # [B, T] the new tokens (None when called with inputs_embeds)
-    attention_mask: Tensor | None  # [B, past + T] 2-D padding mask, when given
-    past_length: int  # tokens already in the KV cache
-
-
 def _past_length(kwargs: dict) -> int:
     """Tokens already in the KV cache of a forward call (transformers 5 passes ``cache``, older
     versions ``past_key_values`` and ``cache_position``)."""
@@ -221,7 +355,7 @@ class SAESplice:
     def __init__(self, sae: DMSAEModel, model: nn.Module, edits: LatentEdits, error_term: bool, use_threshold: bool):
         self.sae, self.edits = sae, edits
         self.error_term, self.use_threshold = error_term, use_threshold
-        self.bos_token_id = getattr(model.config, "bos_token_id", None)
+        self.bos_token_id = bos_token_id(model)
         self.kept: Tensor | None = None
         self.latents: SparseLatents | None = None
         self._inputs: ForwardInputs | None = None
@@ -242,12 +376,7 @@ class SAESplice:
         self._inputs = None
 
     def replace_output(self, module: nn.Module, args: tuple, output):
-        hidden = hidden_states_of(output)
-        if hidden.shape[-1] != self.sae.config.d_in:
-            raise ValueError(
-                f"{self.sae.config.hook_module} outputs width {hidden.shape[-1]}, the SAE reads d_in = {self.sae.config.d_in}: "
-                "splice it into the model it was trained on"
-            )
+        hidden = check_width(self.sae, hidden_states_of(output))
         kept = self.kept_positions(hidden)
         self.kept = kept
         if not kept.any():
@@ -257,42 +386,23 @@ class SAESplice:
 
     # ---- What is replaced, and by what ----------------------------------------------------
 
-    def token_mask(self, hidden: Tensor) -> Tensor:
-        """[B, T] positions the trainer's data settings keep: not padding, and (with
-        ``config.mask_bos``) not a BOS token at the first real position of its row."""
-        batch, length = hidden.shape[:2]
-        mask = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
-        inputs = self._inputs
-        if inputs is None:  # the hooked module ran outside a call of the model: nothing known about tokens
-            return mask
-        starts = torch.zeros(batch, dtype=torch.long, device=hidden.device)
-        if inputs.attention_mask is not None and inputs.attention_mask.shape == (batch, inputs.past_length + length):
-            attention = inputs.attention_mask.to(hidden.device).bool()
-            mask &= attention[:, inputs.past_length :]
-            starts = attention.int().argmax(dim=1)  # first real token of each row (left padding)
-        if self.sae.config.mask_bos and self.bos_token_id is not None and inputs.input_ids is not None:
-            positions = inputs.past_length + torch.arange(length, device=hidden.device)
-            at_start = positions.unsqueeze(0) == starts.unsqueeze(1)
-            mask &= ~(at_start & (inputs.input_ids.to(hidden.device) == self.bos_token_id))
-        return mask
-
     def kept_positions(self, hidden: Tensor) -> Tensor:
-        """The trainer's rule (:func:`kept_positions`). A forward that starts a sequence (empty KV
-        cache) uses its own batch median, as the trainer, and remembers it; a later generation step
-        sees one new token per row, whose own median means nothing, so it uses the median of the
-        forward that started the sequence (its own batch median when this splice saw none)."""
-        token_mask = self.token_mask(hidden)
+        """The trainer's rule (:func:`token_mask`, :func:`kept_positions`). A forward that starts a
+        sequence (empty KV cache) uses its own batch median, as the trainer, and remembers it; a later
+        generation step sees one new token per row, whose own median means nothing, so it uses the
+        median of the forward that started the sequence (its own batch median when this splice saw none)."""
+        mask = token_mask(hidden, self._inputs, self.bos_token_id, self.sae.config.mask_bos)
         ratio = self.sae.config.max_norm_ratio
-        if ratio <= 0 or not token_mask.any():
-            return token_mask
+        if ratio <= 0 or not mask.any():
+            return mask
         starts_sequence = self._inputs is None or self._inputs.past_length == 0
         if starts_sequence or self._prompt_median is None:
-            reference = median_norm(hidden, token_mask)
+            reference = median_norm(hidden, mask)
             if starts_sequence:
                 self._prompt_median = reference
         else:
             reference = self._prompt_median
-        return kept_positions(hidden, token_mask, ratio, reference)
+        return kept_positions(hidden, mask, ratio, reference)
 
     def replacement(self, x: Tensor) -> Tensor:
         """[n, d] what the model sees instead of ``x`` [n, d] (the kept positions): the edited
@@ -350,13 +460,7 @@ def splice_sae(
 
     Yields the :class:`SAESplice`, whose ``kept`` and ``latents`` describe the latest forward pass.
     """
-    try:
-        hooked = model.get_submodule(sae.config.hook_module)
-    except AttributeError:
-        raise ValueError(
-            f"{type(model).__name__} has no module {sae.config.hook_module!r} (config.hook_module): pass the causal LM "
-            f"the SAE was trained on ({sae.config.base_model_id})"
-        ) from None
+    hooked = hooked_module(sae, model)
     edits = LatentEdits.of(sae.config.num_latents, ablate, clamp, scale, steer)
     threshold = sae.config.threshold >= 0 if use_threshold is None else use_threshold
     if threshold and sae.config.threshold < 0:

@@ -19,6 +19,10 @@ the decoder gathers the active rows (``embedding_bag``) once for all prefixes, a
 runs through the kept entries only (``_SparseDecodePrefixes``, ``_SparseEncoderValues``); the
 ReLU-only core columns use small dense products instead. The core encoder rows are a buffer: no
 gradient, no optimizer state, bitwise frozen.
+
+The SAE inside a causal LM (the splice, the logit effect, latents from text) lives in
+``interventions.py``, which imports this file; the methods here that hand over to it import it
+when called, so this file loads, and reads, without it.
 """
 
 from __future__ import annotations
@@ -33,11 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_dmsae import DMSAEConfig
-from .interventions import SAESplice, logit_effect, splice_sae
 
 
 class SparseLatents(NamedTuple):
@@ -53,6 +55,35 @@ class SparseLatents(NamedTuple):
     def to_dense(self, num_tokens: int, num_latents: int) -> torch.Tensor:
         dense = self.values.new_zeros(num_tokens, num_latents)
         return dense.index_put((self.rows, self.cols), self.values)
+
+
+class TextLatents(NamedTuple):
+    """SAE latents of tokenised text (:meth:`DMSAEModel.latents_from_text`).
+
+    latents: [B, T, K] activations, zero at the positions the SAE does not read; a dense tensor, or
+        with ``sparse=True`` a sparse COO tensor (``latents.to_dense()`` gives the dense one from either).
+    kept: [B, T] bool, the positions the SAE read: not padding, not a BOS token starting its row
+        (``config.mask_bos``), not a massive-norm position (``config.max_norm_ratio``).
+    """
+
+    latents: torch.Tensor
+    kept: torch.Tensor
+
+    def top(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [B, T, n], indices [B, T, n]): each position's n most active latents, largest
+        first; where fewer than n are active, the rest have value 0 and index -1."""
+        batch, length, num_latents = self.latents.shape
+        if not isinstance(n, int) or not 1 <= n <= num_latents:
+            raise ValueError(f"top(n): n must be an integer in [1, {num_latents}], got {n!r}")
+        entries = (self.latents if self.latents.is_sparse else self.latents.to_sparse()).coalesce()
+        (rows, positions, latents), values = entries.indices(), entries.values()
+        position_of = rows * length + positions
+        order, rank = rank_in_groups(position_of, values)
+        chosen = order[rank < n]
+        slots = (position_of[chosen], rank[rank < n])
+        top_values = values.new_zeros(batch * length, n).index_put_(slots, values[chosen])
+        top_indices = torch.full_like(top_values, -1, dtype=torch.long).index_put_(slots, latents[chosen])
+        return top_values.reshape(batch, length, n), top_indices.reshape(batch, length, n)
 
 
 @dataclass
@@ -133,6 +164,15 @@ def sampled_row_dots(
             check_invariants=False,
         )
     return torch.sparse.sampled_addmm(pattern, left, right.T, beta=0.0).values()
+
+
+def rank_in_groups(groups: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, rank): the entries sorted by group, then by descending key (ties in their given
+    order), and each sorted entry's rank within its group (0 for the largest key)."""
+    by_key = keys.argsort(descending=True, stable=True)
+    order = by_key[groups[by_key].argsort(stable=True)]
+    sorted_groups = groups[order]
+    return order, torch.arange(order.numel(), device=order.device) - torch.searchsorted(sorted_groups, sorted_groups)
 
 
 def _scatter_dense(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -436,11 +476,24 @@ class DMSAEPreTrainedModel(PreTrainedModel):
             return
         directions = F.normalize(torch.randn(module.W_dec.shape, device=module.W_dec.device), dim=-1)
         c = module.config.core_size
-        init.copy_(module.W_dec, directions)
-        init.copy_(module.core_encoder, directions[:c])
-        init.copy_(module.encoder, directions[c:])
-        init.zeros_(module.b_enc)
-        init.zeros_(module.b_dec)
+        _initialize(module.W_dec, directions)
+        _initialize(module.core_encoder, directions[:c])
+        _initialize(module.encoder, directions[c:])
+        _initialize(module.b_enc, 0.0)
+        _initialize(module.b_dec, 0.0)
+
+
+@torch.no_grad()
+def _initialize(tensor: torch.Tensor, value: torch.Tensor | float) -> None:
+    """tensor <- value, unless from_pretrained has loaded it already (transformers 5 marks such
+    tensors; transformers 4 loads the checkpoint after initialising). Plain torch rather than
+    ``transformers.initialization``, which transformers 4 does not have."""
+    if getattr(tensor, "_is_hf_initialized", False):
+        return
+    if isinstance(value, torch.Tensor):
+        tensor.copy_(value)
+    else:
+        tensor.fill_(value)
 
 
 class DMSAEModel(DMSAEPreTrainedModel):
@@ -678,19 +731,50 @@ class DMSAEModel(DMSAEPreTrainedModel):
 
     # ---- Inside the base model ------------------------------------------------------------
 
-    def splice(self, model: nn.Module, **options) -> ContextManager[SAESplice]:
-        """Context manager: this SAE spliced into the causal LM ``model`` at ``config.hook_module``,
-        optionally with the error term and edits on the latents (ablate, clamp, scale, steer);
-        :func:`~.interventions.splice_sae` documents the options and the positions left untouched.
+    def latents_from_text(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        use_threshold: bool = True,
+        sparse: bool = False,
+    ) -> TextLatents:
+        """The SAE latents of tokenised text: one forward of the causal LM ``model`` up to
+        ``config.hook_module`` (the layers after it are not run), its output encoded at the
+        positions the SAE was trained on, zeros at padding, BOS and massive-norm positions.
+
+            inputs = tokenizer(["The cat sat."], return_tensors="pt")
+            out = sae.latents_from_text(model, inputs.input_ids, inputs.attention_mask)
+            values, latents = out.top(5)  # [B, T, 5] each
+
+        ``use_threshold``: encode every position alone with the calibrated threshold (False: BatchTopK
+        over the batch's kept positions). ``sparse``: return the latents as a sparse COO tensor,
+        only the active entries (a dense [B, T, K] is 256 KiB a token at K = 65,536).
+        :func:`~.interventions.latents_from_text` says which median the massive-norm rule uses.
+        """
+        from .interventions import latents_from_text  # interventions import this file: the arrow points one way
+
+        return latents_from_text(self, model, input_ids, attention_mask, use_threshold=use_threshold, sparse=sparse)
+
+    def splice(self, model: nn.Module, **options) -> ContextManager:
+        """Context manager yielding an :class:`~.interventions.SAESplice`: this SAE spliced into the
+        causal LM ``model`` at ``config.hook_module``, optionally with the error term and edits on
+        the latents (ablate, clamp, scale, steer); :func:`~.interventions.splice_sae` documents the
+        options and the positions left untouched.
 
             with sae.splice(model, error_term=True, steer={42: 8.0}):
                 model.generate(**inputs)
         """
+        from .interventions import splice_sae
+
         return splice_sae(self, model, **options)
 
     def logit_effect(self, base_model: nn.Module, latents: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """[n, vocab] direct effect of ``latents``' decoder directions on ``base_model``'s logits
         (:func:`~.interventions.logit_effect`)."""
+        from .interventions import logit_effect
+
         return logit_effect(self, base_model, latents)
 
     # ---- Training hygiene ----------------------------------------------------------------

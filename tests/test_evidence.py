@@ -6,8 +6,8 @@ import math
 import torch
 
 from modeling_dmsae import DMSAEConfig, DMSAEModel
-from trainer.sae import evidence as ev
-from trainer.sae.evidence import EvidenceStream
+from modeling_dmsae import evidence as ev
+from modeling_dmsae.evidence import EvidenceStream
 from trainer.sae.metrics import reconstruction_metrics
 
 

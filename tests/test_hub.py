@@ -189,7 +189,7 @@ def test_cycle_card_has_metadata_config_lineage_and_usage(run_dir: Path):
     for rank, (index, origin) in enumerate(zip(core["selected"], core["lineage"])):
         assert f"| {rank} | {index} | {1 / (rank + 1):.4g} | {origin[0]} | {origin[1]} |" in text
     assert 'AutoModel.from_pretrained("dmsae-org/dmsae-tiny-run", revision="cycle-1", subfolder="cycle-1")' in text
-    assert "trust_remote_code=True" in text and 'get_submodule("model.layers.1").register_forward_hook' in text
+    assert "trust_remote_code=True" in text and "sae.latents_from_text(model, inputs.input_ids, inputs.attention_mask" in text
     assert "## Limitations" in text and "figures/core_lineage.png" in text
 
 

@@ -1,6 +1,11 @@
 """The import rule of ``trainer/`` (README, "Development"): rooms in one order, each importing only
 from the rooms below it and, without a circle, from its own; the leaves import nothing above them;
-``distill.py --help`` loads neither torch nor transformers."""
+``distill.py --help`` loads neither torch nor transformers. The model package imports no room, and
+its model file does not import back the files that import it.
+
+An import inside a function is an arrow for the rooms, but it runs when the function is called, not
+when its module loads: the circles are those of the imports that run at load time (an ``if
+TYPE_CHECKING:`` import counts among them, as a type checker follows it)."""
 
 from __future__ import annotations
 
@@ -39,26 +44,52 @@ def room_of(module: str) -> str | None:
     return max(matches, key=len) if matches else None
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module of our packages that ``path`` imports, at the top or inside a function."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
+def package_of(path: Path) -> str:
+    """The package a relative import in ``path`` starts from."""
+    return module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+
+
+def _names(node: ast.Import | ast.ImportFrom, package: str) -> set[str]:
+    """The modules (and attributes) an import statement names, relative ones made absolute."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    base = node.module or ""
+    if node.level:
+        parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join([*parent, *([node.module] if node.module else [])])
+    return {base, *(f"{base}.{alias.name}" for alias in node.names)}
+
+
+def imported_modules(source: str, package: str, lazy: bool = True) -> set[str]:
+    """Every module of our packages that ``source`` (a module of ``package``) imports: at load time
+    (its top level, ``if TYPE_CHECKING:`` and ``try:`` blocks included) and, with ``lazy``, inside
+    its functions too."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.update(_names(child, package))
+            elif lazy or not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                visit(child)
+
+    visit(ast.parse(source))
     return {name for name in found if name.split(".")[0] in PACKAGES}
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the modules of ours it imports (names that are attributes, not modules, dropped)."""
+def import_graph(lazy: bool = True) -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (names that are attributes, not modules, dropped);
+    without ``lazy``, only the imports that run when it loads."""
     files = {module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
-    return {module: {name for name in imported_modules(path) if name in files and name != module} for module, path in files.items()}
+    return {
+        module: {name for name in imported_modules(path.read_text(), package_of(path), lazy) if name in files and name != module}
+        for module, path in files.items()
+    }
 
 
-def violations(graph: dict[str, set[str]]) -> list[str]:
-    """Arrows that point up, leave modeling_dmsae for trainer/hub_cards, or close a circle."""
+def violations(graph: dict[str, set[str]], at_load: dict[str, set[str]] | None = None) -> list[str]:
+    """Arrows of ``graph`` that point up or leave modeling_dmsae for trainer/hub_cards, and circles
+    of ``at_load`` (the arrows that run at load time; default: ``graph``)."""
     wrong = []
     for module, targets in graph.items():
         for target in targets:
@@ -69,7 +100,7 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
                 continue
             elif ROOMS.index(target_room) > ROOMS.index(source_room):
                 wrong.append(f"{module} ({source_room}) -> {target} ({target_room}): imports from a room above it")
-    wrong += [f"import circle: {' -> '.join(circle)}" for circle in circles(graph)]
+    wrong += [f"import circle: {' -> '.join(circle)}" for circle in circles(graph if at_load is None else at_load)]
     return wrong
 
 
@@ -97,7 +128,7 @@ def test_every_module_of_trainer_is_in_a_room():
 
 
 def test_imports_point_down_the_rooms():
-    assert violations(import_graph()) == []
+    assert violations(import_graph(), import_graph(lazy=False)) == []
 
 
 @pytest.mark.parametrize(
@@ -113,9 +144,37 @@ def test_imports_point_down_the_rooms():
     ],
 )
 def test_the_rule_catches_a_wrong_arrow(arrow, complaint):
-    graph = import_graph()
-    graph[arrow[0]] = graph[arrow[0]] | {arrow[1]}
-    assert any(complaint in line for line in violations(graph))
+    graph, at_load = import_graph(), import_graph(lazy=False)
+    for arrows in (graph, at_load):
+        arrows[arrow[0]] = arrows[arrow[0]] | {arrow[1]}
+    assert any(complaint in line for line in violations(graph, at_load))
+
+
+MODEL, INTERVENTIONS = "modeling_dmsae.modeling_dmsae", "modeling_dmsae.interventions"
+
+
+def test_the_model_file_and_interventions_import_one_way():
+    """interventions use the model; the model file's methods that hand over to them import them
+    when called, never when it loads."""
+    at_load, graph = import_graph(lazy=False), import_graph()
+    assert MODEL in at_load[INTERVENTIONS]  # the checker sees the relative import
+    assert INTERVENTIONS not in at_load[MODEL], "modeling_dmsae.py imports interventions.py at load time: import it inside the method"
+    assert INTERVENTIONS in graph[MODEL]  # ... and sees the lazy one as an arrow of the rooms' rule
+
+
+def test_the_checker_sees_relative_type_checking_and_lazy_imports():
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from .modeling_dmsae import DMSAEModel\n"
+        "try:\n    from . import configuration_dmsae\nexcept ImportError:\n    pass\n"
+        "def splice():\n    from .interventions import splice_sae\n"
+    )
+    at_load = imported_modules(source, "modeling_dmsae", lazy=False)
+    assert {MODEL, "modeling_dmsae.configuration_dmsae"} <= at_load and INTERVENTIONS not in at_load
+    assert INTERVENTIONS in imported_modules(source, "modeling_dmsae")
+    both_ways = import_graph(lazy=False)
+    both_ways[MODEL] = both_ways[MODEL] | {INTERVENTIONS}
+    assert any(INTERVENTIONS in line and "circle" in line for line in violations(import_graph(), both_ways))
 
 
 def test_the_leaves_import_nothing_above_them():
