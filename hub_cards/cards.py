@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from modeling_dmsae import DMSAEConfig
+from modeling_dmsae.evidence import EVIDENCE_JSON, EVIDENCE_TENSORS
 from trainer.config import DISTILLED_TAG
 from trainer.run.files import read_json
 from trainer.run.layout import (
@@ -32,8 +33,6 @@ from trainer.run.layout import (
     BROWSER_INDEX,
     CORE_JSON,
     DISTILLED_FOLDER,
-    EVIDENCE_JSON,
-    EVIDENCE_TENSORS,
     FIRING_FREQUENCIES,
     METRICS_JSON,
     RunDirectory,
@@ -278,7 +277,7 @@ def _evidence_section(metrics: SAEMetrics, settings: CardSettings, per_latent: b
         f" `{EVIDENCE_TENSORS}` and `{EVIDENCE_JSON}`, beside the weights, hold for every latent, on the same tokens: "
         "its mean and max activation, an activation histogram, its top and typical held-out contexts with its activation "
         "on every token of each window, and the tokens its decoder direction promotes and suppresses through the base "
-        "model's final norm and unembedding (the format is described in `trainer/sae/evidence.py` of the dmsae package)."
+        "model's final norm and unembedding (the format is described in `modeling_dmsae/evidence.py`, which ships beside the weights; `modeling_dmsae.LatentEvidence.from_folder` reads it)."
     )
     browser = (
         f"\n\nThe run's offline feature browser is the folder [`{BROWSER_FOLDER}/`]"

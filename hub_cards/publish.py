@@ -14,7 +14,7 @@ A run goes to one **run repo** ``ORG/NAME``; every transfer-stage SAE to a repo 
           core.json, core_directions.safetensors   the core C(t) it selected (indices, scores, lineage, directions)
           metrics.json, README.md            its metrics and card
           latent_evidence.safetensors, latent_evidence.json, firing_frequencies.safetensors
-                                             per-latent evidence on held-out tokens (trainer.sae.evidence)
+                                             per-latent evidence on held-out tokens (modeling_dmsae.evidence)
       distilled_core/                        C* = C(T) ∩ C(T-1); pushed with figures/, browser/ and
       figures/                               run_config.yaml by the last commit, tagged ``distilled``
       browser/                               the offline feature browser (index.html and its *.js data)

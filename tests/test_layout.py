@@ -215,12 +215,6 @@ def test_only_the_entry_point_imports_the_hub_code():
     assert {m for m in importers if not m.startswith("hub_cards")} == {"trainer.distill"}
 
 
-def test_the_model_file_and_the_interventions_do_not_import_each_other_both_ways():
-    graph = import_graph()
-    model, interventions = "modeling_dmsae.modeling_dmsae", "modeling_dmsae.interventions"
-    assert not (interventions in graph[model] and model in graph[interventions])
-
-
 # Where a kind's name may be spelled: its registry entry, and the CLI's choices and defaults.
 KIND_NAME_HOMES = {ROOT / "trainer" / "run" / "kinds.py", ROOT / "trainer" / "config.py"}
 

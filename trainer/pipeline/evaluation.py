@@ -10,11 +10,12 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from modeling_dmsae import DMSAEModel
+from modeling_dmsae.evidence import EVIDENCE_JSON, EVIDENCE_TENSORS
 from trainer.harvest.harvested import Harvest
 from trainer.pipeline.context import RunContext
 from trainer.run.files import atomic_folder, write_bytes, write_json
+from trainer.run.layout import FIRING_FREQUENCIES, METRICS_JSON
 from trainer.run.metrics_file import SAEMetrics
-from trainer.run.layout import EVIDENCE_JSON, EVIDENCE_TENSORS, FIRING_FREQUENCIES, METRICS_JSON
 from trainer.sae import evidence as latent_evidence
 from trainer.sae.evidence import EvidenceStream, FiringCounts, LatentEvidence, top_logit_effects
 from trainer.sae.metrics import downstream_loss_metrics, reconstruction_metrics
@@ -46,7 +47,7 @@ def evaluate(
 
 
 def evidence_files(evidence: LatentEvidence, tokenizer) -> dict[str, bytes]:
-    """The evidence as the files of a stage folder (format: ``trainer.sae.evidence``)."""
+    """The evidence as the files of a stage folder (format: ``modeling_dmsae.evidence``)."""
     used = torch.cat([t.flatten() for t in (evidence.context_tokens, evidence.promoted_tokens, evidence.suppressed_tokens)])
     ids = used.unique().tolist()
     settings = {

@@ -3,7 +3,7 @@ static page that opens from ``file://`` with no network (no CDN; its CSS and Jav
 in ``index.html``; the folder is flat, so the Hub folder is a plain copy).
 
 Every latent of every final SAE, searchable by index and by top token, from the per-latent evidence
-saved beside each SAE (``trainer.sae.evidence``); and for every latent of the distilled core its
+saved beside each SAE (``modeling_dmsae.evidence``); and for every latent of the distilled core its
 lineage (origin cycle, every cycle that selected it, its attribution score and rank there) with its
 top contexts in each final SAE that carries it, side by side across k.
 
@@ -28,9 +28,10 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_dmsae import DMSAEConfig
+from modeling_dmsae.evidence import EVIDENCE_JSON, EVIDENCE_TENSORS
 from trainer.run.files import atomic_folder, read_json, write_text
 from trainer.run.kinds import KINDS
-from trainer.run.layout import BROWSER_INDEX, CORE_JSON, EVIDENCE_JSON, EVIDENCE_TENSORS, METRICS_JSON, RunDirectory, cycle_number
+from trainer.run.layout import BROWSER_INDEX, CORE_JSON, METRICS_JSON, RunDirectory, cycle_number
 from trainer.run.metrics_file import SAEMetrics
 
 SHARD_SIZE = 256

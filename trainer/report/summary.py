@@ -405,7 +405,7 @@ FILES_TEMPLATE = """| path | what it is |
 | `figures/` | the figures above |
 | `browser/` | the offline feature browser (`browser/index.html`, opens from disk with no network): every latent of every final SAE, and the distilled core's lineage |
 | `*/firing_frequencies.safetensors` | beside every SAE: each latent's firing frequency on the held-out tokens |
-| `transfer/*/latent_evidence.*` | beside every final SAE: per latent its mean and max activation, histogram, top and typical held-out contexts, logit effect (format: `trainer/sae/evidence.py`) |
+| `transfer/*/latent_evidence.*` | beside every final SAE: per latent its mean and max activation, histogram, top and typical held-out contexts, logit effect (format: `modeling_dmsae/evidence.py`, read by `modeling_dmsae.LatentEvidence.from_folder`) |
 | `logs/STAGE.jsonl` | training curves (loss, L0 core / non-core, dead fraction, BatchTopK's cut) every `run.log_every` steps; `logs/dmsae/`: the same in the tracker's format (tensorboard events by default) |
 | `hub/` | the exact folders pushed to the Hub, with their model cards |
 | `cache/` | harvested activations and the (x, g) attribution sample (reused by every cycle and by a resumed run) |

@@ -30,8 +30,7 @@ from trainer.run.files import read_json
 CORE_JSON, CORE_DIRECTIONS, METRICS_JSON = "core.json", "core_directions.safetensors", "metrics.json"
 CORE_FILES = (CORE_JSON, CORE_DIRECTIONS)
 # Every SAE's folder holds its latents' firing frequencies on the held-out tokens; a final SAE's
-# also the whole per-latent evidence (format: trainer.sae.evidence), as does its Hub folder.
-EVIDENCE_TENSORS, EVIDENCE_JSON = "latent_evidence.safetensors", "latent_evidence.json"
+# also the whole per-latent evidence (format and file names: modeling_dmsae.evidence), as does its Hub folder.
 FIRING_FREQUENCIES = "firing_frequencies.safetensors"
 SAE_FILES = ("config.json", "model.safetensors", METRICS_JSON, FIRING_FREQUENCIES)
 CYCLE_FILES = (*SAE_FILES, *CORE_FILES)
