@@ -1,4 +1,4 @@
-"""The import rule of ``trainer/`` (README, "Development"): rooms in one order, each importing only
+"""The import rule of ``trainer/`` (docs/development.md): rooms in one order, each importing only
 from the rooms below it and, without a circle, from its own; the leaves import nothing above them;
 ``distill.py --help`` loads neither torch nor transformers. The model package imports no room, and
 its model file does not import back the files that import it.

@@ -1,1 +1,1 @@
-"""The trainer of Distilled Matryoshka SAEs; its rooms are listed in the README ("Development")."""
+"""The trainer of Distilled Matryoshka SAEs; its rooms are listed in docs/development.md ("The layout of trainer/")."""

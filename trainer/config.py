@@ -154,7 +154,7 @@ class HarvestConfig:
     """Seeds the shard shuffles and the attribution position sampling."""
 
     max_norm_ratio: float = 10.0
-    """Exclude positions whose activation norm exceeds this multiple of the median norm of their forward batch (attention sinks, massive activations) from SAE training, attribution, calibration and every metric; 0 keeps them. The default sits in the gap measured on SmolLM2-135M layer 12: ordinary tokens stay below 3x the median, sink positions lie at 15-200x (README, "Activation hygiene")."""
+    """Exclude positions whose activation norm exceeds this multiple of the median norm of their forward batch (attention sinks, massive activations) from SAE training, attribution, calibration and every metric; 0 keeps them. The default sits in the gap measured on SmolLM2-135M layer 12: ordinary tokens stay below 3x the median, sink positions lie at 15-200x (docs/training.md, "Activation hygiene")."""
 
     def context_ranges(self, context_length: int) -> ContextRanges:
         train = range(0, math.ceil(self.train_tokens / context_length))
