@@ -14,6 +14,7 @@ from transformers import AutoModel
 
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from trainer import distill
+from trainer.run.kinds import KINDS
 from trainer.sae.training import SAETrainer
 
 
@@ -154,9 +155,9 @@ def test_transfer_seeds_train_every_final_sae_once_per_seed(tiny_setup, finished
     fve = [m["fve"] for name, m in metrics["transfer"].items() if name.startswith("baseline-k-0004")]
     assert "| Matryoshka baseline | 4 | 2 |" in summary and f"[{min(fve):.3f}, {max(fve):.3f}]" in summary
     hub_names = {p.name for p in (output / "hub" / "saes").iterdir()}
-    assert len(hub_names) == 10 and sum(name.endswith("-seed1") for name in hub_names) == 5
+    assert len(hub_names) == 10 and sum(name.endswith("-seed-1") for name in hub_names) == 5
     cards = {name: (output / "hub" / "saes" / name / "README.md").read_text() for name in hub_names}
-    assert all(("Trained with transfer seed 1" in card) == name.endswith("-seed1") for name, card in cards.items())
+    assert all(("Trained with transfer seed 1" in card) == name.endswith("-seed-1") for name, card in cards.items())
 
 
 def _browser_data(path: Path):
@@ -208,7 +209,7 @@ def test_every_sae_has_its_evidence_and_the_browser_shows_the_core(finished_run)
             cycle = json.loads((run / "cycles" / f"cycle-{selection['cycle']:03d}" / "core.json").read_text())
             assert cycle["lineage"][selection["rank"]] == entry["key"] and cycle["selected"][selection["rank"]] == selection["index"]
             assert cycle["scores"][selection["rank"]] == selection["score"]
-    carriers = [s for s in index["saes"] if s["core"] == "distilled"]
+    carriers = [s for s in index["saes"] if KINDS[s["kind"]].keeps_distilled_core]
     assert len(carriers) == 4 and all(s["core_latents"] == {str(i): i for i in range(len(core["lineage"]))} for s in carriers)
     _, contexts = _browser_data(browser / "contexts.js")
     sae = carriers[0]
