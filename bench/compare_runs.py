@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,15 @@ def result_digests(run: Path) -> dict[str, str]:
     return {str(path.relative_to(run)): hashlib.sha256(path.read_bytes()).hexdigest() for path in paths if path.is_file()}
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Equal, NaN included (a cycle without a frozen core has a NaN carry-over)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
 def json_differences(a: Any, b: Any, at: str = "") -> tuple[list[str], list[str], list[str]]:
     """(keys only in a, keys only in b, keys whose values differ), as dotted paths."""
     if not (isinstance(a, dict) and isinstance(b, dict)):
-        return [], [], [] if a == b else [at or "(the whole file)"]
+        return [], [], [] if same_value(a, b) else [at.rstrip(".") or "(the whole file)"]
     only_a, only_b, changed = [f"{at}{k}" for k in a if k not in b], [f"{at}{k}" for k in b if k not in a], []
     for key in (k for k in a if k in b):
         more = json_differences(a[key], b[key], f"{at}{key}.")

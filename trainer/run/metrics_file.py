@@ -70,7 +70,7 @@ for _metric in (
     Metric("ce_loss_spliced", "CE loss, SAE spliced in", "CE spliced", ".4g", LOWER, EVERY_SAE),
     Metric("ce_loss_zero_ablated", "CE loss, zero ablation", "CE zero-ablated", ".4g", None, EVERY_SAE),
     Metric("loss_recovered", "CE loss recovered", "loss recovered", ".3f", HIGHER, EVERY_SAE),
-    Metric("core_size", "Core size", "c", "d", None, EVERY_SAE, measured=False),
+    Metric("core_size", "Core size", "frozen core c", "d", None, EVERY_SAE, measured=False),
     Metric("k", "Sparsity target k", "k", "d", None, FINAL_SAES, measured=False),
     Metric("k_noncore", "Non-core sparsity target (Eq. 4)", "k non-core", "d", None, EVERY_SAE, measured=False),
     Metric("selected_core_size", "Selected core C(t)", "selected C(t)", "d", None, CYCLES, measured=False),
