@@ -318,6 +318,8 @@ def test_cycle0_checkpoint_from_a_hub_folder(tiny_setup, tmp_path, hub, capsys, 
     assert distill.cli(tiny_args(tiny_setup, tmp_path / "run", "--cycles.cycle0_checkpoint", never_fetched)) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--cycles.cycle0_checkpoint {never_fetched} (not a local path)" in err and "unset HF_HUB_OFFLINE" in err
+    assert distill.main(tiny_args(tiny_setup, tmp_path / "run", "--cycles.cycle0_checkpoint", never_fetched, "--dry-run")) == 0
+    assert f"the cycle-0 checkpoint {never_fetched} was not read" in capsys.readouterr().out  # a dry run offline says what it skipped
     assert not (tmp_path / "run").exists()
 
 

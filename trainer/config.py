@@ -271,7 +271,7 @@ class CycleConfig:
     data_lanes: int = 8
     """Training shards are dealt to this many lanes (shard s to lane s mod data_lanes) and every micro-batch takes the same share of each; process p reads lanes p, p+P, ... So the trained SAEs do not depend on the number of processes P, which must divide data_lanes."""
     cycle0_checkpoint: str | None = None
-    """Cycle 0 from a published SAE: a dictionary_learning / SAEBench trainer folder or ae.pt, a SAELens folder, or a DMSAE save_pretrained folder. None: train one with c = 0. The run's k, variant, AuxK and dead-latent settings replace the checkpoint's for the attribution and every later cycle."""
+    """Cycle 0 from a published SAE: a dictionary_learning / SAEBench trainer folder or ae.pt, a SAELens folder, or a DMSAE save_pretrained folder; local, or a folder of a Hub repo, ORG/NAME[@REVISION][:SUBFOLDER] (downloaded into the Hugging Face cache). None: train one with c = 0. The run's k, variant, AuxK and dead-latent settings replace the checkpoint's for the attribution and every later cycle."""
     accept_checkpoint_k: bool = False
     """Run the cycles at cycles.k although the cycle-0 checkpoint was trained at another k (otherwise refused)."""
 

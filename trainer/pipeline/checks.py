@@ -134,7 +134,7 @@ def check_before_loading(config: DistillConfig) -> Preflight:
         load_text_dataset(config.data)  # streamed: opens the files (or the Hub id), reads nothing
     if config.dictionary.d_in:
         d_in = config.dictionary.d_in
-    elif offline:
+    elif offline and model_on_hub(config.model):  # a local model's width needs no Hub
         raise ConfigError(f"the width of {config.model.model_id} needs its configuration from the Hub ({offline}): set --dictionary.d_in")
     else:
         d_in = base_model_width(config.model)
