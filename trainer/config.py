@@ -2,6 +2,8 @@
 
 ``trainer/configs/*.yaml`` hold complete configurations (the embedded default and the
 paper's); ``--config FILE`` loads one and ``--section.field value`` overrides any field.
+``--help`` (:func:`help_text`) shows examples first, then every section's flags with their
+docstrings; a mistyped command line is a one-line CommandLineError.
 
 A leaf: it imports nothing from ``trainer/`` but the error types, and neither torch nor
 transformers, so ``distill.py --help`` and ``--dry-run``'s parsing start in a moment.
@@ -460,6 +462,13 @@ def take_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(DistillConfig)}  # name -> section class
+
+
+def field_names(section: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(section)]
+
+
 class DistillParser(simple_parsing.ArgumentParser):
     """simple_parsing's parser of DistillConfig with its defaults from ``config_file``: the field
     docstrings stay the one source of each flag's help, but :func:`help_text` lays it out, and a
@@ -486,17 +495,11 @@ class DistillParser(simple_parsing.ArgumentParser):
         self._preprocessing()  # simple_parsing adds the fields' flags lazily
         return self._option_string_actions[flag]
 
-    def known_flags(self) -> list[str]:
-        """Every flag --help lists."""
-        fields = [f"--{section}.{name}" for section, cls in SECTIONS.items() for name in field_names(cls)]
-        return [*SHORT_FORMS, "--help", *fields]
 
-
-SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(DistillConfig)}  # name -> section class
-
-
-def field_names(section: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(section)]
+def known_flags() -> list[str]:
+    """Every flag --help lists."""
+    fields = [f"--{section}.{name}" for section, cls in SECTIONS.items() for name in field_names(cls)]
+    return [*SHORT_FORMS, "--help", *fields]
 
 
 def argument_error(error: argparse.ArgumentError, parser: DistillParser) -> CommandLineError:
@@ -507,11 +510,11 @@ def argument_error(error: argparse.ArgumentError, parser: DistillParser) -> Comm
     return CommandLineError(f"{flag}: {error.message}")
 
 
-def unknown_argument(arg: str, parser: DistillParser) -> CommandLineError:
+def unknown_argument(arg: str) -> CommandLineError:
     name = arg.partition("=")[0]
     if not name.startswith("-"):
         return CommandLineError(f"unexpected value {arg!r}: every setting is --section.field VALUE")
-    close = difflib.get_close_matches(name, parser.known_flags(), n=1)
+    close = difflib.get_close_matches(name, known_flags(), n=1)
     return CommandLineError(f"unknown flag {name}" + (f": did you mean {close[0]}?" if close else ""))
 
 
@@ -529,7 +532,7 @@ def parse_config(argv: list[str]) -> DistillConfig:
     except argparse.ArgumentError as error:
         raise argument_error(error, parser) from None
     if unknown:
-        raise unknown_argument(unknown[0], parser)
+        raise unknown_argument(unknown[0])
     parsed.config.validate()
     return parsed.config
 
@@ -597,7 +600,8 @@ def help_entry(flag: str, text: str) -> str:
     return wrap(text, head.ljust(FLAG_COLUMN), indent)
 
 
-def short_form_entries(parser: DistillParser) -> list[str]:
+def short_form_entries() -> list[str]:
+    """The short forms, each with its field's docstring or what it does."""
     entries = []
     for name in SHORT_FORMS:
         typed = f"{name} {VALUE_NAMES[name]}" if name in VALUE_NAMES else name
@@ -623,7 +627,7 @@ def section_entries(parser: DistillParser, section: str) -> list[str]:
 def help_text(parser: DistillParser) -> str:
     """distill.py --help: examples first, then the short forms, then every setting by section."""
     source = "trainer/configs/default.yaml" if parser.config_file == DEFAULT_CONFIG else str(parser.config_file)
-    parts = [HELP_HEAD, "short forms:", *short_form_entries(parser), ""]
+    parts = [HELP_HEAD, "short forms:", *short_form_entries(), ""]
     parts.append(f"settings, by section (defaults from {source}):\n")
     for section in SECTIONS:
         parts += [*section_entries(parser, section), ""]

@@ -1,9 +1,9 @@
 """What a run reads from the Hugging Face Hub besides the base model and the text: a published core
 (``--transfer.core ORG/NAME@cycle-7``) and a published cycle-0 SAE (``--cycles.cycle0_checkpoint
 ORG/NAME[@REVISION][:SUBFOLDER]``), both through the converter's download; and whether the run needs
-the Hub before it loads anything, and whether the Hub can be reached from here: a dry run on a login node or a laptop without network
-still prints the whole plan, saying which checks it skipped. A real run checks everything (and
-refuses what it cannot reach) before loading any weights."""
+the Hub before it loads anything, and whether the Hub can be reached from here: a dry run on a login
+node or a laptop without network still prints the whole plan, saying which checks it skipped. A real
+run checks everything (and refuses what it cannot reach) before loading any weights."""
 
 from __future__ import annotations
 
