@@ -302,7 +302,7 @@ class TransferConfig:
     random_sparse_control: bool = False
     """With random_core_control and sparsity_matched: also train random-core-sparse, a random core in the sparse-core variant at the distillation k (the control of the sparse-core DMSAE)."""
     random_core_every_k: bool = False
-    """Also train random-core-fixed at every k of transfer.ks: a random core whose directions are the same at every k for a seed (drawn from run.seed and the transfer seed), to compare feature consistency across k with the DMSAE's."""
+    """Also train random-core-fixed at every k of transfer.ks and the distillation k: a random core whose directions are the same at every k for a seed (drawn from run.seed and the transfer seed), to compare feature consistency across k with the DMSAE's."""
     baseline_ks: list[int] = field(default_factory=list)
     """Also train the Matryoshka baseline at these k (e.g. 128 160: where the dense-core DMSAEs' measured L0 lies), whatever transfer.baseline says."""
 

@@ -148,13 +148,14 @@ Planned = tuple[SAEKind, int, float | None]  # a final SAE but its seed: kind, k
 def planned_controls(config: DistillConfig) -> list[Planned]:
     """The controls the settings ask for: the random core at the distillation k (Figure 3), there
     too in the sparse-core variant, and the distilled core rescaled by each factor; the random core
-    that is the same at every k, at every k of transfer.ks."""
+    that is the same at every k, at every k the dense-core DMSAE takes (transfer.ks and the
+    distillation k), so that its consistency across k is measured over the same pairs of k."""
     transfer, k = config.transfer, config.cycles.k
     random = transfer.random_core_control
     planned: list[Planned] = [(RANDOM_CORE, k, None)] * random
     planned += [(RANDOM_CORE_SPARSE, k, None)] * (random and transfer.sparsity_matched and transfer.random_sparse_control)
     planned += [(RESCALED_CORE, k, factor) for factor in transfer.core_scale]
-    planned += [(RANDOM_CORE_FIXED, kk, None) for kk in transfer.ks] * transfer.random_core_every_k
+    planned += [(RANDOM_CORE_FIXED, kk, None) for kk in dict.fromkeys([*transfer.ks, k])] * transfer.random_core_every_k
     return planned
 
 
