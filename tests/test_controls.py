@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate.utils import set_seed
+from test_distill import finished_run, tiny_setup  # noqa: F401 (fixtures)
 
 from trainer.config import parse_config
 from trainer.errors import ConfigError
@@ -278,3 +279,62 @@ def test_a_resume_may_add_controls_but_not_change_the_random_cores_norms(tmp_pat
     start_run(RunDirectory(run), parse_config([*resumed, *added, "--transfer.baseline_ks", "128"]), write=False)
     with pytest.raises(ValueError, match=r"depends on changed settings:\n  transfer.random_core_norm: 'matched' -> 'unit'"):
         start_run(RunDirectory(run), parse_config([*resumed, "--transfer.random_core_norm", "unit"]), write=False)
+
+
+def test_the_controls_config_is_the_study_with_its_controls_on():
+    """bench/study/controls.yaml: the study's settings but for the transfer stage, the shared cache
+    and the output folder; every control of issue 28 on, three seeds of 18 SAEs."""
+    from pathlib import Path
+
+    bench = Path(__file__).parent.parent / "bench" / "study"
+    study, controls = (parse_config(["--config", str(bench / name)]) for name in ("config.yaml", "controls.yaml"))
+    changed = {("harvest", "cache_dir"), ("run", "output_dir")}
+    for section in ("model", "data", "harvest", "dictionary", "optimizer", "cycles", "eval", "run"):
+        for name, value in vars(getattr(controls, section)).items():
+            assert (section, name) in changed or value == getattr(getattr(study, section), name), f"{section}.{name}"
+    assert controls.transfer.core == "runs/study/distilled_core" and controls.harvest.cache_dir == "runs/study/cache"
+    finals, studied = final_saes(controls), final_saes(study)
+    assert [f for f in finals if f in studied] == studied  # the study's SAEs, in the study's order
+    assert len(finals) == 3 * 18 and {f.kind for f in finals} >= {RESCALED_CORE, RANDOM_CORE_SPARSE, RANDOM_CORE_FIXED}
+    assert {f.k for f in finals if f.kind is BASELINE} == {16, 32, 64, 128, 160}
+
+
+# ---- every control through a tiny run: the stage, the report, the browser and the Hub folders ----
+
+
+def test_a_tiny_run_trains_reports_and_names_every_control(finished_run, tiny_setup, tmp_path):  # noqa: F811
+    import json
+
+    from safetensors.torch import load_file
+    from test_distill import tiny_args
+    from transformers import AutoModel
+
+    from trainer import distill
+
+    output = tmp_path / "controls"
+    args = tiny_args(
+        tiny_setup, output, "--core", str(finished_run / "distilled_core"), "--harvest.cache_dir", str(finished_run / "cache"),
+        "--transfer.ks", "4", "--transfer.baseline", "false", "--transfer.baseline_ks", "12", "--transfer.core_scale", "2",
+        "--transfer.random_sparse_control", "true", "--transfer.random_core_every_k", "true", "--transfer.random_core_norm", "unit",
+    )  # fmt: skip
+    assert distill.main(args) == 0
+    expected = [
+        "k-0004-dense_core", "k-0008-dense_core", "k-0008-sparse_core", "random-core-k-0008", "random-core-sparse-k-0008",
+        "rescaled-core-x2-k-0008", "random-core-fixed-k-0004", "random-core-fixed-k-0008", "baseline-k-0012",
+    ]  # fmt: skip
+    assert sorted(p.name for p in (output / "transfer").iterdir()) == sorted(expected)
+    load = lambda name: AutoModel.from_pretrained(output / "transfer" / name)  # noqa: E731
+    core = load_file(finished_run / "distilled_core" / "core_directions.safetensors")["core_directions"]
+    torch.testing.assert_close(load("rescaled-core-x2-k-0008").core_encoder, 2 * core)
+    torch.testing.assert_close(load("random-core-k-0008").core_encoder.norm(dim=-1), torch.ones(len(core)))
+    assert torch.equal(load("random-core-fixed-k-0004").core_encoder, load("random-core-fixed-k-0008").core_encoder)
+    assert load("random-core-sparse-k-0008").config.variant == "sparse_core"
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["transfer"]["rescaled-core-x2-k-0008"]["factor"] == 2
+    assert {row["family"] for row in metrics["consistency"]} == {DMSAE.label, RANDOM_CORE_FIXED.label}
+    assert "rows of other norms (--transfer.random_core_norm unit)" in metrics["figure3"]
+    summary = (output / "SUMMARY.md").read_text()
+    assert "| rescaled-core-x2-k-0008 | distilled core x2 | 8 |" in summary
+    assert "DMSAE against random core, same at every k:" in summary
+    hub = {p.name for p in (output / "hub" / "saes").iterdir()}
+    assert len(hub) == len(expected) and any(name.endswith("-k8-rescaled-core-x2") for name in hub), hub

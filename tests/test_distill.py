@@ -154,9 +154,9 @@ def test_transfer_seeds_train_every_final_sae_once_per_seed(tiny_setup, finished
     fve = [m["fve"] for name, m in metrics["transfer"].items() if name.startswith("baseline-k-0004")]
     assert "| Matryoshka baseline | 4 | 2 |" in summary and f"[{min(fve):.3f}, {max(fve):.3f}]" in summary
     hub_names = {p.name for p in (output / "hub" / "saes").iterdir()}
-    assert len(hub_names) == 10 and sum(name.endswith("-seed1") for name in hub_names) == 5
+    assert len(hub_names) == 10 and sum(name.endswith("-seed-1") for name in hub_names) == 5
     cards = {name: (output / "hub" / "saes" / name / "README.md").read_text() for name in hub_names}
-    assert all(("Trained with transfer seed 1" in card) == name.endswith("-seed1") for name, card in cards.items())
+    assert all(("Trained with transfer seed 1" in card) == name.endswith("-seed-1") for name, card in cards.items())
 
 
 def _browser_data(path: Path):
