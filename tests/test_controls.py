@@ -136,6 +136,14 @@ def test_the_random_core_norm_setting_accepts_its_options_and_positive_numbers_o
             parse_config(["--transfer.random_core_norm", norm])
 
 
+def test_a_random_core_norm_written_as_a_yaml_number_is_a_factor(tmp_path):
+    config = tmp_path / "norm.yaml"
+    config.write_text("transfer:\n  random_core_norm: 2\n")
+    core = distilled_core()
+    random = start(RANDOM_CORE, core, "--config", str(config))
+    torch.testing.assert_close(random.core_encoder.norm(dim=-1), 2 * core.directions.norm(dim=-1))
+
+
 def test_the_sparse_random_core_differs_from_the_sparse_core_dmsae_only_in_its_directions():
     core = distilled_core()
     sparse, random = start(DMSAE_SPARSE_CORE, core), start(RANDOM_CORE_SPARSE, core)

@@ -384,7 +384,7 @@ class DistillConfig:
             (
                 "transfer.random_core_norm",
                 transfer.random_core_norm in ("matched", "unit", "gaussian")
-                or (transfer.random_core_norm.replace(".", "", 1).isdigit() and float(transfer.random_core_norm) > 0),
+                or (str(transfer.random_core_norm).replace(".", "", 1).isdigit() and float(transfer.random_core_norm) > 0),  # a YAML number too
                 "must be matched, unit, gaussian or a positive number (times the matched norms), e.g. 2",
             ),
             ("transfer.core_scale", all(f > 0 for f in transfer.core_scale), "must be positive factors, e.g. --transfer.core_scale 0.5 2 4"),

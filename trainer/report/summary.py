@@ -162,7 +162,7 @@ def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics
     seeds = f"{n} seeds (mean [min, max])" if n > 1 else "one seed: no spread to judge a small difference by"
     return (
         f"At k = {k}, {seeds}. Both cores of {c} latents, frozen encoder rows {norms}, started the same way "
-        f"(DMSAEModel.from_core: the decoder unrelated to them); only the {'directions' if norm == MATCHED_NORM else 'rows'} differ. "
+        f"(DMSAEModel.from_core: the decoder unrelated to them); only the {'directions' if norm == MATCHED_NORM else 'directions and norms'} differ. "
         f"The random core's L0_core went from {start.format(1)} (first tenth of training) to {end.format(1)} (last tenth): "
         f"it {_happened('fell', 'did not fall', fell, n)} ({change}). "
         f"The distilled core went from {spread(d.start for d in distilled).format(1)} to {spread(d.end for d in distilled).format(1)} "
