@@ -301,6 +301,16 @@ class TransferConfig:
     """Seeds of the final SAEs: every SAE above (DMSAEs, controls, baselines) is trained once per seed, its initialisation, data order and random core drawn from it (seed 0: folder NAME, seed s: NAME-seed-s). With several, the report gives each comparison's mean and min-max over seeds. The cycles are trained once (run.seed)."""
     core: str | None = None
     """Skip distillation and start from a saved core: a local distilled_core/ or cycle folder, or a run repo on the Hub: ORG/NAME@cycle-7 (cycle 7's core) or ORG/NAME[@distilled] (C*)."""
+    random_core_norm: str = "matched"
+    """Row norms of every random core (the controls random-core, random-core-sparse, random-core-fixed): matched (each row the norm of the distilled row it stands in for), unit, gaussian (raw N(0, 1) rows, norm ~sqrt(d)), or a positive number: that many times the matched norms. Every setting scales the same random draws."""
+    core_scale: list[float] = field(default_factory=list)
+    """Also train the rescaled-core control at the distillation k, once per factor (e.g. 0.5 2 4): C*'s rows times the factor, same directions (folder rescaled-core-xF-k-KKKK). Empty: none."""
+    random_sparse_control: bool = False
+    """With random_core_control and sparsity_matched: also train random-core-sparse, a random core in the sparse-core variant at the distillation k (the control of the sparse-core DMSAE)."""
+    random_core_every_k: bool = False
+    """Also train random-core-fixed at every k of transfer.ks and the distillation k: a random core whose directions are the same at every k for a seed (drawn from run.seed and the transfer seed), to compare feature consistency across k with the DMSAE's."""
+    baseline_ks: list[int] = field(default_factory=list)
+    """Also train the Matryoshka baseline at these k (e.g. 128 160: where the dense-core DMSAEs' measured L0 lies), whatever transfer.baseline says."""
 
 
 @dataclass
@@ -377,6 +387,15 @@ class DistillConfig:
             ("transfer.ks", len(transfer.ks) > 0 and all(k > 0 for k in transfer.ks), "must be positive integers, e.g. --transfer.ks 16 64"),
             ("transfer.seeds", len(transfer.seeds) > 0 and all(s >= 0 for s in transfer.seeds), "must be non-negative integers, e.g. --transfer.seeds 0 1 2"),
             ("transfer.seeds", len(set(transfer.seeds)) == len(transfer.seeds), "must not repeat a seed: each trains every final SAE once"),
+            (
+                "transfer.random_core_norm",
+                transfer.random_core_norm in ("matched", "unit", "gaussian")
+                or (str(transfer.random_core_norm).replace(".", "", 1).isdigit() and float(transfer.random_core_norm) > 0),  # a YAML number too
+                "must be matched, unit, gaussian or a positive number (times the matched norms), e.g. 2",
+            ),
+            ("transfer.core_scale", all(f > 0 for f in transfer.core_scale), "must be positive factors, e.g. --transfer.core_scale 0.5 2 4"),
+            ("transfer.core_scale", len({f"{f:g}" for f in transfer.core_scale}) == len(transfer.core_scale), "must not repeat a factor: each names its own SAE"),
+            ("transfer.baseline_ks", all(k > 0 for k in transfer.baseline_ks), "must be positive integers, e.g. --transfer.baseline_ks 128 160"),
             ("cycles.batch_size", cycles.batch_size > 0, "must be positive: tokens per optimisation step, all processes together"),
             ("cycles.data_lanes", cycles.data_lanes >= 1, "must be >= 1 (a multiple of the number of processes)"),
             (

@@ -74,7 +74,7 @@ def check_hub_names(config: DistillConfig, d_in: int) -> None:
     run_repo = run_repo_id(config.hub, RunDirectory(config.run.output_dir))
     for final, _, build in _final_sae_configs(config, d_in, known_core_size(config)):
         try:
-            sae_repo_id(build(), final.kind, final.seed, run_repo, config.hub)
+            sae_repo_id(build(), final, run_repo, config.hub)
         except ValueError as error:
             raise ConfigError(
                 f"--hub.sae_repo_pattern {config.hub.sae_repo_pattern!r} makes an invalid repo id for {final.name}: {error}"
