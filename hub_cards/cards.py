@@ -156,7 +156,7 @@ def final_sae_card(sae_dir: Path, settings: CardSettings, *, repo_id: str) -> Mo
         card_data,
         template_str=_template("final_sae.md"),
         repo_id=repo_id,
-        core_name=metrics.sae_kind.core_origin,
+        core_name=metrics.sae_kind.core_origin_for(metrics.factor),
         seed=metrics.seed,
         **_common_fields(config, metrics, settings),
         core_origins=_origin_counts([origin[0] for origin in config.core_lineage]),

@@ -80,6 +80,7 @@ from trainer.run.layout import (
     hub_cycle_folder,
 )
 from trainer.run.metrics_file import SAEMetrics
+from trainer.run.stages import FinalSAE
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def build_sae_folders(paths: RunDirectory, settings: HubSettings) -> list[PushUn
     for sae_dir in paths.transfers():
         config = DMSAEConfig.from_pretrained(sae_dir)
         metrics = SAEMetrics.read(sae_dir / METRICS_JSON)
-        repo_id = sae_repo_id(config, metrics.sae_kind, metrics.seed, run_repo, settings)
+        repo_id = sae_repo_id(config, FinalSAE.from_metrics(metrics), run_repo, settings)
         if repo_id in sources:
             raise ConfigError(
                 f"transfer SAEs {sources[repo_id]} and {sae_dir} would both go to {repo_id}: add {{variant}} "

@@ -38,6 +38,10 @@ CLI::
     python -m modeling_dmsae.convert_checkpoints SRC DST [--k K] [--overwrite]           # import as DMSAE
     python -m modeling_dmsae.convert_checkpoints --to saelens SRC DST \
         [--context_size 1024] [--prepend_bos true]                                      # export to SAELens
+
+SRC is a local path or a folder of a Hub repo, ``ORG/NAME[@REVISION][:SUBFOLDER]`` (e.g. a SAEBench
+release's ``ORG/NAME:<sae>/resid_post_layer_12/trainer_2``), fetched into the Hugging Face cache
+(read from it offline, with HF_HUB_OFFLINE=1).
 """
 
 from __future__ import annotations
@@ -56,6 +60,15 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import simple_parsing
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -683,6 +696,63 @@ def from_checkpoint(path: str | os.PathLike, **options: Any) -> DMSAEModel:
     return from_dictionary_learning(path, **options)
 
 
+class HubFolder(NamedTuple):
+    """A folder of a Hub repo, spelled ``ORG/NAME[@REVISION][:SUBFOLDER]``."""
+
+    repo_id: str
+    revision: str | None = None  # None: the default branch
+    subfolder: str = ""  # "": the whole repo
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "") + (f":{self.subfolder}" if self.subfolder else "")
+
+
+HUB_FOLDER_SPEC = "ORG/NAME[@REVISION][:SUBFOLDER]"
+
+
+def parse_hub_folder(spec: str) -> HubFolder | None:
+    """``ORG/NAME[@REVISION][:SUBFOLDER]`` as a HubFolder; None when ``spec`` is not one (a repo id has
+    no ':', a git revision neither)."""
+    head, _, subfolder = spec.partition(":")
+    repo_id, at, revision = head.partition("@")
+    if repo_id.count("/") != 1 or (at and not revision):
+        return None
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return None
+    return HubFolder(repo_id, revision or None, subfolder.strip("/"))
+
+
+class HubDownloadError(ValueError):
+    """A Hub folder that cannot be had (no such repo, revision or folder; offline and not cached):
+    the message names it and the fix."""
+
+
+def download_hub_folder(folder: HubFolder, files: Sequence[str] | None = None, **hub_options: Any) -> Path:
+    """The local copy of ``folder`` (only its ``files`` when given) in the Hugging Face cache, fetched
+    there unless HF_HUB_OFFLINE is set. ``hub_options``: snapshot_download's cache_dir, token."""
+    prefix = f"{folder.subfolder}/" if folder.subfolder else ""
+    patterns = [prefix + name for name in files] if files else ([prefix + "*"] if prefix else None)
+    try:
+        snapshot = snapshot_download(folder.repo_id, revision=folder.revision, allow_patterns=patterns, **hub_options)
+    except RevisionNotFoundError:
+        raise HubDownloadError(f"{folder.repo_id} has no branch or tag {folder.revision}") from None
+    except RepositoryNotFoundError:
+        raise HubDownloadError(
+            f"no repo {folder.repo_id} on the Hub: check the name, or set HF_TOKEN (hf auth login) if it is private"
+        ) from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        raise HubDownloadError(
+            f"{folder} is not in the Hugging Face cache and the Hub cannot be reached ({type(error).__name__}): "
+            "download it once online (unset HF_HUB_OFFLINE) or pass a local path"
+        ) from None
+    local = Path(snapshot) / folder.subfolder
+    if not local.is_dir():
+        raise HubDownloadError(f"{folder.repo_id} has no folder {folder.subfolder!r}: name one of its folders after the ':'")
+    return local
+
+
 def write_folder_atomically(destination: Path, write: Callable[[Path], None], overwrite: bool) -> None:
     """``write(staging)`` into a sibling staging folder, then rename it into place: a crash leaves either
     nothing or a complete folder, never a half-written one (and an overwritten folder is put back)."""
@@ -717,7 +787,8 @@ class ConvertArgs:
 
     source: str = simple_parsing.field(positional=True)
     """ae.pt file, dictionary_learning trainer folder, SAELens folder (sae_weights.safetensors + cfg.json),
-    or (--to saelens) a DMSAE folder written by save_pretrained."""
+    or (--to saelens) a DMSAE folder written by save_pretrained; local, or on the Hub as
+    ORG/NAME[@REVISION][:SUBFOLDER]."""
     destination: str = simple_parsing.field(positional=True)
     """Folder to write."""
     to: str = simple_parsing.field(default="dmsae", choices=["dmsae", "saelens"])
@@ -745,8 +816,21 @@ def is_dmsae_folder(path: str | os.PathLike) -> bool:
     return config.is_file() and read_json(config).get("model_type") == DMSAEConfig.model_type
 
 
+def local_source(source: str) -> str:
+    """``source`` when it is a local path (or names nothing: the readers say what is missing), else
+    the Hub folder it names, downloaded; a Hub failure exits with one line."""
+    folder = None if Path(source).exists() else parse_hub_folder(source)
+    if folder is None:
+        return source
+    try:
+        return str(download_hub_folder(folder))
+    except HubDownloadError as error:
+        raise SystemExit(f"convert_checkpoints: error: {source}: {error}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = simple_parsing.parse(ConvertArgs, args=argv)
+    args.source = local_source(args.source)
     options = {
         name: getattr(args, name)
         for name in ("k", "norm_scaling_factor", "base_model_id", "hook_module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel
@@ -516,6 +517,25 @@ def test_cli_writes_a_loadable_folder_and_keeps_existing_ones(tmp_path):
     main([str(folder), str(destination), "--overwrite", "--k", "4"])
     assert AutoModel.from_pretrained(destination).config.k == 4
     assert sorted(p.name for p in destination.parent.iterdir()) == ["cycle0"]  # no staging folders left
+
+
+def test_cli_reads_a_hub_folder_and_says_in_one_line_what_it_cannot_fetch(saebench, tmp_path, hub):
+    """SRC as ORG/NAME[@REVISION][:SUBFOLDER]: a SAEBench trainer folder inside a release repo."""
+    trainer_folder, source = saebench
+    repo = f"{hub.org}/saebench-release"
+    HfApi().create_repo(repo)
+    HfApi().upload_folder(repo_id=repo, folder_path=trainer_folder.parent, path_in_repo="resid_post_layer_3")
+    main([f"{repo}:resid_post_layer_3/trainer_1", str(tmp_path / "cycle0")])
+    assert_matches_dictionary_learning(AutoModel.from_pretrained(tmp_path / "cycle0"), source)
+    with pytest.raises(SystemExit, match=f"no repo {hub.org}/no-such-release on the Hub"):
+        main([f"{hub.org}/no-such-release:trainer_1", str(tmp_path / "missing")])
+    never_fetched = f"{hub.org}/other-release@v2:trainer_0"
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_dmsae.convert_checkpoints", never_fetched, str(tmp_path / "offline")],
+        capture_output=True, text=True, check=False, env=hub.subprocess_env(HF_HUB_OFFLINE="1"),
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"{never_fetched}: {never_fetched} is not in the Hugging Face cache" in result.stderr and "unset HF_HUB_OFFLINE" in result.stderr
 
 
 def test_failed_overwrite_keeps_the_previous_folder(saebench, tmp_path, monkeypatch):

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file
 from tiny_models import SENTENCES, tiny_model, tiny_tokenizer
 from transformers import AutoModel
 
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from trainer import distill
+from trainer.errors import ConfigError
 from trainer.run.kinds import KINDS
 from trainer.sae.training import SAETrainer
 
@@ -288,13 +290,38 @@ def test_dictionary_errors_name_the_field_in_a_dry_run(tiny_setup, tmp_path, cap
     assert not (tmp_path / "ok").exists(), "a dry run writes nothing"
 
 
+def other_width_sae(folder: Path) -> Path:
+    """A cycle-0 SAE the tiny run refuses, once it has read it: its width is not the model's."""
+    DMSAEModel(DMSAEConfig(d_in=48, num_latents=256, group_sizes=[64, 192], k=8, hook_module="model.layers.2")).save_pretrained(folder)
+    return folder
+
+
 def test_cycle0_checkpoint_mismatch_is_caught_before_training(tiny_setup, tmp_path):
-    sae = DMSAEModel(DMSAEConfig(d_in=48, num_latents=256, group_sizes=[64, 192], k=8, hook_module="model.layers.2"))
-    sae.save_pretrained(tmp_path / "other-width")
-    args = tiny_args(tiny_setup, tmp_path / "run", "--cycles.cycle0_checkpoint", str(tmp_path / "other-width"))
+    args = tiny_args(tiny_setup, tmp_path / "run", "--cycles.cycle0_checkpoint", str(other_width_sae(tmp_path / "other-width")))
     with pytest.raises(ValueError, match="width d = 48"):
         distill.main(args)
     assert not (tmp_path / "run" / "cycles").exists()
+
+
+def test_cycle0_checkpoint_from_a_hub_folder(tiny_setup, tmp_path, hub, capsys, monkeypatch):
+    """--cycles.cycle0_checkpoint ORG/NAME[@REVISION][:SUBFOLDER] is downloaded and read as cycle 0
+    (and refused, as a local one, for its width); offline and not cached, one line names it."""
+    repo = f"{hub.org}/published-saes"
+    HfApi().create_repo(repo)
+    HfApi().upload_folder(repo_id=repo, folder_path=other_width_sae(tmp_path / "sae"), path_in_repo="layer-2/k-8")
+    with pytest.raises(ConfigError, match=f"--cycles.cycle0_checkpoint {repo}@main:layer-2/k-8 does not match .* width d = 48"):
+        distill.main(tiny_args(tiny_setup, tmp_path / "run", "--cycles.cycle0_checkpoint", f"{repo}@main:layer-2/k-8"))
+    with pytest.raises(ConfigError, match=f"{repo} has no folder 'layer-3'"):
+        distill.main(tiny_args(tiny_setup, tmp_path / "run", "--cycles.cycle0_checkpoint", f"{repo}:layer-3"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    never_fetched = f"{hub.org}/other-saes:layer-2"
+    capsys.readouterr()  # the uploads' progress bars
+    assert distill.cli(tiny_args(tiny_setup, tmp_path / "run", "--cycles.cycle0_checkpoint", never_fetched)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--cycles.cycle0_checkpoint {never_fetched} (not a local path)" in err and "unset HF_HUB_OFFLINE" in err
+    assert distill.main(tiny_args(tiny_setup, tmp_path / "run", "--cycles.cycle0_checkpoint", never_fetched, "--dry-run")) == 0
+    assert f"the cycle-0 checkpoint {never_fetched} was not read" in capsys.readouterr().out  # a dry run offline says what it skipped
+    assert not (tmp_path / "run").exists()
 
 
 # ---- Publishing from the run (the Hub side itself is tested in test_hub.py) ---------------------

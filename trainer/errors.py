@@ -12,6 +12,9 @@ class UserError(Exception):
     """A mistake the user fixes by changing a setting, a file or their environment; the message
     names what is wrong and how to fix it."""
 
+    hint = "[DMSAE_DEBUG=1 shows the traceback]"
+    """What ``distill.py`` prints after the message."""
+
     def one_line(self) -> str:
         """The message as ``distill.py`` prints it."""
         return " ".join(str(self).split("\n"))
@@ -19,6 +22,12 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """An impossible setting: the message names the field, the value and the fix."""
+
+
+class CommandLineError(ConfigError):
+    """A flag the parser does not know, a flag without its value, or a value of the wrong type."""
+
+    hint = "(--help lists every flag)"  # a typo's traceback would help no one
 
 
 class ResumeRefusedError(ConfigError):

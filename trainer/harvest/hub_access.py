@@ -1,8 +1,9 @@
 """What a run reads from the Hugging Face Hub besides the base model and the text: a published core
-(``--transfer.core ORG/NAME@cycle-7``); and whether the run needs the Hub before it loads anything,
-and whether the Hub can be reached from here: a dry run on a login node or a laptop without network
-still prints the whole plan, saying which checks it skipped. A real run checks everything (and
-refuses what it cannot reach) before loading any weights."""
+(``--transfer.core ORG/NAME@cycle-7``) and a published cycle-0 SAE (``--cycles.cycle0_checkpoint
+ORG/NAME[@REVISION][:SUBFOLDER]``), both through the converter's download; and whether the run needs
+the Hub before it loads anything, and whether the Hub can be reached from here: a dry run on a login
+node or a laptop without network still prints the whole plan, saying which checks it skipped. A real
+run checks everything (and refuses what it cannot reach) before loading any weights."""
 
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import NamedTuple
 from urllib.parse import urlparse
 
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
+from modeling_dmsae.convert_checkpoints import HUB_FOLDER_SPEC, HubDownloadError, HubFolder, download_hub_folder, parse_hub_folder
 from trainer.config import DISTILLED_TAG, BaseModelConfig, DataConfig
 from trainer.errors import ConfigError
 from trainer.run.layout import CORE_FILES, DISTILLED_FOLDER
@@ -51,13 +50,7 @@ def hub_unreachable(timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     return None
 
 
-class CoreSpec(NamedTuple):
-    repo_id: str
-    revision: str
-    folder: str
-
-
-def parse_core_spec(spec: str) -> CoreSpec:
+def parse_core_spec(spec: str) -> HubFolder:
     """``ORG/NAME@cycle-7`` -> cycle 7's core (tag cycle-7, folder cycle-7/); ``ORG/NAME`` or
     ``ORG/NAME@distilled`` -> the distilled core."""
     repo_id, _, revision = spec.partition("@")
@@ -67,10 +60,19 @@ def parse_core_spec(spec: str) -> CoreSpec:
     except ValueError as error:
         raise ConfigError(f"--core {spec!r} is neither a local folder nor ORG/NAME[@cycle-T]: {error}") from None
     if re.fullmatch(r"cycle-\d+", revision):
-        return CoreSpec(repo_id, revision, revision)
+        return HubFolder(repo_id, revision, revision)
     if revision == DISTILLED_TAG:
-        return CoreSpec(repo_id, DISTILLED_TAG, DISTILLED_FOLDER)
+        return HubFolder(repo_id, DISTILLED_TAG, DISTILLED_FOLDER)
     raise ConfigError(f"--core {spec!r}: the revision must be cycle-<t> or {DISTILLED_TAG}, got {revision!r}")
+
+
+def fetch(setting: str, folder: HubFolder, files: list[str] | None = None, **hub_options) -> Path:
+    """The Hub folder a setting names, downloaded (see download_hub_folder); a failure is a ConfigError
+    naming the setting."""
+    try:
+        return download_hub_folder(folder, files, **hub_options)
+    except HubDownloadError as error:
+        raise ConfigError(f"{setting}: {error}") from None
 
 
 def resolve_core(spec: str | Path, cache_dir: str | Path | None = None, token: str | None = None) -> Path:
@@ -81,21 +83,29 @@ def resolve_core(spec: str | Path, cache_dir: str | Path | None = None, token: s
         folder = Path(spec)
     else:
         core = parse_core_spec(str(spec))
-        patterns = [f"{core.folder}/{name}" for name in (*CORE_FILES, "config.json")]
-        try:
-            snapshot = snapshot_download(core.repo_id, revision=core.revision, allow_patterns=patterns, cache_dir=cache_dir, token=token)
-        except RevisionNotFoundError:
-            raise ConfigError(f"--core {spec}: {core.repo_id} has no tag {core.revision}; its cycles are tagged cycle-0, cycle-1, ...") from None
-        except RepositoryNotFoundError:
-            raise ConfigError(f"--core {spec}: repo {core.repo_id} not found (or private and no token with access)") from None
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-            raise ConfigError(
-                f"--core {spec}: not in the Hugging Face cache and the Hub cannot be reached ({type(error).__name__}); "
-                "download it once online (unset HF_HUB_OFFLINE) or pass a local core folder"
-            ) from None
-        folder = Path(snapshot) / core.folder
+        files = [*CORE_FILES, "config.json"]
+        folder = fetch(f"--core {spec}", core, files, cache_dir=cache_dir, token=token)
     missing = [name for name in CORE_FILES if not (folder / name).exists()]
     if missing:
         raise ConfigError(f"--core {spec}: {folder} has no {', '.join(missing)}; is it a DMSAE run's core folder?")
     return folder
 
+
+def checkpoint_on_hub(spec: str) -> HubFolder | None:
+    """The Hub folder ``--cycles.cycle0_checkpoint`` names, or None for a local path; refuses what is neither."""
+    if Path(spec).exists():
+        return None
+    folder = parse_hub_folder(spec)
+    if folder is None:
+        raise ConfigError(
+            f"--cycles.cycle0_checkpoint {spec}: no such file or folder (a SAEBench / dictionary_learning trainer "
+            f"folder or ae.pt, a SAELens folder, or a DMSAE folder), nor a Hub folder {HUB_FOLDER_SPEC}"
+        )
+    return folder
+
+
+def resolve_checkpoint(spec: str) -> str:
+    """The local path of the cycle-0 checkpoint: ``spec`` itself, or the Hub folder it names, fetched
+    into the HF cache (read from it offline, with HF_HUB_OFFLINE=1)."""
+    folder = checkpoint_on_hub(spec)
+    return spec if folder is None else str(fetch(f"--cycles.cycle0_checkpoint {spec} (not a local path)", folder))

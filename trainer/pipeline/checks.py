@@ -14,7 +14,7 @@ from trainer.config import DistillConfig
 from trainer.errors import ConfigError, CorruptRunFileError
 from trainer.harvest.base_model import base_model_width
 from trainer.harvest.cache import shard_count
-from trainer.harvest.hub_access import dataset_on_hub, hub_unreachable, model_on_hub, resolve_core
+from trainer.harvest.hub_access import checkpoint_on_hub, dataset_on_hub, hub_unreachable, model_on_hub, resolve_checkpoint, resolve_core
 from trainer.harvest.text_corpus import load_text_dataset
 from trainer.pipeline.cores import check_compatible, load_core, read_cycle0_checkpoint
 from trainer.run.hub_names import run_repo_id, sae_repo_id
@@ -74,7 +74,7 @@ def check_hub_names(config: DistillConfig, d_in: int) -> None:
     run_repo = run_repo_id(config.hub, RunDirectory(config.run.output_dir))
     for final, _, build in _final_sae_configs(config, d_in, known_core_size(config)):
         try:
-            sae_repo_id(build(), final.kind, final.seed, run_repo, config.hub)
+            sae_repo_id(build(), final, run_repo, config.hub)
         except ValueError as error:
             raise ConfigError(
                 f"--hub.sae_repo_pattern {config.hub.sae_repo_pattern!r} makes an invalid repo id for {final.name}: {error}"
@@ -101,12 +101,8 @@ def check_paths(config: DistillConfig) -> None:
     parent = next(p for p in [output, *output.parents] if p.exists())
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"--run.output_dir {output}: {parent} is not writable: choose another --run.output_dir")
-    checkpoint = config.cycles.cycle0_checkpoint
-    if checkpoint and not Path(checkpoint).exists():
-        raise ConfigError(
-            f"--cycles.cycle0_checkpoint {checkpoint}: no such file or folder (a SAEBench / dictionary_learning trainer "
-            "folder or ae.pt, a SAELens folder, or a DMSAE folder)"
-        )
+    if config.cycles.cycle0_checkpoint:
+        checkpoint_on_hub(config.cycles.cycle0_checkpoint)  # refuses what is neither a path nor a Hub folder
 
 
 class Preflight(NamedTuple):
@@ -125,7 +121,9 @@ def check_before_loading(config: DistillConfig) -> Preflight:
     check_paths(config)
     hook_layer = check_hook_layer(config)
     check_batch(config)
-    needs_hub = dataset_on_hub(config.data) or model_on_hub(config.model)
+    checkpoint = config.cycles.cycle0_checkpoint if not config.transfer.core else None
+    checkpoint_from_hub = bool(checkpoint) and checkpoint_on_hub(checkpoint) is not None
+    needs_hub = dataset_on_hub(config.data) or model_on_hub(config.model) or checkpoint_from_hub
     offline = hub_unreachable() if config.run.dry_run and needs_hub else None
     skipped = []
     if offline and model_on_hub(config.model):
@@ -136,17 +134,20 @@ def check_before_loading(config: DistillConfig) -> Preflight:
         load_text_dataset(config.data)  # streamed: opens the files (or the Hub id), reads nothing
     if config.dictionary.d_in:
         d_in = config.dictionary.d_in
-    elif offline:
+    elif offline and model_on_hub(config.model):  # a local model's width needs no Hub
         raise ConfigError(f"the width of {config.model.model_id} needs its configuration from the Hub ({offline}): set --dictionary.d_in")
     else:
         d_in = base_model_width(config.model)
     check_sparsities(config, d_in)
     check_hub_names(config, d_in)
-    if config.cycles.cycle0_checkpoint and not config.transfer.core:
+    if offline and checkpoint_from_hub:
+        skipped.append(f"the cycle-0 checkpoint {checkpoint} was not read")
+    elif checkpoint:
+        local = resolve_checkpoint(checkpoint)  # a download's failure names the setting already
         try:
-            sae = read_cycle0_checkpoint(config.cycles.cycle0_checkpoint)
+            sae = read_cycle0_checkpoint(local)
         except (ValueError, KeyError, OSError, CorruptRunFileError) as error:
-            raise ConfigError(f"--cycles.cycle0_checkpoint {config.cycles.cycle0_checkpoint}: {error}") from None
+            raise ConfigError(f"--cycles.cycle0_checkpoint {checkpoint}: {error}") from None
         check_compatible(sae.config, d_in, hook_layer, config)
     if skipped:
         skipped.append(f"the Hub: {offline}. A real run checks these before loading anything")

@@ -11,6 +11,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from modeling_dmsae import DMSAEModel
 from trainer.errors import ConfigError
 from trainer.harvest.harvested import Harvest
+from trainer.harvest.hub_access import resolve_checkpoint
 from trainer.pipeline.context import RunContext
 from trainer.pipeline.cores import (
     check_compatible,
@@ -43,7 +44,7 @@ def cycle_zero(run: RunContext, harvest: Harvest) -> tuple[DMSAEModel, bool]:
     """(cycle-0 SAE, whether it still needs training): an imported checkpoint, or a fresh c = 0 SAE."""
     checkpoint = run.config.cycles.cycle0_checkpoint
     if checkpoint:
-        model = read_cycle0_checkpoint(checkpoint)
+        model = read_cycle0_checkpoint(resolve_checkpoint(checkpoint))
         check_compatible(model.config, harvest.d_in, harvest.hook_layer, run.config)
         return with_run_settings(model, run.config), False
     sae_config = cycle0_sae_config(run.config, harvest.d_in)

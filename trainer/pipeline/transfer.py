@@ -12,9 +12,9 @@ from trainer.harvest.harvested import Harvest
 from trainer.pipeline.context import RunContext
 from trainer.pipeline.evaluation import evaluate, save_stage
 from trainer.pipeline.training import train_stage
-from trainer.run.kinds import Core
+from trainer.run.kinds import Core, CoreRequest
 from trainer.run.metrics_file import SAEMetrics
-from trainer.run.stages import FinalSAE, cycle0_sae_config, final_saes, stage_seed
+from trainer.run.stages import FinalSAE, core_seed, cycle0_sae_config, final_saes, stage_seed
 
 
 def transfer(run: RunContext, core: Core, harvest: Harvest) -> None:
@@ -30,10 +30,10 @@ def transfer(run: RunContext, core: Core, harvest: Harvest) -> None:
 def initial_model(config: DistillConfig, final: FinalSAE, core: Core, d_in: int, normalization_factor: float) -> DMSAEModel:
     """A final SAE before training. Every kind goes through ``DMSAEModel.from_core`` (frozen core
     rows copied in, everything else freshly initialised, the decoder unrelated to the core rows),
-    so the kinds differ only in the frozen rows their registry entry makes from C*. Draws from the
-    global RNG: seed it first (by the stage's name)."""
+    so the kinds differ only in the frozen rows their registry entry makes from C* (and the variant
+    and k it names). Draws from the global RNG: seed it first (by the stage's name)."""
     cycle = config.cycles.num_cycles + 1
-    start = final.kind.frozen_core(core, cycle, stage_seed(config, final.stage, "/random core"))
+    start = final.kind.frozen_core(CoreRequest(core, cycle, core_seed(config, final), final.factor, config.transfer))
     sae_config = cycle0_sae_config(config, d_in).with_core(
         start.lineage, cycle=cycle, k=final.k, variant=final.variant, normalization_factor=normalization_factor
     )
@@ -51,6 +51,7 @@ def train_final_sae(run: RunContext, final: FinalSAE, core: Core, harvest: Harve
         {**metrics, "core_size": sae_config.core_size, "k": final.k, "k_noncore": sae_config.k_noncore, **training_metrics},
         final.kind.name,
         final.seed,
+        final.factor,
     )
     save_stage(run, run.paths.transfer(final.name), model, metrics, evidence=evidence)
     run.finish_stage(final.stage)

@@ -144,7 +144,7 @@ def build_browser(paths: RunDirectory) -> Path | None:
                     "name": folder.name,
                     "k": config.k,
                     "kind": metrics.kind,
-                    "label": metrics.sae_kind.label,
+                    "label": metrics.label,
                     "core_size": config.core_size,
                     "num_latents": config.num_latents,
                     "fve": metrics.get("fve"),

@@ -68,7 +68,7 @@ def describe_plan(config: DistillConfig, d_in: int | None = None, skipped: Seque
             f"  distilled core  C* = C({config.cycles.num_cycles}) ∩ C({config.cycles.num_cycles - 1})",
         ]
     lines.append(f"  transfer        {len(finals)} SAE(s), {stage(config.transfer.tokens)} each:")
-    lines += [f"                    {final.name} ({final.kind.label}, k = {final.k}, {final.variant})" for final in finals]
+    lines += [f"                    {final.name} ({final.label}, k = {final.k}, {final.variant})" for final in finals]
     lines.append(f"  metrics         held-out, of every SAE: {', '.join(m.column for m in METRICS.values() if m.measured)}")
     if config.hub.repo_id:
         lines.append(f"  hub             {config.hub.repo_id} (one tag per cycle), finals as {config.hub.sae_repo_pattern}")

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from trainer.report.spreads import Spread, spread  # noqa: E402
-from trainer.run.kinds import KINDS  # noqa: E402
+from trainer.run.kinds import FACTOR, KINDS, SAEKind  # noqa: E402
 from trainer.run.files import atomic_path  # noqa: E402
 
 
@@ -56,9 +56,29 @@ class CoreCurve(NamedTuple):
     values: Sequence[float]
 
 
-# Colour and marker of each kind's series, by its label (the registry's order is the legend's).
-STYLES = {kind.label: (kind.color, kind.marker) for kind in KINDS.values()}
 DEFAULT_STYLE = ("tab:green", None)  # the cycles
+
+
+def _kind_labelled(label: str) -> SAEKind | None:
+    """The kind whose series ``label`` is (SAEKind.label_for: a kind with a factor has a label per
+    factor); None for the cycles."""
+    for kind in KINDS.values():
+        before, _, after = kind.label.partition(FACTOR)
+        if label == kind.label or (kind.takes_factor and label.startswith(before) and label.endswith(after)):
+            return kind
+    return None
+
+
+def style(label: str) -> tuple[str, str | None]:
+    """Colour and marker of a series, by its label: its kind's (every factor of a kind shares them)."""
+    kind = _kind_labelled(label)
+    return (kind.color, kind.marker) if kind else DEFAULT_STYLE
+
+
+def legend_order(label: str) -> tuple[int, str]:
+    """The registry's order of kinds is the legend's; a kind's factors in the order of their labels."""
+    kind = _kind_labelled(label)
+    return (list(KINDS).index(kind.name) if kind else -1), label
 
 
 def l0_core_figure(curves: Sequence[CoreCurve], path: Path) -> Path:
@@ -70,7 +90,7 @@ def l0_core_figure(curves: Sequence[CoreCurve], path: Path) -> Path:
     for curve in curves:
         n = seeds.index(curve.seed)
         label = curve.kind + (f", seed {curve.seed}" if len(seeds) > 1 else "")
-        axis.plot(curve.steps, curve.values, color=STYLES.get(curve.kind, DEFAULT_STYLE)[0], linestyle=styles[n % len(styles)], label=label)
+        axis.plot(curve.steps, curve.values, color=style(curve.kind)[0], linestyle=styles[n % len(styles)], label=label)
     axis.set_xlabel("training step")
     axis.set_ylabel("L0 core (active core latents per token)")
     axis.set_title("Core usage during training: distilled vs random core" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
@@ -95,7 +115,7 @@ def dictionary_movement_figure(curves: Sequence[MovementCurve], path: Path) -> P
     figure, axis = plt.subplots(figsize=(7, 4))
     labelled = set()
     for curve in curves:
-        color = STYLES.get(curve.label, DEFAULT_STYLE)[0]
+        color = style(curve.label)[0]
         axis.plot(curve.steps, curve.values, color=color, alpha=0.7, linewidth=1, label=None if curve.label in labelled else curve.label)
         labelled.add(curve.label)
     axis.axhline(0.5, color="gray", linestyle=":", linewidth=1)
@@ -144,10 +164,9 @@ def sparsity_fidelity_figure(points: Sequence[SparsityPoint], path: Path) -> Pat
     for row, (metric, metric_label) in enumerate(panels):
         for col, (x_name, x_label) in enumerate([("l0", "L0 (global, Eq. 9)"), ("l0_noncore", "L0 non-core")]):
             axis = axes[row][col]
-            for family, (color, marker) in STYLES.items():
+            for family in sorted({p.family for p in points}, key=legend_order):
+                color, marker = style(family)
                 ks = sorted({p.k for p in points if p.family == family})
-                if not ks:
-                    continue
                 xs = [spread(getattr(p, x_name) for p in points if (p.family, p.k) == (family, k)) for k in ks]
                 ys = [spread(getattr(p, metric) for p in points if (p.family, p.k) == (family, k)) for k in ks]
                 order = sorted(range(len(ks)), key=lambda i: xs[i].mean)

@@ -30,7 +30,7 @@ from trainer.report.figures import (
 )
 from trainer.report.spreads import spread, verdict
 from trainer.run.files import read_json, write_text
-from trainer.run.kinds import BASELINE, DENSE_CORE, DMSAE, KINDS, RANDOM_CORE, SAEKind, kind_named
+from trainer.run.kinds import BASELINE, DENSE_CORE, DMSAE, KINDS, MATCHED_NORM, RANDOM_CORE, RANDOM_CORE_FIXED, SAEKind, kind_named
 from trainer.run.layout import BROWSER_FOLDER, BROWSER_INDEX, CORE_JSON, METRICS_JSON, RunDirectory, figure_file
 from trainer.run.logs import read_curve, read_records
 from trainer.run.metrics_file import HIGHER, METRICS, RunMetrics, SAEMetrics
@@ -65,10 +65,11 @@ def collect_metrics(paths: RunDirectory, finals: list[FinalSAE]) -> RunMetrics:
 # ---- feature consistency across sparsities --------------------------------------------------
 
 
-CONSISTENCY_KINDS = (DMSAE, BASELINE)
-"""The kinds compared across k: the DMSAEs (dense core) and the baselines, whose first |C*| latents
+CONSISTENCY_KINDS = (DMSAE, BASELINE, RANDOM_CORE_FIXED)
+"""The kinds compared across k: the DMSAEs (dense core), the baselines, whose first |C*| latents
 stand in for a core (the start of the most nested prefix, where a Matryoshka SAE keeps its most
-general features)."""
+general features), and the random core that is the same at every k (how consistent a frozen core
+that was not distilled makes a dictionary)."""
 
 
 def consistency_across_sparsities(paths: RunDirectory, finals: list[FinalSAE], core_size: int) -> list[dict]:
@@ -155,11 +156,13 @@ def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics
         for metric in ("fve", "loss_recovered", "l0_core")
     }
     c = transfer_metrics[random_runs[0].name]["core_size"]
+    norm = config.transfer.random_core_norm
+    norms = "of the same norms" if norm == MATCHED_NORM else f"of other norms (--transfer.random_core_norm {norm})"
     outcome = "agrees" if agrees == n else "does not reproduce that" if agrees == 0 else f"agrees in {agrees} of {n} seeds"
     seeds = f"{n} seeds (mean [min, max])" if n > 1 else "one seed: no spread to judge a small difference by"
     return (
-        f"At k = {k}, {seeds}. Both cores of {c} latents, frozen encoder rows of the same norms, started the same way "
-        f"(DMSAEModel.from_core: the decoder unrelated to them); only the directions differ. "
+        f"At k = {k}, {seeds}. Both cores of {c} latents, frozen encoder rows {norms}, started the same way "
+        f"(DMSAEModel.from_core: the decoder unrelated to them); only the {'directions' if norm == MATCHED_NORM else 'directions and norms'} differ. "
         f"The random core's L0_core went from {start.format(1)} (first tenth of training) to {end.format(1)} (last tenth): "
         f"it {_happened('fell', 'did not fall', fell, n)} ({change}). "
         f"The distilled core went from {spread(d.start for d in distilled).format(1)} to {spread(d.end for d in distilled).format(1)} "
@@ -192,7 +195,7 @@ def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: RunMetrics
     if curves:
         figures.append(l0_core_figure(curves, paths.figure("l0_core")))
     points = [
-        SparsityPoint(m.sae_kind.label, m.k, m["l0"], m["l0_noncore"], m["loss_recovered"], m["fve"])
+        SparsityPoint(m.label, m.k, m["l0"], m["l0_noncore"], m["loss_recovered"], m["fve"])
         for m in metrics.transfer.values()
     ]
     if points:
@@ -210,7 +213,7 @@ def movement_curves(paths: RunDirectory, transfer: dict[str, SAEMetrics]) -> lis
     before the trainer logged it are skipped."""
     stages = [(folder.name, "cycle", read_json(folder / "config.json")["k"], 0) for folder in paths.cycles()]
     stages += [
-        (final.stage, final.kind.label, final.k, final.seed) for m in transfer.values() for final in [FinalSAE.from_metrics(m)]
+        (final.stage, final.label, final.k, final.seed) for m in transfer.values() for final in [FinalSAE.from_metrics(m)]
     ]
     curves = []
     for stage, label, k, seed in stages:
@@ -281,9 +284,9 @@ def cycles_table(cycles: dict[str, SAEMetrics], variant: str) -> str:
     return _table(["cycle", *_header(identity), *_header(CYCLE_COLUMNS)], rows)
 
 
-def _order(metrics: SAEMetrics) -> tuple[int, int, int]:
-    """The report's order of final SAEs: by kind (the registry's order), k and seed."""
-    return list(KINDS).index(metrics.kind), metrics.k, metrics.seed
+def _order(metrics: SAEMetrics) -> tuple[int, float, int, int]:
+    """The report's order of final SAEs: by kind (the registry's order), factor, k and seed."""
+    return list(KINDS).index(metrics.kind), metrics.factor or 0.0, metrics.k, metrics.seed
 
 
 def finals_table(transfer: dict[str, SAEMetrics]) -> str:
@@ -294,16 +297,16 @@ def finals_table(transfer: dict[str, SAEMetrics]) -> str:
         base = baselines.get((m.k, m.seed)) if m.sae_kind is not BASELINE else None
         versus = " / ".join(f"{m[key] - base[key]:+.3f}" for key in FIDELITY) if base else ""
         cells = _cells(m, FINAL_COLUMNS, m.sae_kind.variant)
-        rows.append([name, m.sae_kind.label, str(m.k), *cells, versus, _cell(m, "decoder_cosine_to_init")])
+        rows.append([name, m.label, str(m.k), *cells, versus, _cell(m, "decoder_cosine_to_init")])
     versus_header = "vs baseline: " + " / ".join(METRICS[key].column for key in FIDELITY)
     return _table(["SAE", "family", "k", *_header(FINAL_COLUMNS), versus_header, METRICS["decoder_cosine_to_init"].column], rows)
 
 
-def kinds_over_seeds(transfer: dict[str, SAEMetrics]) -> dict[tuple[SAEKind, int], dict[int, SAEMetrics]]:
-    """The final SAEs by (kind, k), each one's metrics by seed, in the report's order."""
-    kinds: dict[tuple[SAEKind, int], dict[int, SAEMetrics]] = {}
+def kinds_over_seeds(transfer: dict[str, SAEMetrics]) -> dict[tuple[SAEKind, float | None, int], dict[int, SAEMetrics]]:
+    """The final SAEs by (kind, factor, k), each one's metrics by seed, in the report's order."""
+    kinds: dict[tuple[SAEKind, float | None, int], dict[int, SAEMetrics]] = {}
     for m in sorted(transfer.values(), key=_order):
-        kinds.setdefault((m.sae_kind, m.k), {})[m.seed] = m
+        kinds.setdefault((m.sae_kind, m.factor, m.k), {})[m.seed] = m
     return kinds
 
 
@@ -312,9 +315,9 @@ def seeds_table(transfer: dict[str, SAEMetrics]) -> str:
     the difference paired by seed, and whether the two kinds' ranges over seeds are apart."""
     kinds = kinds_over_seeds(transfer)
     rows = []
-    for (kind, k), seeds in kinds.items():
-        base = kinds.get((BASELINE, k), {}) if kind is not BASELINE else {}
-        row = [kind.label, str(k), str(len(seeds)), spread(m["l0"] for m in seeds.values()).format(1)]
+    for (kind, factor, k), seeds in kinds.items():
+        base = kinds.get((BASELINE, None, k), {}) if kind is not BASELINE else {}
+        row = [kind.label_for(factor), str(k), str(len(seeds)), spread(m["l0"] for m in seeds.values()).format(1)]
         for metric in FIDELITY:
             own = spread(m[metric] for m in seeds.values())
             paired = [m[metric] - base[s][metric] for s, m in seeds.items() if s in base]
@@ -361,8 +364,9 @@ def consistency_outcome(consistency: list[dict], transfer: dict[str, SAEMetrics]
         + (f" (over {next(iter(core.values())).n} seeds: mean [min, max])" if next(iter(core.values())).n > 1 else "")
         + f": {shown}."
     ]
-    if len(core) == 2:
-        sentences.append(f"DMSAE against baseline: {verdict(*core.values())}.")
+    (first, dmsae), *others = core.items()
+    if first == DMSAE.label:
+        sentences += [f"DMSAE against {'baseline' if name == BASELINE.label else name}: {verdict(dmsae, value)}." for name, value in others]
     margins = [row["rest"]["mean_max_cosine"] - row["chance_mean_max_cosine"] for row in consistency]
     sentences.append(
         f"Outside the core, the mean best match exceeds what random directions reach by {min(margins):+.3f} to {max(margins):+.3f}"
@@ -412,8 +416,8 @@ FILES_TEMPLATE = """| path | what it is |
 | `checkpoints/` | training checkpoints of unfinished stages (`--run.resume true` continues from them) |
 | `timings.json` | wall time per kind of work |"""
 FILES = FILES_TEMPLATE.replace("{kinds}", "\n".join(
-    f"| `transfer/{kind.folder_pattern}/` | {kind.label} at sparsity k (seed s > 0 adds `-seed-s`); frozen core: "
-    f"{kind.core_origin}; with `metrics.json` |" for kind in KINDS.values()
+    f"| `transfer/{kind.folder_pattern}/` | {kind.label_for()} at sparsity k (seed s > 0 adds `-seed-s`); frozen core: "
+    f"{kind.core_origin_for()}; with `metrics.json` |" for kind in KINDS.values()
 ))  # fmt: skip
 
 DEFINITIONS = f"""All metrics on held-out tokens (never trained on), in inference mode: the calibrated threshold,

@@ -10,8 +10,9 @@ from huggingface_hub.utils import validate_repo_id
 from modeling_dmsae import DMSAEConfig
 from trainer.config import HubSettings
 from trainer.errors import ConfigError
-from trainer.run.kinds import SAEKind, seed_suffix
+from trainer.run.kinds import seed_suffix
 from trainer.run.layout import RunDirectory
+from trainer.run.stages import FinalSAE
 
 PLACEHOLDER_ORG = "your-org"
 
@@ -40,14 +41,14 @@ def short_model_name(base_model_id: str) -> str:
     return family
 
 
-def sae_repo_id(config: DMSAEConfig, kind: SAEKind, seed: int, run_repo: str, settings: HubSettings) -> str:
-    """The repo of a final SAE of ``kind`` and ``seed``: ``{suffix}`` is the kind's Hub suffix, then
-    the seed's (as in its folder name)."""
+def sae_repo_id(config: DMSAEConfig, final: FinalSAE, run_repo: str, settings: HubSettings) -> str:
+    """The repo of the final SAE ``final``: ``{suffix}`` is its kind's Hub suffix (naming its factor,
+    if it has one), then the seed's (as in its folder name)."""
     org, name = run_repo.split("/")
     try:
         repo_id = settings.sae_repo_pattern.format(
             org=org, name=name, model=settings.model_short_name or short_model_name(config.base_model_id),
-            layer=config.hook_layer, k=config.k, variant=config.variant.replace("_", "-"), suffix=kind.hub_suffix + seed_suffix(seed),
+            layer=config.hook_layer, k=config.k, variant=config.variant.replace("_", "-"), suffix=final.kind.hub_suffix_for(final.factor) + seed_suffix(final.seed),
         )  # fmt: skip
     except KeyError as error:
         raise ConfigError(

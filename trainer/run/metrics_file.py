@@ -52,7 +52,7 @@ METRICS: dict[str, Metric] = {}
 
 
 def register_metric(metric: Metric) -> Metric:
-    if metric.key in METRICS or metric.key in ("format", "kind", "seed"):
+    if metric.key in METRICS or metric.key in ("format", "kind", "seed", "factor"):
         raise ValueError(f"a metric keyed {metric.key!r} is already registered (or the key is a field of metrics.json)")
     METRICS[metric.key] = metric
     return metric
@@ -86,12 +86,14 @@ def is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class SAEMetrics:
-    """The metrics.json of one SAE's stage folder: a cycle (no kind) or a final SAE (its kind and
-    seed). ``values`` holds registered metrics only, in the order they were measured."""
+    """The metrics.json of one SAE's stage folder: a cycle (no kind) or a final SAE (its kind, seed
+    and, for a kind trained once per factor, its factor). ``values`` holds registered metrics only,
+    in the order they were measured."""
 
     values: dict[str, float]
     kind: str | None = None
     seed: int = 0
+    factor: float | None = None
 
     def __post_init__(self) -> None:
         unknown = [key for key in self.values if key not in METRICS]
@@ -118,15 +120,21 @@ class SAEMetrics:
         return KINDS[self.kind]
 
     @property
+    def label(self) -> str:
+        """The final SAE's kind for people, naming its factor."""
+        return self.sae_kind.label_for(self.factor)
+
+    @property
     def k(self) -> int:
         return int(self["k"])
 
     def with_values(self, **values: float) -> SAEMetrics:
-        return SAEMetrics({**self.values, **values}, self.kind, self.seed)
+        return SAEMetrics({**self.values, **values}, self.kind, self.seed, self.factor)
 
     def to_json(self) -> dict[str, Any]:
         identity = {"kind": self.kind, "seed": self.seed} if self.kind is not None else {}
-        return {"format": METRICS_FORMAT, **identity, **self.values}
+        factor = {"factor": self.factor} if self.factor is not None else {}  # only kinds with one: other files as before
+        return {"format": METRICS_FORMAT, **identity, **factor, **self.values}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SAEMetrics:
@@ -135,10 +143,10 @@ class SAEMetrics:
         version = data.pop("format", 0)
         if version > METRICS_FORMAT:
             raise ValueError(f"metrics.json format {version} is newer than this dmsae reads ({METRICS_FORMAT}): upgrade dmsae")
-        kind, seed = data.pop("kind", None), data.pop("seed", 0)
+        kind, seed, factor = data.pop("kind", None), data.pop("seed", 0), data.pop("factor", None)
         if version == 0 and "core" in data:
             kind = kind_of_legacy_metrics(data.pop("core"), data.pop("variant")).name
-        return cls(data, kind, seed)
+        return cls(data, kind, seed, factor)
 
     @classmethod
     def read(cls, path: Path, fix: str | None = None) -> SAEMetrics:

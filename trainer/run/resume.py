@@ -24,8 +24,10 @@ logger = logging.getLogger(__name__)
 _NOT_PART_OF_THE_RUN = {
     ("run", "output_dir"), ("run", "resume"), ("run", "dry_run"), ("run", "log_with"), ("run", "checkpoint_every"),
     ("run", "log_every"), ("model", "device"), ("hub", None), ("transfer", "ks"), ("transfer", "variants"), ("transfer", "random_core_control"),
-    ("transfer", "sparsity_matched"), ("transfer", "baseline"), ("plan", None),
+    ("transfer", "sparsity_matched"), ("transfer", "baseline"), ("transfer", "core_scale"), ("transfer", "random_sparse_control"),
+    ("transfer", "random_core_every_k"), ("transfer", "baseline_ks"), ("plan", None),
 }  # fmt: skip
+# (transfer.random_core_norm is part of the run: it changes the random cores already trained.)
 _HOW_TO_RUN = {("run", "resume"), ("run", "dry_run")}  # never worth listing as a change
 # The work each setting decides ("section" or "section.field", the most specific wins): a resume may
 # change a setting only while none of that work is finished or under way.
@@ -80,6 +82,13 @@ def _comparable(fields: dict, dropped: set = _NOT_PART_OF_THE_RUN) -> dict:
     return fields
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A saved configuration with the fields it lacks at their defaults: a field added to dmsae after
+    the run began defaults to what runs did before it existed."""
+    defaults = yaml.safe_load(DistillConfig().to_yaml())
+    return {section: {**defaults.get(section, {}), **(saved.get(section) or {})} for section in {**defaults, **saved}}
+
+
 def _decides(field: str) -> tuple[str, ...]:
     return _DECIDES.get(field, _DECIDES.get(field.split(".")[0], ()))
 
@@ -95,7 +104,7 @@ def start_run(paths: RunDirectory, config: DistillConfig, write: bool = True) ->
         return
     if not config.run.resume:
         raise RunExistsError(f"{paths.root} already holds a run. Continue it with --run.resume true, or choose another --run.output_dir")
-    saved = yaml.safe_load(paths.config_file.read_text())
+    saved = _with_defaults(yaml.safe_load(paths.config_file.read_text()))
     current = yaml.safe_load(config.to_yaml())
     differences = config_differences(_comparable(saved), _comparable(current))
     started = paths.started_work()

@@ -13,7 +13,18 @@ from modeling_dmsae import DMSAEConfig
 from modeling_dmsae.configuration_dmsae import matryoshka_group_sizes
 from trainer.config import DistillConfig
 from trainer.errors import ConfigError
-from trainer.run.kinds import BASELINE, DMSAE_SPARSE_CORE, RANDOM_CORE, SAEKind, distilled_kind, kind_named, seed_suffix
+from trainer.run.kinds import (
+    BASELINE,
+    DMSAE_SPARSE_CORE,
+    RANDOM_CORE,
+    RANDOM_CORE_FIXED,
+    RANDOM_CORE_SPARSE,
+    RESCALED_CORE,
+    SAEKind,
+    distilled_kind,
+    kind_named,
+    seed_suffix,
+)
 from trainer.run.metrics_file import SAEMetrics
 
 def world_size() -> int:
@@ -91,22 +102,27 @@ def calibration_batches(config: DistillConfig) -> int:
 
 
 class FinalSAE(NamedTuple):
-    """One SAE of the transfer stage: its kind (``trainer.run.kinds``), sparsity k and seed (one of
-    transfer.seeds)."""
+    """One SAE of the transfer stage: its kind (``trainer.run.kinds``), sparsity k, seed (one of
+    transfer.seeds) and, for a kind trained once per factor, its factor."""
 
     kind: SAEKind
     k: int
     seed: int = 0
+    factor: float | None = None
 
     @classmethod
     def from_metrics(cls, metrics: SAEMetrics) -> FinalSAE:
         """The final SAE a transfer folder's metrics.json describes."""
-        return cls(metrics.sae_kind, metrics.k, metrics.seed)
+        return cls(metrics.sae_kind, metrics.k, metrics.seed, metrics.factor)
 
     @property
     def name(self) -> str:
         """Its folder under transfer/."""
-        return self.kind.folder.format(k=self.k) + seed_suffix(self.seed)
+        return self.kind.folder_name(self.k, self.factor) + seed_suffix(self.seed)
+
+    @property
+    def label(self) -> str:
+        return self.kind.label_for(self.factor)
 
     @property
     def stage(self) -> str:
@@ -119,24 +135,48 @@ class FinalSAE(NamedTuple):
         return self.kind.variant
 
 
+def core_seed(config: DistillConfig, final: FinalSAE) -> int:
+    """The seed of a final SAE's random core: by its stage name, so each SAE draws its own; for a
+    kind with the same core at every k, by run.seed and its transfer seed alone."""
+    name = final.kind.name + seed_suffix(final.seed) if final.kind.same_core_at_every_k else final.stage
+    return stage_seed(config, name, "/random core")
+
+
+Planned = tuple[SAEKind, int, float | None]  # a final SAE but its seed: kind, k, factor
+
+
+def planned_controls(config: DistillConfig) -> list[Planned]:
+    """The controls the settings ask for: the random core at the distillation k (Figure 3), there
+    too in the sparse-core variant, and the distilled core rescaled by each factor; the random core
+    that is the same at every k, at every k the dense-core DMSAE takes (transfer.ks and the
+    distillation k), so that its consistency across k is measured over the same pairs of k."""
+    transfer, k = config.transfer, config.cycles.k
+    random = transfer.random_core_control
+    planned: list[Planned] = [(RANDOM_CORE, k, None)] * random
+    planned += [(RANDOM_CORE_SPARSE, k, None)] * (random and transfer.sparsity_matched and transfer.random_sparse_control)
+    planned += [(RESCALED_CORE, k, factor) for factor in transfer.core_scale]
+    planned += [(RANDOM_CORE_FIXED, kk, None) for kk in dict.fromkeys([*transfer.ks, k])] * transfer.random_core_every_k
+    return planned
+
+
 def final_saes(config: DistillConfig) -> list[FinalSAE]:
     """Every SAE the transfer stage trains, in training order: seed by seed (transfer.seeds), so
     that a run stopped early has whole seeds.
 
-    The DMSAEs at each k in transfer.ks and variant; with transfer.random_core_control, the random
-    core and the DMSAE it controls at the distillation k (Figure 3); with transfer.sparsity_matched,
-    the sparse-core DMSAE at the distillation k (global L0 = k, as the baseline's); with
-    transfer.baseline, the plain Matryoshka baseline (c = 0) at every k trained above.
+    The DMSAEs at each k in transfer.ks and variant; the kind each control
+    (:func:`planned_controls`) controls, at its k; with transfer.sparsity_matched, the sparse-core DMSAE at the distillation k
+    (global L0 = k, as the baseline's); the controls; the plain Matryoshka baseline (c = 0) at
+    every k of transfer.baseline_ks and, with transfer.baseline, at every k trained above.
     """
     transfer, k = config.transfer, config.cycles.k
-    planned = [(distilled_kind(variant), kk) for kk in transfer.ks for variant in transfer.variants]
-    controls = [RANDOM_CORE] * transfer.random_core_control
-    compared = [kind_named(control.controls) for control in controls] + [DMSAE_SPARSE_CORE] * transfer.sparsity_matched
-    planned += [(kind, k) for kind in dict.fromkeys(compared) if (kind, k) not in planned]
-    planned += [(control, k) for control in controls]
-    if transfer.baseline:
-        planned += [(BASELINE, kk) for kk in sorted({kk for _, kk in planned})]
-    return [FinalSAE(kind, kk, seed) for seed in transfer.seeds for kind, kk in planned]
+    planned: list[Planned] = [(distilled_kind(variant), kk, None) for kk in transfer.ks for variant in transfer.variants]
+    asked = planned_controls(config)
+    compared = [(kind_named(kind.controls), kk, None) for kind, kk, _ in asked] + [(DMSAE_SPARSE_CORE, k, None)] * transfer.sparsity_matched
+    planned += [sae for sae in dict.fromkeys(compared) if sae not in planned]
+    planned += asked
+    baseline_ks = {kk for _, kk, _ in planned} if transfer.baseline else set()
+    planned += [(BASELINE, kk, None) for kk in sorted(baseline_ks | set(transfer.baseline_ks))]
+    return [FinalSAE(kind, kk, seed, factor) for seed in transfer.seeds for kind, kk, factor in planned]
 
 
 def cycle0_sae_config(config: DistillConfig, d_in: int) -> DMSAEConfig:
