@@ -355,6 +355,10 @@ class RunConfig:
     """Accelerate tracker: tensorboard, wandb, trackio, or none."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimisation step; cycles.batch_size stays the tokens per step (BatchTopK then selects over each micro-batch)."""
+    process_group_timeout_s: float = 7200
+    """Seconds a process waits for the others in a collective (a barrier, an all-reduce) before the run fails. While the main process works alone (selection and evaluation after every cycle, the report, the Hub push: ~37 GB at the paper's shape) the others wait in a barrier: the default, two hours, outlasts the slowest of these, where NCCL's own default (10 minutes) would end the run."""
+    prefetch_batches: int = 2
+    """Training batches a background thread reads ahead (shard read, cast to float32, checked; pinned memory on CUDA) while the SAE trains on the current one; 0 reads each in the training thread. It changes when batches are read, never which: the SAEs are the same."""
 
 
 @dataclass
@@ -412,6 +416,8 @@ class DistillConfig:
             ("run.gradient_accumulation_steps", run.gradient_accumulation_steps >= 1, "must be >= 1"),
             ("run.checkpoint_every", run.checkpoint_every >= 1, "must be >= 1 (optimisation steps between checkpoints)"),
             ("run.log_every", run.log_every >= 1, "must be >= 1 (optimisation steps between logged metrics)"),
+            ("run.process_group_timeout_s", run.process_group_timeout_s > 0, "must be positive: seconds a process waits for the others, e.g. 7200"),
+            ("run.prefetch_batches", run.prefetch_batches >= 0, "must be >= 0 (0: no background reading)"),
         ]
         for name, ok, requirement in checks:
             if not ok:

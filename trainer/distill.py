@@ -31,7 +31,9 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # run as a script: the package's root, not trainer/, is where imports start
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -40,6 +42,9 @@ import yaml  # noqa: E402
 
 from trainer.config import DistillConfig, parse_config, take_option  # noqa: E402
 from trainer.errors import ConfigError, UserError  # noqa: E402
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def flat_hyperparameters(config: DistillConfig) -> dict[str, int | float | str | bool]:
@@ -61,6 +66,23 @@ def shut_down(accelerator) -> None:
     if accelerator.num_processes > 1:
         time.sleep(0.5)
     accelerator.end_training()
+
+
+def make_accelerator(config: DistillConfig) -> Accelerator:
+    """The run's Accelerator. Its process group waits ``run.process_group_timeout_s`` in every
+    collective: the processes wait in a barrier while the main process works alone (the report, the
+    Hub push), and NCCL's default timeout (10 minutes) would end the run there."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    from trainer.run.layout import RunDirectory
+
+    return Accelerator(
+        gradient_accumulation_steps=config.run.gradient_accumulation_steps,
+        log_with=None if config.run.log_with == "none" else config.run.log_with,
+        project_config=ProjectConfiguration(project_dir=config.run.output_dir, logging_dir=str(RunDirectory(config.run.output_dir).logs)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.process_group_timeout_s))],
+    )
 
 
 def push_only(run_dir: str, argv: list[str]) -> int:
@@ -92,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe_plan(config, preflight.d_in, preflight.skipped, preflight.model_config_read))
         return 0
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
 
     from hub_cards.publish import HubPublisher
     from trainer.pipeline.failures import fail_together
@@ -101,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.run.layout import TRACKER_PROJECT, RunDirectory
 
     paths = RunDirectory(config.run.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.run.gradient_accumulation_steps,
-        log_with=None if config.run.log_with == "none" else config.run.log_with,
-        project_config=ProjectConfiguration(project_dir=config.run.output_dir, logging_dir=str(paths.logs)),
-    )
+    accelerator = make_accelerator(config)
     set_seed(config.run.seed)
     with fail_together(accelerator, paths):
         accelerator.init_trackers(TRACKER_PROJECT, config=flat_hyperparameters(config))

@@ -56,7 +56,8 @@ class RunContext(NamedTuple):
         return self.accelerator.is_main_process
 
     def on_main(self, action: Callable[[], object]) -> None:
-        """Run a file-writing action on the main process only, then synchronise."""
+        """Run an action on the main process only (a file written, the report, a push), the others
+        waiting for it in a barrier: one that ``run.process_group_timeout_s`` governs."""
         if self.is_main:
             action()
         self.accelerator.wait_for_everyone()
@@ -66,11 +67,14 @@ class RunContext(NamedTuple):
         self.on_main(lambda: shutil.rmtree(self.paths.checkpoint(stage), ignore_errors=True))
 
     def publish(self, push: Callable[[Publisher], PushReport]) -> None:
-        """Push to the Hub when asked. Nothing that goes wrong on the Hub stops the run: a Hub
+        """Push to the Hub when asked, from the main process, the others waiting in a barrier (not
+        in whatever collective comes next). Nothing that goes wrong on the Hub stops the run: a Hub
         failure is logged with how to retry (--push-only), any other error with its traceback,
         and the local artifacts stay."""
-        if not self.config.hub.repo_id or not self.is_main or self.publisher is None:
-            return
+        if self.config.hub.repo_id and self.publisher is not None:
+            self.on_main(lambda: self._push(push))
+
+    def _push(self, push: Callable[[Publisher], PushReport]) -> None:
         try:
             report = push(self.publisher)
             logger.info("hub: pushed %s, already there %s", report.pushed, report.skipped)

@@ -70,6 +70,10 @@ def describe_plan(config: DistillConfig, d_in: int | None = None, skipped: Seque
     lines.append(f"  transfer        {len(finals)} SAE(s), {stage(config.transfer.tokens)} each:")
     lines += [f"                    {final.name} ({final.label}, k = {final.k}, {final.variant})" for final in finals]
     lines.append(f"  metrics         held-out, of every SAE: {', '.join(m.column for m in METRICS.values() if m.measured)}")
+    lines.append(
+        f"  timeout         a process waits at most {_seconds(config.run.process_group_timeout_s)} for the others in a collective "
+        "(--run.process_group_timeout_s), as while the main process works alone (selection, evaluation, report, push)"
+    )
     if config.hub.repo_id:
         lines.append(f"  hub             {config.hub.repo_id} (one tag per cycle), finals as {config.hub.sae_repo_pattern}")
     lines += [f"  not checked     {note}" for note in skipped]
