@@ -9,6 +9,10 @@
                                              run trainer/distill.py as the command line does, the main
                                              process failing in cycle 0's evaluation (work it does alone);
                                              the time of the failure goes to FILE
+    python ddp_worker.py main-only-phase TIMEOUT_S SLEEP_S FILE RUN_DIR
+                                             the report phase with --run.process_group_timeout_s TIMEOUT_S,
+                                             the main process writing the report for SLEEP_S seconds
+                                             while the other waits; the time it began goes to FILE
 """
 
 from __future__ import annotations
@@ -124,8 +128,33 @@ def failing_on_main(record: str) -> None:
     cycles.evaluate = evaluate
 
 
+def main_only_phase(timeout_s: str, sleep_s: str, record: str, output: str) -> None:
+    """The run's report phase, as distill.main sets up the processes; the report takes SLEEP_S."""
+    import time
+    from pathlib import Path
+
+    from trainer.config import parse_config
+    from trainer.pipeline import run as pipeline_run
+    from trainer.pipeline.failures import fail_together
+    from trainer.run.layout import RunDirectory
+
+    def slow_report(config, paths) -> str:
+        Path(record).write_text(str(time.time()))
+        time.sleep(float(sleep_s))
+        return "report written"
+
+    pipeline_run.write_report = slow_report
+    config = parse_config(["--run.output_dir", output, "--run.log_with", "none", "--run.process_group_timeout_s", timeout_s])
+    accelerator = distill.make_accelerator(config)
+    with fail_together(accelerator, RunDirectory(output)):
+        pipeline_run.DistillationRun(config, accelerator).report()
+    distill.shut_down(accelerator)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "fail-on-main":
+    if sys.argv[1] == "main-only-phase":
+        main_only_phase(*sys.argv[2:6])
+    elif sys.argv[1] == "fail-on-main":
         failing_on_main(sys.argv[2])
         sys.exit(distill.cli(sys.argv[3:]))
     elif sys.argv[1] == "replicas":

@@ -42,7 +42,9 @@ def launch_two(*args: str, timeout: float = 240) -> tuple[int | None, str, str]:
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), *args,
     ]  # fmt: skip
     launch_id = uuid.uuid4().hex
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "DMSAE_TEST_LAUNCH": launch_id}
+    # The checkout under test, not whichever one the environment has installed.
+    pythonpath = os.pathsep.join(filter(None, [str(WORKER.parent.parent), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "DMSAE_TEST_LAUNCH": launch_id, "PYTHONPATH": pythonpath}
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True
     ) as launch:
@@ -121,3 +123,20 @@ def test_a_failure_on_the_main_process_ends_both_with_the_cause(tiny_setup, tmp_
     assert "RuntimeError: injected failure in a main-only step" in stderr  # process 0's own traceback
     assert "distill.py: error: process 0 stopped the run: RuntimeError: injected failure in a main-only step" in stderr
     assert "Connection closed by peer" not in stderr
+
+
+REPORT_S = 8.0
+
+
+def test_a_main_only_phase_longer_than_the_process_group_timeout_ends_the_run(tmp_path):
+    """The report, on the main process alone, takes REPORT_S while the other process waits in its
+    barrier: --run.process_group_timeout_s reaches the process group. Shorter than the phase, the
+    waiting process times out and both end at once, well before the phase would have finished;
+    longer, the run ends well."""
+    began = tmp_path / "began"
+    status, stdout, stderr = launch_two("main-only-phase", "2", str(REPORT_S), str(began), str(tmp_path / "short"), timeout=120)
+    ended = time.time()
+    assert status not in (None, 0), stdout[-3000:] + stderr[-5000:]
+    assert ended - float(began.read_text()) < REPORT_S - 1, "the timeout did not cut the wait short"
+    assert "distill.py: error: process 1 stopped the run" in stderr, stderr[-5000:]  # process 0 ended too, mid-report
+    accelerate_launch("main-only-phase", "60", str(REPORT_S), str(began), str(tmp_path / "long"), finished=lambda out: "report written" in out)
