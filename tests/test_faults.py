@@ -320,6 +320,8 @@ def test_transfer_k_is_checked_against_the_known_core_size(tiny_setup, reference
         (["--data.dataset", "no/such/corpus.jsonl"], "--data.dataset 'no/such/corpus.jsonl': no such file"),
         (["--cycles.tau", "1.5"], "--cycles.tau 1.5: must be in (0, 1]"),
         (["--transfer.ks", "0"], "--transfer.ks 0: must be positive integers"),
+        (["--run.process_group_timeout_s", "0"], "--run.process_group_timeout_s 0.0: must be positive"),
+        (["--run.prefetch_batches", "-1"], "--run.prefetch_batches -1: must be >= 0"),
     ],
 )
 def test_config_errors_are_one_line_before_anything_is_written(tiny_setup, tmp_path, capsys, monkeypatch, override, expected):  # noqa: F811

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from modeling_dmsae import DMSAEModel
 from trainer.errors import CorruptRunFileError
 from trainer.harvest.harvested import Harvest
+from trainer.harvest.prefetch import prefetched
 from trainer.pipeline.context import RunContext
 from trainer.run.logs import append_record, truncate_log
 from trainer.run.stages import batch_shape, calibration_batches, stage_seed, steps_for
@@ -98,7 +99,8 @@ def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, har
         Checkpoints(run, checkpoint, steps),
     ]
     try:
-        fit(trainer, batches, steps, callbacks)
+        with prefetched(batches, config.run.prefetch_batches, pin=run.accelerator.device.type == "cuda") as ahead:
+            fit(trainer, ahead, steps, callbacks)
     except (FloatingPointError, CorruptRunFileError) as error:
         raise stage_failure(stage, trainer.steps_taken, error, checkpoint) from error
     calibration = islice(harvest.training_batches(shape, seed=stage_seed(config, stage, "/calibration")), calibration_batches(config))

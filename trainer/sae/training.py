@@ -159,7 +159,7 @@ class SAETrainer:
     def step(self, batch: torch.Tensor) -> StepStats:
         """Forward, backward, optimiser step and bookkeeping on one [N, d] batch."""
         sae = self.sae
-        batch = batch.to(self.accelerator.device)
+        batch = batch.to(self.accelerator.device, non_blocking=True)  # asynchronous from pinned memory (prefetched on CUDA)
         if self.steps_taken == 0:
             sae.initialize_decoder_bias_(batch, global_batch=True)
         with self.accelerator.accumulate(self.model):
