@@ -39,15 +39,16 @@ def prefetch_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == THREAD_NAME]
 
 
+@pytest.mark.parametrize("pin", [False, pytest.param(True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs CUDA"))])
 @pytest.mark.parametrize("start_step", [0, 7])
-def test_prefetch_gives_the_same_batches_in_the_same_order(cache, start_step):
-    """As a fresh stage (0) and a resumed one (7) read them."""
+def test_prefetch_gives_the_same_batches_in_the_same_order(cache, start_step, pin):
+    """As a fresh stage (0) and a resumed one (7) read them; pinned as on CUDA."""
     harvest = harvest_of(cache)
     expected = list(islice(harvest.training_batches(SHAPE, seed=5, start_step=start_step), BATCHES))
-    with prefetched(harvest.training_batches(SHAPE, seed=5, start_step=start_step), depth=2) as ahead:
+    with prefetched(harvest.training_batches(SHAPE, seed=5, start_step=start_step), depth=2, pin=pin) as ahead:
         read = list(islice(ahead, BATCHES))
     assert len(read) == len(expected) == BATCHES
-    assert all(torch.equal(a, b) for a, b in zip(read, expected))
+    assert all(torch.equal(a, b) and a.is_pinned() == pin for a, b in zip(read, expected))
 
 
 def test_prefetch_of_a_finite_source_ends_with_it(cache):
