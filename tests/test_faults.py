@@ -381,6 +381,8 @@ def test_resume_rules(tiny_setup, reference, tmp_path, caplog):  # noqa: F811
     with pytest.raises(ValueError, match=r"  optimizer.lr: 0.003 -> 0.001\n.*--harvest.cache_dir .*/finished/cache"):
         start_run(RunDirectory(finished), config(finished, "--run.resume", "true", "--optimizer.lr", "0.001"))
     start_run(RunDirectory(finished), config(finished, "--run.resume", "true", "--transfer.ks", "4", "16", "32", "--hub.license", "mit"))
+    # How the processes wait and read: nothing computed depends on it.
+    start_run(RunDirectory(finished), config(finished, "--run.resume", "true", "--run.process_group_timeout_s", "60", "--run.prefetch_batches", "0"))
 
 
 def test_a_damaged_finished_cycle_names_the_folder_to_delete(tiny_setup, reference, tmp_path):  # noqa: F811
