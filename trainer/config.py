@@ -358,7 +358,7 @@ class RunConfig:
     process_group_timeout_s: float = 7200
     """Seconds a process waits for the others in a collective (a barrier, an all-reduce) before the run fails. While the main process works alone (selection and evaluation after every cycle, the report, the Hub push: ~37 GB at the paper's shape) the others wait in a barrier: the default, two hours, outlasts the slowest of these, where NCCL's own default (10 minutes) would end the run."""
     prefetch_batches: int = 2
-    """Training batches a background thread reads ahead (shard read, cast to float32, checked; pinned memory on CUDA) while the SAE trains on the current one; 0 reads each in the training thread. It changes when batches are read, never which: the SAEs are the same."""
+    """Training batches a background thread reads ahead (shard read, cast to float32, checked; pinned memory on CUDA) while the SAE trains on the current one; 0 reads each in the training thread. It changes when batches are read, never which: the SAEs are the same. Cached activations only: a streamed run (run.stream_activations) computes its batches with the base model in the training thread."""
 
 
 @dataclass

@@ -98,8 +98,11 @@ def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, har
         TrainingLog(run, stage, steps),
         Checkpoints(run, checkpoint, steps),
     ]
+    # A streamed run's batches come from the base model: kept in the training thread, where its
+    # memory is counted and no collective can interleave with the SAE step's.
+    depth = 0 if config.run.stream_activations else config.run.prefetch_batches
     try:
-        with prefetched(batches, config.run.prefetch_batches, pin=run.accelerator.device.type == "cuda") as ahead:
+        with prefetched(batches, depth, pin=run.accelerator.device.type == "cuda") as ahead:
             fit(trainer, ahead, steps, callbacks)
     except (FloatingPointError, CorruptRunFileError) as error:
         raise stage_failure(stage, trainer.steps_taken, error, checkpoint) from error
