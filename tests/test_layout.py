@@ -222,7 +222,7 @@ KIND_NAME_HOMES = {ROOT / "trainer" / "run" / "kinds.py", ROOT / "trainer" / "co
 def kind_spellings() -> set[str]:
     """Every name of a kind of SAE: the registry's names, folder prefixes and Hub suffixes, the
     masking variants, and the names metrics.json files used for a kind before the registry."""
-    from trainer.run.kinds import KINDS, kind_of_legacy_metrics  # noqa: F401  (the legacy names are its own)
+    from trainer.run.kinds import KINDS
 
     names = {f'"{kind.name}"' for kind in KINDS.values()} | {f'"{kind.variant}"' for kind in KINDS.values()}
     names |= {kind.folder.split("{")[0].strip("-") for kind in KINDS.values() if not kind.folder.startswith("k-")}

@@ -84,6 +84,13 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _registered(key: str) -> str:
+    """``key``, or a KeyError naming where metrics are registered (a misspelt key fails loudly)."""
+    if key not in METRICS:
+        raise KeyError(f"{key!r} is not a registered metric (trainer/run/metrics_file.py)")
+    return key
+
+
 @dataclass(frozen=True)
 class SAEMetrics:
     """The metrics.json of one SAE's stage folder: a cycle (no kind) or a final SAE (its kind, seed
@@ -103,12 +110,10 @@ class SAEMetrics:
             kind_named(self.kind)
 
     def __getitem__(self, key: str) -> float:
-        if key not in METRICS:
-            raise KeyError(f"{key!r} is not a registered metric (trainer/run/metrics_file.py)")
-        return self.values[key]
+        return self.values[_registered(key)]
 
     def get(self, key: str, default: float | None = None) -> float | None:
-        return self.values.get(key, default) if key in METRICS else self[key]
+        return self.values.get(_registered(key), default)
 
     def has(self, key: str) -> bool:
         return key in self.values
@@ -127,9 +132,6 @@ class SAEMetrics:
     @property
     def k(self) -> int:
         return int(self["k"])
-
-    def with_values(self, **values: float) -> SAEMetrics:
-        return SAEMetrics({**self.values, **values}, self.kind, self.seed, self.factor)
 
     def to_json(self) -> dict[str, Any]:
         identity = {"kind": self.kind, "seed": self.seed} if self.kind is not None else {}
