@@ -8,7 +8,7 @@ Adam's moments is 4 x 2 x K x d x 4 bytes = 302 MB at d = 576), so an SAE kept p
 in the resident memory. For each stage, as its trainer is built: the models and optimisers the
 Accelerator holds (after ``prepare``), and the resident memory before it (after a garbage
 collection). Works on any revision of the trainer that has ``SAETrainer`` (the before/after
-comparison of issue 18 ran it on both).
+comparison that fixed the release of finished stages ran it on both).
 """
 
 from __future__ import annotations
