@@ -39,7 +39,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from itertools import groupby
+from itertools import groupby, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -184,6 +184,10 @@ def _rows_summary(rows: Tensor) -> str:
     return f"{len(rows)} rows ({listed}{', ...' if len(rows) > 5 else ''})"
 
 
+def _unreadable(path: Path, error: Exception) -> CorruptShardError:
+    return CorruptShardError(f"cache shard {path} is unreadable ({error}): {REHARVEST}")
+
+
 def read_shard(path: Path) -> dict[str, Tensor]:
     """A shard's tensors as float32, refusing an unreadable file or NaN/Inf rows with the file named.
 
@@ -193,7 +197,7 @@ def read_shard(path: Path) -> dict[str, Tensor]:
     try:
         tensors = {name: tensor.float() for name, tensor in load_file(path).items()}
     except Exception as error:  # safetensors reports truncation as SafetensorError, missing files as OSError
-        raise CorruptShardError(f"cache shard {path} is unreadable ({error}): {REHARVEST}") from None
+        raise _unreadable(path, error) from None
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor.sum()):
             bad = (~torch.isfinite(tensor)).reshape(len(tensor), -1).any(1).nonzero().squeeze(1)
@@ -240,9 +244,22 @@ class ActivationCache:
     def d_model(self) -> int:
         return self.manifest["d_model"]
 
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
     def tensors(self, name: str = "x") -> Tensor:
         """One cached tensor of every shard, concatenated in shard order, as float32."""
         return torch.cat([read_shard(path)[name] for path in self.shards])
+
+    def known_rows(self, shard: int) -> int:
+        """Rows of one shard, from its file's header (no tensor is read)."""
+        path = self.shards[shard]
+        try:
+            with safe_open(path, "pt") as file:
+                return file.get_slice("x").get_shape()[0]
+        except Exception as error:  # as read_shard: a truncated or overwritten file
+            raise _unreadable(path, error) from None
 
     def batches(
         self,
@@ -251,9 +268,11 @@ class ActivationCache:
         shuffle: bool = True,
         drop_last: bool = True,
         process: ContextSharding | None = None,
+        start_row: int = 0,
     ) -> Iterator[Tensor]:
         """[batch_size, d] float32 batches of the rows of the shards ``process`` owns (shard s
-        belongs to s % num_processes; default: this process's).
+        belongs to s % num_processes; default: this process's), from row ``start_row`` of their
+        sequence on (shards wholly before it are not read).
 
         The trainer reads by data lane (``process`` = lane l of L, see ``Harvest.training_batches``):
         lane l is read by process l % P, which harvested its shards (P divides L), so on a node each
@@ -265,12 +284,17 @@ class ActivationCache:
         owned = list(range(process.process_index, len(self.shards), process.num_processes))
         order = [owned[i] for i in torch.randperm(len(owned), generator=generator).tolist()] if shuffle else owned
 
+        skipped, start_row = _leading_shards((self.known_rows(shard) for shard in order), start_row)
+        for shard in order[:skipped]:
+            if shuffle:  # drawn as reading the shard would: the shuffles of the shards after it stay the same
+                torch.randperm(self.known_rows(shard), generator=generator)
+
         def shards() -> Iterator[Tensor]:
-            for shard in order:
+            for shard in order[skipped:]:
                 rows = read_shard(self.shards[shard])["x"]
                 yield rows[torch.randperm(len(rows), generator=generator)] if shuffle else rows
 
-        for rows in _rebatch(shards(), batch_size):
+        for rows in _rebatch(_drop_rows(shards(), start_row), batch_size):
             if len(rows) == batch_size or not drop_last:
                 yield rows
 
@@ -287,19 +311,59 @@ class ActivationStream:
         harvest_shard: Callable[[list[PackedContext], int], HarvestedShard],
         shards: Callable[[ContextSharding], Iterator[tuple[int, list[PackedContext]]]],
         d_model: int,
+        num_shards: int,
     ):
         self._harvest_shard = harvest_shard
         self._shards = shards
         self.d_model = d_model
+        self.num_shards = num_shards
+        self.shard_rows: dict[int, int] = {}
+        """Kept rows of each shard harvested so far: known only once the base model has run over
+        it (masking depends on the activations); a resumed stage seeks with them."""
 
-    def batches(self, batch_size: int, seed: int = 0, process: ContextSharding | None = None) -> Iterator[Tensor]:
+    def batches(
+        self, batch_size: int, seed: int = 0, process: ContextSharding | None = None, start_row: int = 0
+    ) -> Iterator[Tensor]:
         """[batch_size, d] float32 batches of the contexts ``process`` owns (a data lane, or by
-        default this process), whole shards of them, shuffled within each shard."""
-        shards = self._shards(process or ContextSharding.current())
-        chunks = (self._harvest_shard(contexts, _shard_seed(seed, shard)).tensors["x"].float() for shard, contexts in shards)
-        for rows in _rebatch(chunks, batch_size):
+        default this process), whole shards of them, shuffled within each shard, from row
+        ``start_row`` of their sequence on (a shard of known rows wholly before it is not harvested)."""
+        process = process or ContextSharding.current()
+        owned = range(process.process_index, self.num_shards, process.num_processes)
+        skipped, start_row = _leading_shards((self.known_rows(shard) for shard in owned), start_row)
+        shards = islice(self._shards(process), skipped, None)  # contexts only: the base model never runs over them
+        chunks = (self._harvested(shard, contexts, seed) for shard, contexts in shards)
+        for rows in _rebatch(_drop_rows(chunks, start_row), batch_size):
             if len(rows) == batch_size:
                 yield rows
+
+    def known_rows(self, shard: int) -> int | None:
+        """Kept rows of one shard; None until it is harvested."""
+        return self.shard_rows.get(shard)
+
+    def _harvested(self, shard: int, contexts: list[PackedContext], seed: int) -> Tensor:
+        rows = self._harvest_shard(contexts, _shard_seed(seed, shard)).tensors["x"].float()
+        self.shard_rows[shard] = len(rows)
+        return rows
+
+
+def _leading_shards(rows: Iterable[int | None], start_row: int) -> tuple[int, int]:
+    """How many leading shards, of ``rows`` rows each (None: not known), lie wholly before row
+    ``start_row`` of their sequence, and the rows of the next ones still to drop."""
+    skipped = 0
+    if start_row:
+        for count in rows:
+            if count is None or start_row < count:
+                break
+            start_row, skipped = start_row - count, skipped + 1
+    return skipped, start_row
+
+
+def _drop_rows(chunks: Iterable[Tensor], rows: int) -> Iterator[Tensor]:
+    """``chunks`` without their first ``rows`` rows."""
+    for chunk in chunks:
+        if rows < len(chunk):
+            yield chunk[rows:]
+        rows = max(0, rows - len(chunk))
 
 
 def _rebatch(chunks: Iterable[Tensor], size: int) -> Iterator[Tensor]:
@@ -577,6 +641,9 @@ def harvest_activations(
                 tokenizer, data, cfg, contexts, ContextSharding(owner.process_index, owner.num_processes, cfg.contexts_per_shard)
             ),
             width,
+            # Every training shard exists whenever a stage reads them: the held-out contexts,
+            # harvested before any stage, come after the training range.
+            shard_count(contexts, cfg),
         )
     directory = Path(cfg.cache_dir) / "activations"
     manifest = _manifest("activations", model, tokenizer, base, data, cfg, contexts, width)

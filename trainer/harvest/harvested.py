@@ -9,7 +9,6 @@ import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
-from itertools import islice
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -68,22 +67,49 @@ class Harvest:
         """Endless micro-batches of this process, ``[shape.per_process, d]``, from ``start_step`` on:
         the same share of each of its data lanes (``shape.lanes_of``), each lane reshuffled every
         epoch. Together the processes' micro-batches are the same tokens whatever their number, and a
-        resumed stage continues with exactly the batches it would have seen."""
-        lanes = [self._lane_batches(lane, shape, seed) for lane in shape.lanes_of(process_state().process_index)]
-        return islice((torch.cat(rows) for rows in zip(*lanes)), start_step, None)
+        resumed stage continues with exactly the batches it would have seen, reading (or, streamed,
+        harvesting) no shard it had already read to its end."""
+        lanes = [self._lane_batches(lane, shape, seed, start_step) for lane in shape.lanes_of(process_state().process_index)]
+        return (torch.cat(rows) for rows in zip(*lanes))
 
-    def _lane_batches(self, lane: int, shape: BatchShape, seed: int) -> Iterator[torch.Tensor]:
+    def _lane_batches(self, lane: int, shape: BatchShape, seed: int, start_step: int) -> Iterator[torch.Tensor]:
         sharding = ContextSharding(lane, shape.lanes)
-        for epoch in range(10**9):
+        first_epoch, start_row = self._lane_start(sharding, shape.per_lane, start_step)
+        for epoch in range(first_epoch, 10**9):
             empty = True
-            for batch in self.training.batches(shape.per_lane, seed=zlib.crc32(f"{seed}/{lane}/{epoch}".encode()), process=sharding):
+            batches = self.training.batches(
+                shape.per_lane, seed=zlib.crc32(f"{seed}/{lane}/{epoch}".encode()), process=sharding, start_row=start_row
+            )
+            for batch in batches:
                 empty = False
                 yield batch
-            if empty:
+            if empty and not start_row:
                 raise EmptyDatasetError(
                     f"data lane {lane} of {shape.lanes} holds fewer than {shape.per_lane} training tokens: raise "
                     "harvest.train_tokens, or lower cycles.batch_size or cycles.data_lanes"
                 )
+            start_row = 0
+
+    def _lane_start(self, sharding: ContextSharding, per_lane: int, start_step: int) -> tuple[int, int]:
+        """(epoch, rows of it already read) where the lane's batch ``start_step`` begins (an epoch
+        drops its last partial batch), from the row counts of the lane's shards."""
+        if not start_step:
+            return 0, 0
+        owned = range(sharding.process_index, self.training.num_shards, sharding.num_processes)
+        rows = [self.training.known_rows(shard) for shard in owned]
+        if None in rows:  # a shard never harvested: the first epoch was not read to its end yet
+            return 0, start_step * per_lane
+        epoch, step = divmod(start_step, max(sum(rows) // per_lane, 1))
+        return epoch, step * per_lane
+
+    def harvested_shard_rows(self) -> dict[int, int]:
+        """Kept rows of the streamed shards this process harvested (a cache knows its own)."""
+        return {} if isinstance(self.training, ActivationCache) else self.training.shard_rows
+
+    def remember_shard_rows(self, rows: dict[int, int]) -> None:
+        """Kept rows of shards a stopped run streamed: a resumed stage seeks with them."""
+        if isinstance(self.training, ActivationStream):
+            self.training.shard_rows.update(rows)
 
     def held_out_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         return iter(self.held_out.split(batch_size))

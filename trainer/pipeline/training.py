@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
+import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from modeling_dmsae import DMSAEModel
@@ -16,8 +19,10 @@ from trainer.harvest.harvested import Harvest
 from trainer.harvest.prefetch import prefetched
 from trainer.pipeline.context import RunContext
 from trainer.run.logs import append_record, truncate_log
-from trainer.run.stages import batch_shape, calibration_batches, stage_seed, steps_for
+from trainer.run.stages import BatchShape, batch_shape, calibration_batches, stage_seed, steps_for
 from trainer.sae.training import NonFiniteTrainingError, SAETrainer, StepStats, TrainingCallback, check_finite_weights, fit
+
+SHARD_ROWS = "shard_rows"  # the checkpoint's reader state: {shard: rows}
 
 
 class ProgressBar(TrainingCallback):
@@ -56,16 +61,28 @@ class TrainingLog(TrainingCallback):
 
 class Checkpoints(TrainingCallback):
     """Every ``run.checkpoint_every`` optimisation steps (but the last: the stage's folder follows):
-    everything a resumed stage needs to continue bit for bit, and the timings up to here."""
+    everything a resumed stage needs to continue bit for bit, and the timings up to here. Beside the
+    SAE's state go the row counts of the shards every process has read, with which the resumed
+    stage seeks to its next batch instead of reading (streamed: harvesting) the batches before it."""
 
-    def __init__(self, run: RunContext, path: Path, total_steps: int):
-        self.run, self.path, self.total_steps = run, path, total_steps
+    def __init__(self, run: RunContext, path: Path, total_steps: int, harvest: Harvest):
+        self.run, self.path, self.total_steps, self.harvest = run, path, total_steps, harvest
 
     def on_step_end(self, trainer: SAETrainer, step: int, stats: StepStats) -> None:
         due = trainer.at_step_boundary and trainer.optimizer_steps % self.run.config.run.checkpoint_every == 0
         if due and step + 1 < self.total_steps:
-            trainer.save_checkpoint(self.path)
+            every_process = gather_object([self.harvest.harvested_shard_rows()])
+            trainer.save_checkpoint(self.path, {SHARD_ROWS: {shard: rows for known in every_process for shard, rows in known.items()}})
             self.run.timer.save()
+
+
+def resumed_batches(harvest: Harvest, shape: BatchShape, seed: int, start_step: int, reader_state: dict | None) -> Iterator[torch.Tensor]:
+    """The stage's batches from ``start_step`` on, sought with the checkpoint's shard row counts."""
+    if reader_state is None:
+        # A checkpoint written before shard row counts were recorded: replay the batches up to it.
+        return islice(harvest.training_batches(shape, seed), start_step, None)
+    harvest.remember_shard_rows(reader_state[SHARD_ROWS])
+    return harvest.training_batches(shape, seed, start_step)
 
 
 def stage_failure(stage: str, step: int, error: Exception, checkpoint: Path) -> Exception:
@@ -88,15 +105,14 @@ def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, har
     steps, shape = steps_for(tokens, config), batch_shape(config)
     trainer = SAETrainer(model, config.optimizer, steps // config.run.gradient_accumulation_steps, run.accelerator)
     checkpoint = run.paths.checkpoint(stage) / "checkpoint.pt"
-    if checkpoint.exists():
-        trainer.load_checkpoint(checkpoint)
+    reader_state = trainer.load_checkpoint(checkpoint) if checkpoint.exists() else {SHARD_ROWS: {}}
     if run.is_main:
         truncate_log(run.paths.log(stage), trainer.optimizer_steps)
-    batches = harvest.training_batches(shape, seed=stage_seed(config, stage, "/data"), start_step=trainer.steps_taken)
+    batches = resumed_batches(harvest, shape, stage_seed(config, stage, "/data"), trainer.steps_taken, reader_state)
     callbacks = [
         ProgressBar(stage, steps, trainer.steps_taken, run.accelerator.is_local_main_process),
         TrainingLog(run, stage, steps),
-        Checkpoints(run, checkpoint, steps),
+        Checkpoints(run, checkpoint, steps, harvest),
     ]
     # A streamed run's batches come from the base model: kept in the training thread, where its
     # memory is counted and no collective can interleave with the SAE step's.

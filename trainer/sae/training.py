@@ -233,8 +233,9 @@ class SAETrainer:
 
     # ---- checkpoints: everything a resumed run needs to continue bit for bit ------------------
 
-    def save_checkpoint(self, path: Path) -> None:
-        """Write weights, optimiser and schedule state and the bookkeeping (temporary file, then rename)."""
+    def save_checkpoint(self, path: Path, reader_state: dict | None = None) -> None:
+        """Write weights, optimiser and schedule state and the bookkeeping (temporary file, then
+        rename), with ``reader_state``: what the batches' reader needs to continue from here."""
         if self.accelerator.is_main_process:
             state = {
                 "model": self.sae.state_dict(),
@@ -243,13 +244,15 @@ class SAETrainer:
                 "tokens_since_fired": self.tokens_since_fired,
                 "steps_taken": self.steps_taken,
                 "initial_decoder_rows": self.initial_decoder_rows,
+                "reader_state": reader_state,
             }
             with atomic_path(path) as temporary:
                 torch.save(state, temporary)
         self.accelerator.wait_for_everyone()
 
-    def load_checkpoint(self, path: Path) -> None:
-        """Restore a checkpoint (tensors only: weights_only=True); an unreadable one is named with the fix."""
+    def load_checkpoint(self, path: Path) -> dict | None:
+        """Restore a checkpoint (tensors only: weights_only=True) and return its reader state (None
+        when it was written without one); an unreadable one is named with the fix."""
         try:
             state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
             self.sae.load_state_dict(state["model"])
@@ -265,3 +268,4 @@ class SAETrainer:
                 "and rerun with --run.resume true; its stage restarts from step 0, finished stages are kept"
             ) from None
         check_finite_weights(self.sae, str(path))
+        return state.get("reader_state")
