@@ -206,6 +206,7 @@ def build_sae_folders(paths: RunDirectory, settings: HubSettings) -> list[PushUn
     """Write ``RUN_DIR/hub/saes/<repo name>/`` for every transfer-stage SAE."""
     run_repo = run_repo_id(settings, paths)
     export_settings = saelens_export_settings(paths.configuration().data)
+    card_settings = _card_settings(paths, settings)  # the run's configuration, read once for every SAE
     units, sources = [], {}
     for sae_dir in paths.transfers():
         config = DMSAEConfig.from_pretrained(sae_dir)
@@ -220,7 +221,7 @@ def build_sae_folders(paths: RunDirectory, settings: HubSettings) -> list[PushUn
         target = paths.hub_saes / repo_id.split("/")[-1]
         with atomic_folder(target) as staging:
             _mirror_folder(sae_dir, staging)
-            card = final_sae_card(sae_dir, _card_settings(paths, settings), repo_id=repo_id)
+            card = final_sae_card(sae_dir, card_settings, repo_id=repo_id)
             write_text(staging / "README.md", str(card))
             to_saelens(DMSAEModel.from_pretrained(sae_dir), staging / SAELENS_FOLDER, overwrite=True, **export_settings)
         files = {path.name: path for path in _files(target)}
