@@ -230,6 +230,7 @@ class HubSettings:
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 TRACKERS = ("tensorboard", "wandb", "trackio", "none")
+PARALLELISMS = ("auto", "ddp")  # --run.parallelism (trainer.run.parallelism says what each chooses)
 
 
 @dataclass
@@ -359,6 +360,8 @@ class RunConfig:
     """Seconds a process waits for the others in a collective (a barrier, an all-reduce) before the run fails. While the main process works alone (selection and evaluation after every cycle, the report, the Hub push: ~37 GB at the paper's shape) the others wait in a barrier: the default, two hours, outlasts the slowest of these, where NCCL's own default (10 minutes) would end the run."""
     prefetch_batches: int = 2
     """Training batches a background thread reads ahead (shard read, cast to float32, checked; pinned memory on CUDA) while the SAE trains on the current one; 0 reads each in the training thread. It changes when batches are read, never which: the SAEs are the same. Cached activations only: a streamed run (run.stream_activations) computes its batches with the base model in the training thread."""
+    parallelism: str = "auto"
+    """How several processes share the SAE stages: auto gives each distillation cycle latent-parallel (each process holds K/P of the latents and the whole global batch) and the transfer stage SAE-parallel (the final SAEs dealt to processes, each trained whole); ddp replicates every SAE on every process and splits the batch. Either trains the same SAEs; --dry-run prints each stage's mode and what a process sends per step."""
 
 
 @dataclass
@@ -418,6 +421,7 @@ class DistillConfig:
             ("run.log_every", run.log_every >= 1, "must be >= 1 (optimisation steps between logged metrics)"),
             ("run.process_group_timeout_s", run.process_group_timeout_s > 0, "must be positive: seconds a process waits for the others, e.g. 7200"),
             ("run.prefetch_batches", run.prefetch_batches >= 0, "must be >= 0 (0: no background reading)"),
+            ("run.parallelism", run.parallelism in PARALLELISMS, f"must be one of {', '.join(PARALLELISMS)}"),
         ]
         for name, ok, requirement in checks:
             if not ok:

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 # Fields that say how or where to run, or what to publish, not what to compute: a resume may change them.
 _NOT_PART_OF_THE_RUN = {
     ("run", "output_dir"), ("run", "resume"), ("run", "dry_run"), ("run", "log_with"), ("run", "checkpoint_every"),
-    ("run", "log_every"), ("run", "process_group_timeout_s"), ("run", "prefetch_batches"), ("model", "device"), ("hub", None),
+    ("run", "log_every"), ("run", "process_group_timeout_s"), ("run", "prefetch_batches"), ("run", "parallelism"), ("model", "device"), ("hub", None),
     ("transfer", "ks"), ("transfer", "variants"), ("transfer", "random_core_control"),
     ("transfer", "sparsity_matched"), ("transfer", "baseline"), ("transfer", "core_scale"), ("transfer", "random_sparse_control"),
     ("transfer", "random_core_every_k"), ("transfer", "baseline_ks"), ("plan", None),
