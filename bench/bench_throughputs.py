@@ -116,7 +116,9 @@ def recorded_key(config, record_as: str | None) -> str:
 def file_figures(table: dict, kind: str, measured: str, base_key: str, base: dict, steps: list[dict]) -> dict:
     """File one measurement in ``table`` (throughputs.json's content) under ``kind``: a base model
     or SAE shape measured before is replaced, other entries are kept. Returns what was filed."""
-    entry = table.setdefault(kind, {"base_model": {}, "sae": []})
+    entry = table.setdefault(kind, {})  # a kind may hold only its published specifications so far
+    entry.setdefault("base_model", {})
+    entry.setdefault("sae", [])
     entry["measured"] = measured
     entry["base_model"][base_key] = base
     new_shapes = {tuple(s[name] for name in SAE_SHAPE_FIELDS) for s in steps}

@@ -4,12 +4,15 @@ a kind of device never measured is said so, not guessed."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from trainer.config import parse_config
 from trainer.report import dry_run
 from trainer.report.dry_run import base_model_key, describe_plan
+from trainer.run import parallelism
+from trainer.run.parallelism import StageMode, StepShape
 from trainer.run.stages import final_saes, steps_for
 
 STEP_S, CALIBRATION, EVALUATION, SELECTION = 0.5, 1e-4, 2e-4, 3e-4
@@ -83,3 +86,55 @@ def test_streaming_reruns_the_base_model_per_sae(table):
     config = parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind", "--run.stream_activations", "true"])
     saes = 4 + len(final_saes(config))
     assert f"{saes + 2} passes: activations streamed for every SAE" in describe_plan(config)
+
+
+# ---- modes, bytes per step and the estimate from published rates ------------------------------
+
+PAPER = str(Path(__file__).resolve().parent.parent / "trainer" / "configs" / "paper_gemma2_l12.yaml")
+
+
+def hours(line: str) -> float:
+    value, unit = line.split()[-2:]
+    return float(value.replace(",", "")) * {"h": 3600, "s": 1}[unit] / 3600
+
+
+def test_paper_plan_on_8_h100_names_each_stage_mode_bytes_and_both_totals():
+    config = parse_config(["--config", PAPER, "--plan.num_processes", "8", "--plan.device_kind", "cuda-nvidia-h100-80gb-hbm3"])
+    plan = describe_plan(config, 2304, model_config_read=False)
+    times = plan.split("wall time")[1]
+    assert "estimated from specifications of cuda-nvidia-h100-80gb-hbm3" in times
+    lines = {line.split()[0] + " " + line.split()[1]: line for line in times.split("plain DDP")[0].splitlines()[1:] if len(line.split()) > 2}
+    assert "latent-parallel" in lines["cycle training"] and "MB/step" in lines["cycle training"]
+    assert "sae-parallel" in lines["transfer training"] and "MB/step" in lines["transfer training"]
+    assert times.count("rests on:") == 5 + 2  # every stage of the run, and the two training stages of plain DDP
+    total = next(line for line in times.splitlines() if line.strip().startswith("total"))
+    today = next(line for line in times.splitlines() if line.strip().startswith("plain DDP"))
+    assert hours(total.split(" on the node")[0]) <= 6  # the paper's run on one 8-GPU node
+    assert hours(today.split(" on the node")[0]) >= 15  # every SAE stage DDP, fp32, from disk
+    assert "ddp" in times.split("plain DDP")[1] and "2,115.35 MB/step" in times.split("plain DDP")[1]
+
+
+def test_plan_bytes_formulas_agree_with_hand_computed_values():
+    """d = 4, K = 16, N = 8 tokens, P = 2, 2 groups, aux_k = 2, bf16 storage, fp32 compute."""
+    shape = StepShape(d_in=4, num_latents=16, tokens=8, processes=2, groups=2, aux_k=2)
+    # 2 (P - 1) / P = 1: an all-reduce sends its size; an all-gather half its result.
+    gradients = 4 * (16 * 4 + 16 * 4 + 16 + 4)  # encoder rows, W_dec, b_enc, b_dec (fp32)
+    batch_topk = 4 * 256 * 8 + (4 + 2 * 8 + 8 + 2 * 8)  # 4 histograms; bound, totals, above, ties
+    dead = 17 * 8
+    assert parallelism.ddp_bytes(shape) == gradients + batch_topk + dead + (5 * 4 + 4)  # + AuxK's variance
+    gather = 8 * 4 * 2 / 2
+    latent = gather + 2 * 8 * 4 * 4 + batch_topk + dead + 4 * 4 + 4 + 8 * 2 * 8 / 2 + 8 * 4 * 4
+    assert parallelism.latent_parallel_bytes(shape) == latent
+    assert parallelism.sae_parallel_bytes(shape) == gather
+    assert parallelism.bytes_per_step(StageMode.SAE_PARALLEL, shape._replace(processes=1)) == 0
+
+
+def test_plan_for_a_kind_never_measured_is_estimated_from_specifications(tmp_path, monkeypatch):
+    path = tmp_path / "throughputs.json"
+    specifications = {"bf16_flops_per_s": 1e14, "tf32_flops_per_s": 5e13, "fp32_flops_per_s": 1e13, "memory_bytes_per_s": 1e12,
+                      "link_bytes_per_s": 1e11, "sources": ["a datasheet, https://example.org"]}  # fmt: skip
+    path.write_text(json.dumps({"spec-kind": {"specifications": specifications}}))
+    monkeypatch.setattr(dry_run, "THROUGHPUTS_FILE", path)
+    plan = describe_plan(parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "spec-kind", "--plan.num_processes", "2"]))
+    assert "estimated from specifications of spec-kind" in plan and "source: a datasheet, https://example.org" in plan
+    assert "harvest           not estimated" in plan  # the embedded model's size is not in the cost model

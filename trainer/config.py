@@ -332,6 +332,8 @@ class PlanConfig:
     """Kind of device the run will use, as named in trainer/report/throughputs.json (e.g. cpu-2core, cuda-nvidia-h100-80gb-hbm3); auto: this machine's."""
     num_processes: int = 0
     """Processes (GPUs) the run will launch; 0: this launch's WORLD_SIZE (1 for plain python)."""
+    mixed_precision: str = "auto"
+    """Compute dtype the run will be launched with, as accelerate's --mixed_precision names it: no (float32) or bf16; auto: this launch's (ACCELERATE_MIXED_PRECISION), else no."""
 
 
 @dataclass
@@ -422,6 +424,7 @@ class DistillConfig:
             ("run.process_group_timeout_s", run.process_group_timeout_s > 0, "must be positive: seconds a process waits for the others, e.g. 7200"),
             ("run.prefetch_batches", run.prefetch_batches >= 0, "must be >= 0 (0: no background reading)"),
             ("run.parallelism", run.parallelism in PARALLELISMS, f"must be one of {', '.join(PARALLELISMS)}"),
+            ("plan.mixed_precision", self.plan.mixed_precision in ("auto", "no", "bf16"), "must be auto, no or bf16"),
         ]
         for name, ok, requirement in checks:
             if not ok:

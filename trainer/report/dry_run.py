@@ -17,6 +17,22 @@ from trainer.config import DistillConfig
 from trainer.harvest.base_model import base_model_width, pretrained_source
 from trainer.run.files import read_json
 from trainer.run.metrics_file import METRICS
+from trainer.report.cost_model import (
+    BASE_MODELS,
+    DISK_BYTES_PER_S,
+    GEMM_EFFICIENCY,
+    LINK_EFFICIENCY,
+    MEMORY_EFFICIENCY,
+    STEP_OVERHEAD_S,
+    StageCost,
+    designs,
+    harvest_cost,
+    machine_from,
+    main_process_costs,
+    step_shape,
+    training_costs,
+)
+from trainer.run.parallelism import bytes_per_step, cycle_mode, transfer_mode
 from trainer.run.stages import batch_shape, cycle0_sae_config, final_saes, planned_processes, steps_for
 from trainer.sae import evidence
 
@@ -109,11 +125,20 @@ class Throughputs(NamedTuple):
 
 def load_throughputs(config: DistillConfig, kind: str) -> Throughputs | None:
     """The figures measured on ``kind`` (None when that kind was never measured)."""
-    table = read_json(THROUGHPUTS_FILE) if THROUGHPUTS_FILE.exists() else {}
-    if kind not in table:
+    table = _throughput_table()
+    if "sae" not in table.get(kind, {}):
         return None
     entry = table[kind]
     return Throughputs(kind, entry.get("measured", ""), entry["base_model"].get(base_model_key(config)), entry["sae"])
+
+
+def _throughput_table() -> dict:
+    return read_json(THROUGHPUTS_FILE) if THROUGHPUTS_FILE.exists() else {}
+
+
+def load_specifications(kind: str) -> dict | None:
+    """The published peak rates of ``kind`` (None when throughputs.json has none)."""
+    return _throughput_table().get(kind, {}).get("specifications")
 
 
 def sae_figures(throughputs: Throughputs, d_in: int, num_latents: int, k: int, batch_size: int) -> tuple[dict, str] | None:
@@ -227,7 +252,29 @@ def describe_costs(config: DistillConfig, d_in: int, model_config_read: bool = T
         f"time (fp32 weights, grads, Adam, a micro-batch of {per_process:,} tokens); base model: {base_model}"
     )
     lines.append(_describe_evidence(config, sae.num_latents, len(finals)))
+    lines.append(_describe_modes(config, d_in, processes))
     return lines + _describe_times(config, d_in, processes, kind)
+
+
+def _bf16(config: DistillConfig) -> bool:
+    """Whether the run computes in bf16: plan.mixed_precision, or this launch's."""
+    chosen = config.plan.mixed_precision
+    return (os.environ.get("ACCELERATE_MIXED_PRECISION", "no") if chosen == "auto" else chosen) == "bf16"
+
+
+def _megabytes(sent: float | None) -> str:
+    return "" if sent is None else f"{sent / 1e6:,.2f} MB/step"
+
+
+def _describe_modes(config: DistillConfig, d_in: int, processes: int) -> str:
+    """Each SAE stage's mode (trainer.run.parallelism) and what one process sends per step in it."""
+    shape = step_shape(config, d_in, processes, _bf16(config))
+    modes = {"cycle training": cycle_mode(config, processes), "transfer training": transfer_mode(config, processes)}
+    described = [f"{stage} {mode.value} ({_megabytes(bytes_per_step(mode, shape))})" for stage, mode in modes.items()]
+    return (
+        f"  modes         {'; '.join(described)}: bytes one process sends per optimisation step "
+        f"(--run.parallelism {config.run.parallelism}, {'bf16' if shape.compute_bytes == 2 else 'fp32'} compute)"
+    )
 
 
 def _describe_evidence(config: DistillConfig, num_latents: int, saes: int) -> str:
@@ -307,6 +354,9 @@ def estimate_stage_times(config: DistillConfig, d_in: int, processes: int, kind:
 def _describe_times(config: DistillConfig, d_in: int, processes: int, kind: str) -> list[str]:
     """The plan's wall-time lines; what was never measured is said so."""
     estimate = estimate_stage_times(config, d_in, processes, kind)
+    specifications = load_specifications(kind)
+    if estimate is None and specifications is not None:
+        return _describe_from_specifications(config, d_in, processes, kind, specifications)
     if estimate is None:
         return [
             f"  wall time     not estimated: no throughputs measured on {kind} "
@@ -320,3 +370,52 @@ def _describe_times(config: DistillConfig, d_in: int, processes: int, kind: str)
         lines.append(f"    {'total' if len(known) == len(stages) else 'total (known part)':<18}{_seconds(sum(known))}")
     lines += [f"    note: {note}" for note in estimate.notes]
     return lines
+
+
+def _stage_costs(config: DistillConfig, d_in: int, processes: int, specifications: dict, design) -> dict[str, StageCost | str]:
+    """Every stage of ``design`` priced from the published rates (the stage names of timings.json)."""
+    machine = machine_from(specifications)
+    trained_cycles, selected_cycles = cycle_counts(config)
+    context = config.data.context_length
+    ranges = config.harvest.context_ranges(context)
+    held_out = max(math.ceil(config.eval.tokens / context), config.eval.ce_contexts) * context
+    ce_tokens = config.eval.ce_contexts * context
+    costs: dict[str, StageCost | str] = {}
+    if config.model.model_id in BASE_MODELS:
+        other = (len(ranges.attribution) * context, held_out, ce_tokens)
+        costs["harvest"] = harvest_cost(config, machine, d_in, processes, design, len(ranges.train) * context, other)
+    else:
+        costs["harvest"] = f"not estimated: the size of {config.model.model_id} is not in the cost model's BASE_MODELS"
+    training = training_costs(config, machine, d_in, processes, design, trained_cycles)
+    main = main_process_costs(config, machine, d_in, selected_cycles, selected_cycles + len(final_saes(config)), ce_tokens)
+    return {**costs, "cycle training": training["cycle training"], **main, "transfer training": training["transfer training"]}
+
+
+def _stage_line(stage: str, cost: StageCost | str) -> list[str]:
+    if isinstance(cost, str):
+        return [f"    {stage:<18}{cost}"]
+    return [f"    {stage:<18}{cost.mode:<16}{_megabytes(cost.bytes_per_step):>16}  {_seconds(cost.seconds):>9}", f"      rests on: {cost.basis}"]
+
+
+def _total(costs: dict[str, StageCost | str]) -> str:
+    known = [cost.seconds for cost in costs.values() if isinstance(cost, StageCost)]
+    return _seconds(sum(known)) + ("" if len(known) == len(costs) else " (known part)")
+
+
+def _describe_from_specifications(config: DistillConfig, d_in: int, processes: int, kind: str, specifications: dict) -> list[str]:
+    """The wall time of a kind never measured, estimated from its published rates: per stage its
+    mode, bytes per step, time and basis, for this run's design and for plain DDP."""
+    planned, plain = designs(config, processes, _bf16(config))
+    ours, today = (_stage_costs(config, d_in, processes, specifications, design) for design in (planned, plain))
+    lines = [
+        f"  wall time     estimated from specifications of {kind} (no throughputs measured on it): "
+        f"stage, mode, bytes one process sends per optimisation step, time",
+        *[line for stage, cost in ours.items() for line in _stage_line(stage, cost)],
+        f"    {'total':<18}{_total(ours)} on the node",
+        f"    {'plain DDP':<18}{_total(today)} on the node: every SAE stage DDP, fp32, activations read from disk, priced the same way:",
+        *[line for stage, cost in today.items() if stage.endswith("training") for line in _stage_line(stage, cost)],
+        f"    assumed: GEMMs at {GEMM_EFFICIENCY:.0%} of peak, memory at {MEMORY_EFFICIENCY:.0%}, collectives at "
+        f"{LINK_EFFICIENCY:.0%} of the link rate, {STEP_OVERHEAD_S * 1e3:.0f} ms of launches per SAE step, a local disk "
+        f"at {DISK_BYTES_PER_S / 1e9:.0f} GB/s (trainer/report/cost_model.py)",
+    ]
+    return lines + [f"    source: {source}" for source in specifications.get("sources", [])]

@@ -12,7 +12,9 @@ decided. The pipeline runs the mode chosen here and the dry run prints it.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
+from typing import NamedTuple
 
 from trainer.config import DistillConfig
 
@@ -35,3 +37,131 @@ def transfer_mode(config: DistillConfig, processes: int) -> StageMode:
     if processes > 1 and config.run.parallelism == "auto":
         return StageMode.SAE_PARALLEL
     return StageMode.DDP
+
+
+# ---- what a process sends per optimisation step in each mode ------------------------------------
+# The dry run's plan, bench/bench_parallel.py and the pipeline all count with these functions. Bytes
+# are those one process sends over ring collectives: an all-reduce of B bytes sends 2 (P - 1) / P B,
+# an all-gather whose result is B bytes sends (P - 1) / P B.
+
+FP32, INT64 = 4, 8
+RADIX_ROUNDS, RADIX_BINS = 4, 256  # BatchTopK's exact cut: one 256-bin int64 histogram per byte of a float32
+
+
+class StepShape(NamedTuple):
+    """One SAE's optimisation step as the byte counts need it."""
+
+    d_in: int
+    num_latents: int
+    """K."""
+    tokens: int
+    """N: tokens of the global micro-batch, all processes together."""
+    processes: int
+    """P."""
+    groups: int
+    """L + 1: Matryoshka groups, one partial prefix reconstruction each."""
+    aux_k: int
+    core_size: int = 0
+    """c: frozen encoder rows, no gradient (0 in a plan: the core is known only after selection)."""
+    storage_bytes: int = 2
+    """s: bytes of one cached or streamed activation value (2 for bf16)."""
+    compute_bytes: int = FP32
+    """Bytes of the compute dtype (4; 2 under --mixed_precision bf16)."""
+
+
+def all_reduce_bytes(size: float, processes: int) -> float:
+    """Bytes one process sends in a ring all-reduce of ``size`` bytes."""
+    return 2 * (processes - 1) / processes * size
+
+
+def all_gather_bytes(result: float, processes: int) -> float:
+    """Bytes one process sends in a ring all-gather whose result is ``result`` bytes."""
+    return (processes - 1) / processes * result
+
+
+def batch_topk_bytes(processes: int) -> float:
+    """BatchTopK over the global batch (``modeling_dmsae.batch_topk_entries``): the radix select's
+    four 256-bin int64 histograms, plus its scalars: the sampled bound (fp32, MIN), the budget and
+    candidate totals (2 int64), the entries above the cut (int64) and the ties before each rank
+    (P int64)."""
+    scalars = FP32 + 2 * INT64 + INT64 + processes * INT64
+    return all_reduce_bytes(RADIX_ROUNDS * RADIX_BINS * INT64, processes) + all_reduce_bytes(scalars, processes)
+
+
+def gradient_bytes(shape: StepShape) -> int:
+    """Bytes of every trainable gradient (fp32): encoder rows (K - c) d, W_dec K d, b_enc K, b_dec d."""
+    K, d = shape.num_latents, shape.d_in
+    return FP32 * ((K - shape.core_size) * d + K * d + K + d)
+
+
+def ddp_bytes(shape: StepShape, dead_latents: bool = True) -> float:
+    """DDP: the all-reduce of every trainable gradient, BatchTopK's reductions, the dead-latent
+    counts (K + 1 int64) and, while latents are dead, AuxK's batch variance (d + 2 fp32). The
+    gradient norm needs none: every process holds the whole reduced gradient."""
+    P = shape.processes
+    small = batch_topk_bytes(P) + all_reduce_bytes((shape.num_latents + 1) * INT64, P)
+    variance = all_reduce_bytes((shape.d_in + 1) * FP32, P) + all_reduce_bytes(FP32, P) if dead_latents else 0.0
+    return all_reduce_bytes(gradient_bytes(shape), P) + small + variance
+
+
+def activation_gather_bytes(shape: StepShape) -> float:
+    """The all-gather that gives every process the global micro-batch's activations (N d s)."""
+    return all_gather_bytes(shape.tokens * shape.d_in * shape.storage_bytes, shape.processes)
+
+
+def latent_parallel_bytes(shape: StepShape, dead_latents: bool = True) -> float:
+    """Latent-parallel: the activations' all-gather, the all-reduce of the partial prefix
+    reconstructions ((L + 1) N d in the compute dtype), BatchTopK's reductions, the dead-latent
+    counts (K + 1 int64), b_dec's gradient (d fp32) and the gradient norm (one fp32); while latents
+    are dead, AuxK's all-gather of every process's per-token top aux_k (value, index) pairs
+    (N aux_k (4 + 4) bytes as the result) and the all-reduce of its [N, d] reconstruction. The
+    backward sends nothing else: each process's latents get their whole gradient locally."""
+    P, N, d = shape.processes, shape.tokens, shape.d_in
+    sent = activation_gather_bytes(shape) + all_reduce_bytes(shape.groups * N * d * shape.compute_bytes, P)
+    sent += batch_topk_bytes(P) + all_reduce_bytes((shape.num_latents + 1) * INT64, P)
+    sent += all_reduce_bytes(d * FP32, P) + all_reduce_bytes(FP32, P)
+    if dead_latents:
+        sent += all_gather_bytes(N * shape.aux_k * (FP32 + FP32), P) + all_reduce_bytes(N * d * shape.compute_bytes, P)
+    return sent
+
+
+def sae_parallel_bytes(shape: StepShape) -> float:
+    """SAE-parallel: the activations' all-gather alone (one stream for every SAE a process trains);
+    whole SAEs need no gradient traffic."""
+    return activation_gather_bytes(shape)
+
+
+def bytes_per_step(mode: StageMode, shape: StepShape, dead_latents: bool = True) -> float:
+    """Bytes one process sends per optimisation step of a stage in ``mode`` (0 on one process)."""
+    if shape.processes == 1:
+        return 0.0
+    if mode is StageMode.LATENT_PARALLEL:
+        return latent_parallel_bytes(shape, dead_latents)
+    if mode is StageMode.SAE_PARALLEL:
+        return sae_parallel_bytes(shape)
+    return ddp_bytes(shape, dead_latents)
+
+
+def sae_rounds(saes: int, processes: int, mode: StageMode) -> int:
+    """SAEs one process trains in a stage of ``saes`` independent SAEs: all of them one after
+    the other in DDP or latent-parallel, ceil(saes / P) side by side (one activation stream) in
+    SAE-parallel."""
+    return math.ceil(saes / processes) if mode is StageMode.SAE_PARALLEL else saes
+
+
+GRADIENT_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: one all-reduce per 25 MiB of gradients
+
+
+def collectives_per_step(mode: StageMode, shape: StepShape, dead_latents: bool = True) -> int:
+    """Collectives one process takes part in per optimisation step (each has a fixed latency):
+    BatchTopK's 8 (bound, totals, 4 histograms, entries above, ties) and the dead-latent counts in
+    DDP and latent-parallel; DDP's gradient buckets; latent-parallel's gather, prefix reduce,
+    b_dec gradient and norm (and AuxK's two); SAE-parallel's one gather."""
+    if shape.processes == 1:
+        return 0
+    if mode is StageMode.SAE_PARALLEL:
+        return 1
+    shared = 8 + 1
+    if mode is StageMode.LATENT_PARALLEL:
+        return shared + 4 + 2 * dead_latents
+    return shared + math.ceil(gradient_bytes(shape) / GRADIENT_BUCKET_BYTES) + 2 * dead_latents
