@@ -9,6 +9,9 @@
 Contenders, each a full optimisation step (forward, backward, optimizer) on the same random batch:
 - ``gemm``: the dense encoder GEMM [N, d] x [d, K] alone, the floor of any step;
 - ``dmsae``: our ``SAETrainer.step`` with a dense core of ``core_size`` latents; ``dmsae-c0``: no core;
+- ``dmsae-latent-parallel``: ``LatentParallelTrainer.step`` on one process (a process group of
+  one), the same SAE as ``dmsae``: what the latent-parallel bookkeeping costs where no other
+  process shares the work;
 - ``dictionary_learning``: ``MatryoshkaBatchTopKTrainer.update``;
 - ``sae_lens``: ``MatryoshkaBatchTopKTrainingSAE`` stepped as SAELens's own trainer does.
 
@@ -39,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench` and the project importable
     sys.path.insert(0, str(ROOT))
 
-CONTENDERS = ("gemm", "dmsae", "dmsae-c0", "dictionary_learning", "sae_lens")
+CONTENDERS = ("gemm", "dmsae", "dmsae-c0", "dmsae-latent-parallel", "dictionary_learning", "sae_lens")
 # glibc and PyTorch read these when a process starts: each contender's process gets them from the driver.
 ALLOCATOR_ENVIRONMENT = {
     "glibc": {},
@@ -63,7 +66,7 @@ class BenchConfig:
     core_size: int = 256
     """Core latents c of the ``dmsae`` contender (``dmsae-c0`` has none)."""
     contenders: list[str] = field(default_factory=lambda: list(CONTENDERS))
-    """Which contenders to time, from: gemm, dmsae, dmsae-c0, dictionary_learning, sae_lens."""
+    """Which contenders to time, from: gemm, dmsae, dmsae-c0, dmsae-latent-parallel, dictionary_learning, sae_lens."""
     rounds: int = 3
     """Rounds; each contender runs once per round, in a fresh process, in rotating order."""
     steps: int = 3
@@ -129,16 +132,21 @@ def gemm_step(config: BenchConfig, batch: torch.Tensor) -> Callable[[], None]:
     return lambda: torch.mm(batch, weight, out=output)
 
 
-def dmsae_step(config: BenchConfig, batch: torch.Tensor, core_size: int) -> Callable[[], None]:
+def dmsae_step(config: BenchConfig, batch: torch.Tensor, core_size: int, latent_parallel: bool = False) -> Callable[[], None]:
+    import torch.distributed as dist
     from accelerate import Accelerator
 
     from modeling_dmsae import DMSAEConfig, DMSAEModel
     from trainer.config import OptimizerConfig
+    from trainer.sae.latent_parallel import LatentParallelTrainer
     from trainer.sae.training import SAETrainer
 
     sae_config = DMSAEConfig(d_in=config.d_in, num_latents=config.num_latents, k=config.k, core_size=core_size)
     accelerator = Accelerator(cpu=config.device == "cpu")
-    trainer = SAETrainer(DMSAEModel(sae_config), OptimizerConfig(), total_steps=100_000, accelerator=accelerator)
+    if latent_parallel:  # its collectives need a process group, here of one process
+        dist.init_process_group("gloo" if config.device == "cpu" else "nccl", store=dist.HashStore(), rank=0, world_size=1)
+    trainer_class = LatentParallelTrainer if latent_parallel else SAETrainer
+    trainer = trainer_class(DMSAEModel(sae_config), OptimizerConfig(), total_steps=100_000, accelerator=accelerator)
     dead = dead_mask(config)
 
     def step() -> None:
@@ -214,6 +222,7 @@ CONTENDER_MODULES = {
     "gemm": [],
     "dmsae": ["modeling_dmsae", "trainer.sae.training"],
     "dmsae-c0": ["modeling_dmsae", "trainer.sae.training"],
+    "dmsae-latent-parallel": ["modeling_dmsae", "trainer.sae.latent_parallel"],
     "dictionary_learning": ["bench.peers", "modeling_dmsae.configuration_dmsae"],
     "sae_lens": ["sae_lens.saes.matryoshka_batchtopk_sae", "modeling_dmsae.configuration_dmsae"],
 }
@@ -257,6 +266,7 @@ def run_worker(config: BenchConfig) -> dict:
         "gemm": lambda: gemm_step(config, batch),
         "dmsae": lambda: dmsae_step(config, batch, config.core_size),
         "dmsae-c0": lambda: dmsae_step(config, batch, 0),
+        "dmsae-latent-parallel": lambda: dmsae_step(config, batch, config.core_size, latent_parallel=True),
         "dictionary_learning": lambda: dictionary_learning_step(config, batch),
         "sae_lens": lambda: sae_lens_step(config, batch),
     }

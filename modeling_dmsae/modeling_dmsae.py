@@ -292,6 +292,46 @@ class _SparseEncoderValues(torch.autograd.Function):
 
 
 
+def matryoshka_prefix_losses(prefixes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[L+1] mean over tokens of ||x - x^_m||^2 for each prefix m (the terms of Eq. 5's sum)."""
+    return F.mse_loss(prefixes, x.expand_as(prefixes), reduction="none").sum(-1).mean(-1)
+
+
+@torch.no_grad()
+def relu_preactivations(centered: torch.Tensor, core_encoder: torch.Tensor, encoder: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """f(x) = ReLU(centered W_enc + b_enc) as a dense no-grad [N, c + n] (Eq. 1): the encoder GEMM,
+    for the c frozen ``core_encoder`` rows and the n trainable ``encoder`` rows (of the whole SAE,
+    or of one latent-parallel shard).
+
+    The core and non-core rows are multiplied into their column ranges of one output, so the
+    encoder is never concatenated (a copy as large as the weights, every step)."""
+    c = core_encoder.shape[0]
+    relu_pre = centered.new_empty(centered.shape[0], c + encoder.shape[0])
+    if c:
+        torch.addmm(b_enc[:c], centered, core_encoder.T, out=relu_pre[:, :c])
+    torch.addmm(b_enc[c:], centered, encoder.T, out=relu_pre[:, c:])
+    return relu_pre.relu_()
+
+
+def largest_positive(relu_pre: torch.Tensor, unmasked_columns: int, budget: int) -> torch.Tensor:
+    """The ``budget`` largest positive entries of ``relu_pre`` outside its first ``unmasked_columns``
+    columns (those BatchTopK competes over; fewer when fewer are positive): the candidates
+    :func:`calibrated_threshold` reads the inference threshold off."""
+    positive = relu_pre[:, unmasked_columns:]
+    positive = positive[positive > 0]
+    return positive.topk(min(budget, positive.numel()), sorted=False).values
+
+
+def normalized_aux_error(
+    residual: torch.Tensor, aux_reconstruction: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """AuxK's loss: the dead latents' squared error on the residual over the residual's variance
+    (dictionary_learning / OpenAI; over the batches of every process of ``group``), 0 where the
+    residual has none."""
+    error = (residual - aux_reconstruction).pow(2).sum(-1).mean()
+    return (error / batch_variance(residual, group)).nan_to_num(0.0)
+
+
 def batch_process_group(global_batch: bool) -> dist.ProcessGroup | None:
     """The process group whose batches form one global batch: the default group when
     ``global_batch`` and more than one process runs, else None (this process's batch alone)."""
@@ -349,6 +389,8 @@ def _entries_above(acts: torch.Tensor, bound: torch.Tensor | float, unmasked_col
 def _sampled_rank_value(acts: torch.Tensor, rank: int, slack: float) -> torch.Tensor:
     """A value that about ``slack * rank`` entries of ``acts`` [N, n] exceed, read off a strided grid
     sample of ~2^18 entries (0 once that rank covers the whole sample)."""
+    if not acts.numel():  # a latent shard holding only core columns: it bounds nothing
+        return acts.new_tensor(float("inf"))
     stride = max(1, math.isqrt(acts.numel() // _BATCHTOPK_SAMPLE_SIZE))
     sample = acts[::stride, ::stride].flatten()
     expected = rank * sample.numel() / acts.numel()
@@ -358,34 +400,58 @@ def _sampled_rank_value(acts: torch.Tensor, rank: int, slack: float) -> torch.Te
     return sample.topk(sample_rank, sorted=False).values.min()
 
 
-def _candidates(relu_acts: torch.Tensor, num_kept: int, unmasked_columns: int, group: dist.ProcessGroup | None):
-    """(rows, cols, candidates, global budget, global candidate count): the entries above a bound
-    every process agrees on (the smallest of their sampled bounds), and which of them lie in the
-    masked columns. The bound is lowered until the candidates of all processes cover their
-    summed budget ``num_kept``, so every entry BatchTopK keeps anywhere is a candidate; the test
-    is global, so every process leaves the loop together."""
+def _candidates(relu_acts: torch.Tensor, estimate: int, budget: int, unmasked_columns: int, group: dist.ProcessGroup | None):
+    """(rows, cols, candidates, global candidate count): the entries above a bound every process
+    agrees on (the smallest of their sampled bounds, each process sampling for the ``estimate``
+    entries it expects to keep), and which of them lie in the masked columns. The bound is lowered
+    until the candidates of all processes cover the ``budget`` kept over all of them, so every
+    entry BatchTopK keeps anywhere is a candidate; the test is global, so every process leaves the
+    loop together."""
     masked = relu_acts[:, unmasked_columns:]
     slack = 1.25
     while True:
-        bound = _all_reduce(_sampled_rank_value(masked, num_kept, slack).float().reshape(1), group, dist.ReduceOp.MIN)[0]
+        bound = _all_reduce(_sampled_rank_value(masked, estimate, slack).float().reshape(1), group, dist.ReduceOp.MIN)[0]
         rows, cols = _entries_above(relu_acts, bound, unmasked_columns)
         candidates = (cols >= unmasked_columns).nonzero().squeeze(1)
-        totals = _all_reduce(torch.tensor([num_kept, candidates.numel()], device=relu_acts.device), group)
-        if totals[1] >= totals[0] or bound == 0:
-            return rows, cols, candidates, int(totals[0]), int(totals[1])
+        total = int(_all_reduce(torch.tensor([candidates.numel()], device=relu_acts.device), group)[0])
+        if total >= budget or bound == 0:
+            return rows, cols, candidates, total
         slack *= 4
 
 
+def _budget_and_estimate(
+    relu_acts: torch.Tensor, k_per_token: int, unmasked_columns: int, group: dist.ProcessGroup | None, shards_latents: bool
+) -> tuple[int, int]:
+    """(entries BatchTopK keeps over every process, the share of them this process expects). With
+    the tokens split over the processes each keeps k of its own tokens' worth on average; with the
+    latents split, the k N entries of the one shared batch are expected in proportion to each
+    process's masked columns."""
+    num_tokens, masked = relu_acts.shape[0], relu_acts.shape[1] - unmasked_columns
+    if not shards_latents:
+        local = k_per_token * num_tokens
+        return int(_all_reduce(torch.tensor([local], device=relu_acts.device), group)[0]), local
+    budget = k_per_token * num_tokens
+    all_masked = int(_all_reduce(torch.tensor([masked], device=relu_acts.device), group)[0])
+    return budget, math.ceil(budget * masked / max(all_masked, 1))
+
+
 def batch_topk_entries(
-    relu_acts: torch.Tensor, k_per_token: int, unmasked_columns: int = 0, group: dist.ProcessGroup | None = None
+    relu_acts: torch.Tensor,
+    k_per_token: int,
+    unmasked_columns: int = 0,
+    group: dist.ProcessGroup | None = None,
+    shards_latents: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchTopK on non-negative ``relu_acts`` [N, n]: the k * N largest positive entries of the
     flattened batch over columns ``unmasked_columns:``, plus every positive entry of the first
     ``unmasked_columns`` columns (the dense core, Eq. 3).
 
-    With a process ``group`` the batch is the concatenation of every process's batch (in rank
-    order) and N their total: the same entries are kept as if one process held it all. Ties at the
-    cut are kept in (rank, row, column) order, so the result is deterministic.
+    With a process ``group`` the entries are those of every process: the same entries are kept as
+    if one process held them all. Each process holds other tokens (the batch is the concatenation
+    of the processes' batches in rank order, N their total) or, with ``shards_latents``, other
+    latents of the same N tokens (its columns a slice of the K; ``unmasked_columns`` counts its own
+    core columns). Ties at the cut are kept in (rank, row, column) order, so the result is
+    deterministic.
 
     Returns rows, cols (sorted by row, then col) and the smallest value BatchTopK kept (the same on
     every process). torch's CPU topk over all N * n entries is one single-threaded partial sort,
@@ -394,9 +460,8 @@ def batch_topk_entries(
     one vectorised pass for the candidates above it, and an exact radix select of the cut among the
     candidates (``kth_largest``: four all_reduces of 256 counts).
     """
-    rows, cols, candidates, num_kept, num_candidates = _candidates(
-        relu_acts, k_per_token * relu_acts.shape[0], unmasked_columns, group
-    )
+    num_kept, estimate = _budget_and_estimate(relu_acts, k_per_token, unmasked_columns, group, shards_latents)
+    rows, cols, candidates, num_candidates = _candidates(relu_acts, estimate, num_kept, unmasked_columns, group)
     values = relu_acts[rows[candidates], cols[candidates]].float()
     if num_candidates <= num_kept:  # fewer positive entries than the budget: keep them all
         smallest = values.min() if values.numel() else values.new_tensor(float("inf"))
@@ -571,9 +636,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
         non-core latents of a dense core, every latent of a sparse core; Eq. 3), fewer when fewer are
         positive: what :func:`calibrated_threshold` reads the inference threshold off."""
         relu_pre = self._relu_preactivations(self._centered(self.normalize_activations(activations)))
-        positive = relu_pre[:, self._unmasked_columns() :]
-        positive = positive[positive > 0]
-        return positive.topk(min(budget, positive.numel()), sorted=False).values
+        return largest_positive(relu_pre, self._unmasked_columns(), budget)
 
     def encode_sparse(
         self, normalized: torch.Tensor, use_threshold: bool, group: dist.ProcessGroup | None = None
@@ -593,18 +656,8 @@ class DMSAEModel(DMSAEPreTrainedModel):
         """x - b_dec, detached: the encoder's input (its gradient flows through _SparseEncoderValues)."""
         return normalized.detach() - self.b_dec.detach()
 
-    @torch.no_grad()
     def _relu_preactivations(self, centered: torch.Tensor) -> torch.Tensor:
-        """f(x) = ReLU(centered W_enc + b_enc) as a dense no-grad [N, K] (Eq. 1): the encoder GEMM.
-
-        The core and non-core rows are multiplied into their column ranges of one output, so the
-        [K, d] encoder is never concatenated (a copy as large as the weights, every step)."""
-        c = self.config.core_size
-        relu_pre = centered.new_empty(centered.shape[0], self.config.num_latents)
-        if c:
-            torch.addmm(self.b_enc[:c], centered, self.core_encoder.T, out=relu_pre[:, :c])
-        torch.addmm(self.b_enc[c:], centered, self.encoder.T, out=relu_pre[:, c:])
-        return relu_pre.relu_()
+        return relu_preactivations(centered, self.core_encoder, self.encoder, self.b_enc)
 
     def _sparse_values(self, normalized, centered, relu_pre, rows, cols) -> torch.Tensor:
         """The kept entries' values, differentiable through the kept entries only."""
@@ -675,8 +728,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
         aux_reconstruction = _SparseDecodePrefixes.apply(
             values, self.W_dec, None, rows, cols, torch.zeros_like(cols), self.config.core_size, 1, num_tokens
         )[0]
-        error = (residual - aux_reconstruction).pow(2).sum(-1).mean()
-        return (error / batch_variance(residual, group)).nan_to_num(0.0)
+        return normalized_aux_error(residual, aux_reconstruction, group)
 
     def forward(
         self,
@@ -705,7 +757,7 @@ class DMSAEModel(DMSAEPreTrainedModel):
         num_tokens, c = x.shape[0], self.config.core_size
         latents, relu_pre, smallest_kept = self.encode_sparse(x, use_threshold, group)
         prefixes = self.decode_prefixes(latents, num_tokens)
-        prefix_losses = F.mse_loss(prefixes, x.expand_as(prefixes), reduction="none").sum(-1).mean(-1)
+        prefix_losses = matryoshka_prefix_losses(prefixes, x)
         reconstruction_loss = prefix_losses.sum()
         aux_loss = self.auxk_loss(x, relu_pre, (x - prefixes[-1]).detach(), dead_latents, group)
         core_entries = (latents.cols < c).sum()

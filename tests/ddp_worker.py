@@ -1,8 +1,13 @@
 """Worker run by tests/test_ddp.py under `accelerate launch` with two CPU processes (gloo).
 
     python ddp_worker.py replicas            train one DMSAE, check the replicas and the frozen core
-    python ddp_worker.py global-batch OUT    train one DMSAE on a fixed stream of global batches, each
-                                             process on its slice; save the result to OUT (any world size)
+    python ddp_worker.py global-batch OUT [MODE [CHECKPOINT]]
+                                             train one DMSAE on a fixed stream of global batches, each
+                                             process on its slice (MODE ddp, the default) or on all of
+                                             it (latent-parallel); save the result to OUT (any world
+                                             size); with CHECKPOINT, stop halfway and checkpoint there
+    python ddp_worker.py resume-global-batch OUT CHECKPOINT
+                                             continue such a checkpoint with the single-process trainer
     python ddp_worker.py distill ARGS...     run trainer/distill.py's main with ARGS, the second process
                                              arriving late at the distilled core (a race to cover)
     python ddp_worker.py fail-on-main FILE ARGS...
@@ -18,6 +23,8 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +32,7 @@ from accelerate import Accelerator
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from trainer import distill
 from trainer.config import OptimizerConfig
+from trainer.sae.latent_parallel import LatentParallelTrainer
 from trainer.sae.training import SAETrainer
 
 
@@ -56,9 +64,11 @@ def train_two_replicas() -> Accelerator:
 GLOBAL_BATCH, GLOBAL_STEPS = 128, 30
 
 
-def train_on_global_batches(output: str) -> Accelerator:
-    """The same global batches of GLOBAL_BATCH tokens whatever the number of processes: each
-    process trains on its contiguous slice (rank order), so 1 x 128 and 2 x 64 see the same data."""
+def global_batch_setup(latent_parallel: bool = False) -> tuple[Accelerator, SAETrainer, Callable[[], torch.Tensor]]:
+    """A tiny SAE with a core (its groups spanning the shards of 2 processes, dead latents for AuxK),
+    its trainer, and the stream of the same global batches of GLOBAL_BATCH tokens whatever the
+    number of processes: under DDP each process takes its contiguous slice (rank order), so 1 x 128
+    and 2 x 64 see the same data; latent-parallel, each takes the whole batch."""
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     config = DMSAEConfig(
@@ -66,26 +76,48 @@ def train_on_global_batches(output: str) -> Accelerator:
         dead_tokens_threshold=256, aux_k=8,
     )  # fmt: skip
     model = DMSAEModel(config)
-    trainer = SAETrainer(model, OptimizerConfig(lr=3e-3, warmup_steps=2), GLOBAL_STEPS, accelerator)
+    model.core_encoder.copy_(torch.randn(8, 16))  # a core that fires: its columns are kept unmasked
+    trainer_class = LatentParallelTrainer if latent_parallel else SAETrainer
+    trainer = trainer_class(model, OptimizerConfig(lr=3e-3, warmup_steps=2), GLOBAL_STEPS, accelerator)
     generator = torch.Generator().manual_seed(7)
-    share = GLOBAL_BATCH // accelerator.num_processes
+    share = GLOBAL_BATCH if latent_parallel else GLOBAL_BATCH // accelerator.num_processes
+    first = 0 if latent_parallel else accelerator.process_index * share
 
     def my_slice() -> torch.Tensor:
         # Offset features make b_dec matter; a heavy tail makes BatchTopK's cut non-trivial.
         batch = torch.randn(GLOBAL_BATCH, 16, generator=generator) ** 3 + torch.arange(16) / 4
-        return batch[accelerator.process_index * share : (accelerator.process_index + 1) * share]
+        return batch[first : first + share]
 
+    return accelerator, trainer, my_slice
+
+
+def train_on_global_batches(output: str, mode: str = "ddp", checkpoint: str | None = None) -> Accelerator:
+    """Train GLOBAL_STEPS steps (``mode`` ddp or latent-parallel) and save the SAE, its losses and
+    counts to OUT. With ``checkpoint``: stop after half the steps, writing a training checkpoint
+    there; with ``--resume CHECKPOINT`` (mode resume): continue one from there."""
+    accelerator, trainer, my_slice = global_batch_setup(latent_parallel=mode == "latent-parallel")
+    stop_at = GLOBAL_STEPS // 2 if checkpoint else GLOBAL_STEPS
     losses, aux_losses = [], []
-    for _ in range(GLOBAL_STEPS):
-        stats = trainer.step(my_slice())
+    for step in range(GLOBAL_STEPS):
+        batch = my_slice()  # drawn every step, so a resumed run skips the same batches
+        if step < trainer.steps_taken:
+            continue
+        if step == stop_at:
+            trainer.save_checkpoint(Path(checkpoint))
+            accelerator.print("checkpoint written")
+            return accelerator
+        stats = trainer.step(batch)
         losses.append(accelerator.reduce(stats.loss.reshape(1), "mean"))
         aux_losses.append(accelerator.reduce(stats.aux_loss.reshape(1), "mean"))
-    sae = trainer.calibrate_threshold([my_slice() for _ in range(3)])
+    trainer.calibrate_threshold([my_slice() for _ in range(3)])
+    sae = trainer.release()
+    # Latent-parallel, each process counts its own latents (equal ranges here: concatenated in order).
+    tokens_since_fired = accelerator.gather(trainer.tokens_since_fired) if mode == "latent-parallel" else trainer.tokens_since_fired
     if accelerator.is_main_process:
         torch.save(
             {
                 "state": {name: tensor.clone() for name, tensor in sae.state_dict().items()},
-                "tokens_since_fired": trainer.tokens_since_fired.clone(),
+                "tokens_since_fired": tokens_since_fired.clone(),
                 "threshold": torch.tensor(sae.config.threshold),
                 "losses": torch.cat(losses),
                 "aux_losses": torch.cat(aux_losses),
@@ -93,6 +125,21 @@ def train_on_global_batches(output: str) -> Accelerator:
             output,
         )
     accelerator.print("global batches trained")
+    return accelerator
+
+
+def resume_on_global_batches(output: str, checkpoint: str) -> Accelerator:
+    """Continue a checkpoint of train_on_global_batches with the DDP/single-process trainer."""
+    accelerator, trainer, my_slice = global_batch_setup()
+    trainer.load_checkpoint(Path(checkpoint))
+    losses = []
+    for step in range(GLOBAL_STEPS):
+        batch = my_slice()
+        if step >= trainer.steps_taken:
+            losses.append(trainer.step(batch).loss.reshape(1))
+    sae = trainer.calibrate_threshold([my_slice() for _ in range(3)])
+    torch.save({"state": {name: tensor.clone() for name, tensor in sae.state_dict().items()}, "losses": torch.cat(losses)}, output)
+    accelerator.print("resumed and trained")
     return accelerator
 
 
@@ -160,7 +207,9 @@ if __name__ == "__main__":
     elif sys.argv[1] == "replicas":
         distill.shut_down(train_two_replicas())
     elif sys.argv[1] == "global-batch":
-        distill.shut_down(train_on_global_batches(sys.argv[2]))
+        distill.shut_down(train_on_global_batches(*sys.argv[2:]))
+    elif sys.argv[1] == "resume-global-batch":
+        distill.shut_down(resume_on_global_batches(*sys.argv[2:]))
     else:
         late_at_the_distilled_core()
         sys.exit(distill.main(sys.argv[2:]))

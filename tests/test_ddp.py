@@ -57,6 +57,12 @@ def launch_two(*args: str, timeout: float = 240) -> tuple[int | None, str, str]:
     return launch.returncode, stdout, stderr
 
 
+def single_process(*args: str) -> None:
+    """Run the worker on one plain process, importing the checkout under test."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
+    subprocess.run([sys.executable, str(WORKER), *args], check=True, env=environment, timeout=240)
+
+
 def accelerate_launch(*args: str, finished: Callable[[str], bool]) -> None:
     """Launch two processes and require them to finish. ``finished(stdout)`` says whether the work
     itself completed. torch 2.13's gloo can deadlock while tearing the process group down
@@ -77,9 +83,7 @@ def test_two_processes_train_the_same_sae_as_one(tmp_path):
     """1 process on batches of 2B tokens and 2 gloo processes on B each: the same steps to the same
     weights (global BatchTopK, AuxK variance, dead counts and b_dec's median over both batches)."""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    subprocess.run(
-        [sys.executable, str(WORKER), "global-batch", str(one)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240
-    )
+    single_process("global-batch", str(one))
     accelerate_launch("global-batch", str(two), finished=lambda stdout: "global batches trained" in stdout and two.exists())
     single, double = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     assert single["aux_losses"].gt(0).any(), "AuxK never ran: the test would not cover its variance"

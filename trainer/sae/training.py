@@ -31,9 +31,7 @@ from modeling_dmsae.modeling_dmsae import batch_process_group, calibrated_thresh
 from trainer.config import OptimizerConfig
 from trainer.errors import CorruptRunFileError, UserError
 from trainer.run.files import atomic_path
-
-
-DRIFT_SAMPLE_ROWS = 4096  # decoder rows kept from the initialisation (all of them at the default K = 4096)
+from trainer.sae.checkpoints import drift_rows, read_whole_checkpoint
 
 
 class NonFiniteTrainingError(UserError, FloatingPointError):
@@ -126,8 +124,7 @@ class SAETrainer:
         self.accelerator.step = 0  # accelerate's micro-step counter decides when accumulate() syncs
         # Where a sample of the trainable decoder rows started: how far training moved them tells
         # an SAE that learned from one still near its random initialisation (decoder_cosine_to_init).
-        trainable = torch.arange(sae_config.core_size, sae_config.num_latents, device=device)
-        self.drift_rows = trainable[:: max(1, -(-len(trainable) // DRIFT_SAMPLE_ROWS))]  # at most DRIFT_SAMPLE_ROWS
+        self.drift_rows = drift_rows(sae_config.num_latents, sae_config.core_size).to(device)
         self.initial_decoder_rows = model.W_dec.detach()[self.drift_rows].clone()
 
     @property
@@ -254,7 +251,8 @@ class SAETrainer:
         """Restore a checkpoint (tensors only: weights_only=True) and return its reader state (None
         when it was written without one); an unreadable one is named with the fix."""
         try:
-            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            # Written by either trainer on any number of processes (trainer.sae.checkpoints).
+            state = read_whole_checkpoint(path, self.accelerator.device)
             self.sae.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
