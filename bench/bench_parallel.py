@@ -9,6 +9,8 @@ CPU processes, and print them beside the formulas of ``trainer/run/parallelism.p
   that wraps the default all-reduce; the Python-level collectives (BatchTopK's, the dead-latent
   counts, AuxK's variance) by wrapping ``torch.distributed``'s functions. The first step (b_dec's
   initialisation, once per SAE) is not counted.
+- ``latent-parallel``: ``LatentParallelTrainer.step`` (each process half of the latents, the whole
+  batch), AuxK active, after the all-gather of the batch's activations.
 - ``sae-parallel``: the all-gather of the global micro-batch's activations ([N, d] bf16, each
   process contributing its N / P rows). The pipeline's all-gathered activation stream is not in
   this version of the software, so this counts a plain ``all_gather_into_tensor`` of that shape.
@@ -152,6 +154,26 @@ def count_sae_parallel(shape: Shape, counter: Counter) -> None:
     counter.counting = False
 
 
+def count_latent_parallel(shape: Shape, counter: Counter) -> None:
+    """One counted LatentParallelTrainer step, every latent dead (AuxK on), after the activation
+    all-gather that gives every process the whole batch."""
+    from accelerate import Accelerator
+
+    from modeling_dmsae import DMSAEModel
+    from trainer.config import OptimizerConfig
+    from trainer.sae.latent_parallel import LatentParallelTrainer
+
+    torch.manual_seed(0)  # the same SAE on every process, each keeping its latents
+    trainer = LatentParallelTrainer(DMSAEModel(sae_config(shape)), OptimizerConfig(warmup_steps=1), 10, Accelerator(cpu=True))
+    batches = torch.randn(2, shape.tokens, shape.d_in, generator=torch.Generator().manual_seed(0))
+    trainer.step(batches[0])  # b_dec's initialisation: once per SAE, not per step
+    trainer.tokens_since_fired.fill_(trainer.shard.config.dead_tokens_threshold)
+    count_sae_parallel(shape, counter)
+    counter.counting = True
+    trainer.step(batches[1])
+    counter.counting = False
+
+
 class Mode(NamedTuple):
     count: Callable[[Shape, Counter], None]
     formula: Callable[[StepShape], float]
@@ -160,6 +182,7 @@ class Mode(NamedTuple):
 # One entry per mode: how to run one counted step, and the bytes parallelism.py says it sends.
 MODES = {
     StageMode.DDP: Mode(count_ddp, lambda shape: bytes_per_step(StageMode.DDP, shape, dead_latents=True)),
+    StageMode.LATENT_PARALLEL: Mode(count_latent_parallel, lambda shape: bytes_per_step(StageMode.LATENT_PARALLEL, shape, dead_latents=True)),
     StageMode.SAE_PARALLEL: Mode(count_sae_parallel, lambda shape: bytes_per_step(StageMode.SAE_PARALLEL, shape)),
 }
 

@@ -81,10 +81,11 @@ def all_gather_bytes(result: float, processes: int) -> float:
 
 def batch_topk_bytes(processes: int) -> float:
     """BatchTopK over the global batch (``modeling_dmsae.batch_topk_entries``): the radix select's
-    four 256-bin int64 histograms, plus its scalars: the sampled bound (fp32, MIN), the budget and
-    candidate totals (2 int64), the entries above the cut (int64) and the ties before each rank
-    (P int64)."""
-    scalars = FP32 + 2 * INT64 + INT64 + processes * INT64
+    four 256-bin int64 histograms, plus its scalars: the budget (DDP: summed over the processes'
+    batches; latent-parallel: the masked columns summed over the shards, int64), the sampled bound
+    (fp32, MIN), the candidates' total (int64), the entries above the cut (int64) and the ties
+    before each rank (P int64)."""
+    scalars = INT64 + FP32 + INT64 + INT64 + processes * INT64
     return all_reduce_bytes(RADIX_ROUNDS * RADIX_BINS * INT64, processes) + all_reduce_bytes(scalars, processes)
 
 
@@ -110,18 +111,20 @@ def activation_gather_bytes(shape: StepShape) -> float:
 
 
 def latent_parallel_bytes(shape: StepShape, dead_latents: bool = True) -> float:
-    """Latent-parallel: the activations' all-gather, the all-reduce of the partial prefix
-    reconstructions ((L + 1) N d in the compute dtype), BatchTopK's reductions, the dead-latent
-    counts (K + 1 int64), b_dec's gradient (d fp32) and the gradient norm (one fp32); while latents
-    are dead, AuxK's all-gather of every process's per-token top aux_k (value, index) pairs
-    (N aux_k (4 + 4) bytes as the result) and the all-reduce of its [N, d] reconstruction. The
+    """Latent-parallel (``trainer.sae.latent_parallel``): the activations' all-gather, the
+    all-reduce of the partial prefix reconstructions ((L + 1) N d in the compute dtype), BatchTopK's
+    reductions, b_dec's gradient through the encoder (d fp32), the gradient norm (one fp32), the
+    step's L0 counts (2 fp32), dead fraction (one fp32) and dead-latent total (one int64); while
+    latents are dead, AuxK's all-gather of every process's per-token top aux_k values (a P N aux_k
+    fp32 result), the all-reduce of its [N, d] reconstruction and a second b_dec gradient. The
     backward sends nothing else: each process's latents get their whole gradient locally."""
     P, N, d = shape.processes, shape.tokens, shape.d_in
     sent = activation_gather_bytes(shape) + all_reduce_bytes(shape.groups * N * d * shape.compute_bytes, P)
-    sent += batch_topk_bytes(P) + all_reduce_bytes((shape.num_latents + 1) * INT64, P)
-    sent += all_reduce_bytes(d * FP32, P) + all_reduce_bytes(FP32, P)
+    sent += batch_topk_bytes(P) + all_reduce_bytes(d * FP32, P) + all_reduce_bytes(FP32, P)
+    sent += all_reduce_bytes(2 * FP32, P) + all_reduce_bytes(FP32, P) + all_reduce_bytes(INT64, P)
     if dead_latents:
-        sent += all_gather_bytes(N * shape.aux_k * (FP32 + FP32), P) + all_reduce_bytes(N * d * shape.compute_bytes, P)
+        sent += all_gather_bytes(P * N * shape.aux_k * FP32, P) + all_reduce_bytes(N * d * shape.compute_bytes, P)
+        sent += all_reduce_bytes(d * FP32, P)
     return sent
 
 
@@ -154,14 +157,15 @@ GRADIENT_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: one all-reduce per 2
 
 def collectives_per_step(mode: StageMode, shape: StepShape, dead_latents: bool = True) -> int:
     """Collectives one process takes part in per optimisation step (each has a fixed latency):
-    BatchTopK's 8 (bound, totals, 4 histograms, entries above, ties) and the dead-latent counts in
-    DDP and latent-parallel; DDP's gradient buckets; latent-parallel's gather, prefix reduce,
-    b_dec gradient and norm (and AuxK's two); SAE-parallel's one gather."""
+    BatchTopK's 9 (budget, bound, candidates, 4 histograms, entries above, ties) in DDP and
+    latent-parallel; DDP's dead-latent counts and gradient buckets (and AuxK's two); latent-parallel's
+    gather, prefix reduce, b_dec gradient, norm, L0 counts, dead fraction and dead total (and AuxK's
+    three); SAE-parallel's one gather."""
     if shape.processes == 1:
         return 0
     if mode is StageMode.SAE_PARALLEL:
         return 1
-    shared = 8 + 1
+    batch_topk = 9
     if mode is StageMode.LATENT_PARALLEL:
-        return shared + 4 + 2 * dead_latents
-    return shared + math.ceil(gradient_bytes(shape) / GRADIENT_BUCKET_BYTES) + 2 * dead_latents
+        return batch_topk + 7 + 3 * dead_latents
+    return batch_topk + 1 + math.ceil(gradient_bytes(shape) / GRADIENT_BUCKET_BYTES) + 2 * dead_latents
