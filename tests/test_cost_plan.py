@@ -119,11 +119,13 @@ def test_plan_bytes_formulas_agree_with_hand_computed_values():
     shape = StepShape(d_in=4, num_latents=16, tokens=8, processes=2, groups=2, aux_k=2)
     # 2 (P - 1) / P = 1: an all-reduce sends its size; an all-gather half its result.
     gradients = 4 * (16 * 4 + 16 * 4 + 16 + 4)  # encoder rows, W_dec, b_enc, b_dec (fp32)
-    batch_topk = 4 * 256 * 8 + (4 + 2 * 8 + 8 + 2 * 8)  # 4 histograms; bound, totals, above, ties
+    batch_topk = 4 * 256 * 8 + (8 + 4 + 8 + 8 + 2 * 8)  # 4 histograms; budget, bound, candidates, above, ties
     dead = 17 * 8
     assert parallelism.ddp_bytes(shape) == gradients + batch_topk + dead + (5 * 4 + 4)  # + AuxK's variance
     gather = 8 * 4 * 2 / 2
-    latent = gather + 2 * 8 * 4 * 4 + batch_topk + dead + 4 * 4 + 4 + 8 * 2 * 8 / 2 + 8 * 4 * 4
+    prefixes, b_dec_gradient, norm, statistics = 2 * 8 * 4 * 4, 4 * 4, 4, 2 * 4 + 4 + 8  # L0s, dead fraction, dead total
+    auxk = 2 * 8 * 2 * 4 / 2 + 8 * 4 * 4 + b_dec_gradient  # top values of both processes, reconstruction, b_dec again
+    latent = gather + prefixes + batch_topk + b_dec_gradient + norm + statistics + auxk
     assert parallelism.latent_parallel_bytes(shape) == latent
     assert parallelism.sae_parallel_bytes(shape) == gather
     assert parallelism.bytes_per_step(StageMode.SAE_PARALLEL, shape._replace(processes=1)) == 0
