@@ -27,7 +27,9 @@ import argparse
 import contextlib
 import os
 import socket
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -126,8 +128,8 @@ def step_shape(shape: Shape) -> StepShape:
     return StepShape(shape.d_in, shape.num_latents, shape.tokens, PROCESSES, len(config.group_sizes), config.aux_k)
 
 
-def count_ddp(shape: Shape, counter: Counter) -> None:
-    """One counted SAETrainer step under DDP, every latent dead (AuxK on)."""
+def count_ddp(shape: Shape, counter: Counter) -> Callable[[], None]:
+    """One counted SAETrainer step under DDP, every latent dead (AuxK on); returns the step, to time."""
     from accelerate import Accelerator
 
     from modeling_dmsae import DMSAEModel
@@ -143,9 +145,10 @@ def count_ddp(shape: Shape, counter: Counter) -> None:
     counter.counting = True
     trainer.step(batches[1])
     counter.counting = False
+    return lambda: trainer.step(batches[1])
 
 
-def count_sae_parallel(shape: Shape, counter: Counter) -> None:
+def count_sae_parallel(shape: Shape, counter: Counter) -> None:  # nothing to time: one gather
     """The activation all-gather: each process's N / P rows into the global [N, d] bf16 batch."""
     mine = torch.randn(shape.tokens // PROCESSES, shape.d_in).to(torch.bfloat16)
     everyone = mine.new_empty(shape.tokens, shape.d_in)
@@ -154,9 +157,9 @@ def count_sae_parallel(shape: Shape, counter: Counter) -> None:
     counter.counting = False
 
 
-def count_latent_parallel(shape: Shape, counter: Counter) -> None:
+def count_latent_parallel(shape: Shape, counter: Counter) -> Callable[[], None]:
     """One counted LatentParallelTrainer step, every latent dead (AuxK on), after the activation
-    all-gather that gives every process the whole batch."""
+    all-gather that gives every process the whole batch; returns the step, to time."""
     from accelerate import Accelerator
 
     from modeling_dmsae import DMSAEModel
@@ -172,10 +175,11 @@ def count_latent_parallel(shape: Shape, counter: Counter) -> None:
     counter.counting = True
     trainer.step(batches[1])
     counter.counting = False
+    return lambda: trainer.step(batches[1])
 
 
 class Mode(NamedTuple):
-    count: Callable[[Shape, Counter], None]
+    count: Callable[[Shape, Counter], Callable[[], None] | None]
     formula: Callable[[StepShape], float]
 
 
@@ -187,7 +191,36 @@ MODES = {
 }
 
 
-def worker(rank: int, port: int, shape: Shape, results) -> None:
+def median_step_s(step: Callable[[], None], steps: int, synchronised: bool) -> float:
+    """Median wall time of ``steps`` steps (each ended by a barrier when several processes run)."""
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if synchronised:
+            dist.barrier()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def single_process_step_s(shape: Shape, steps: int, threads: int) -> float:
+    """The plain trainer's step on one process holding the whole batch (the same SAE and data)."""
+    from accelerate import Accelerator
+
+    from modeling_dmsae import DMSAEModel
+    from trainer.config import OptimizerConfig
+    from trainer.sae.training import SAETrainer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    trainer = SAETrainer(DMSAEModel(sae_config(shape)), OptimizerConfig(warmup_steps=1), 10, Accelerator(cpu=True))
+    batches = torch.randn(2, shape.tokens, shape.d_in, generator=torch.Generator().manual_seed(0))
+    trainer.step(batches[0])
+    trainer.tokens_since_fired.fill_(trainer.sae.config.dead_tokens_threshold)
+    return median_step_s(lambda: trainer.step(batches[1]), steps, synchronised=False)
+
+
+def worker(rank: int, port: int, shape: Shape, results, timed_steps: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(PROCESSES), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=PROCESSES)
@@ -196,9 +229,10 @@ def worker(rank: int, port: int, shape: Shape, results) -> None:
     try:
         for mode, entry in MODES.items():
             counter.sent = 0.0
-            entry.count(shape, counter)
+            step = entry.count(shape, counter)
+            seconds = median_step_s(step, timed_steps, synchronised=True) if step and timed_steps else None
             if rank == 0:
-                results[mode.value] = counter.sent
+                results[mode.value] = (counter.sent, seconds)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -216,18 +250,34 @@ def main() -> None:
     parser.add_argument("--num_latents", type=int, default=1024)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=256, help="global micro-batch, all processes together")
+    parser.add_argument("--timed_steps", type=int, default=0, help="also time this many steps of each mode against one process")
     args = parser.parse_args()
     shape = Shape(args.d_in, args.num_latents, args.k, args.tokens)
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(_free_port(), shape, results), nprocs=PROCESSES)
+        mp.spawn(worker, args=(_free_port(), shape, results, args.timed_steps), nprocs=PROCESSES)
         measured = dict(results)
     formulas = step_shape(shape)
     print(f"bytes one process sends per optimisation step: {PROCESSES} gloo processes, d = {shape.d_in}, K = {shape.num_latents}, k = {shape.k}, N = {shape.tokens}")
     print(f"{'mode':<16}{'measured':>14}{'formula':>14}{'ratio':>8}")
     for mode, entry in MODES.items():
         expected = entry.formula(formulas)
-        print(f"{mode.value:<16}{measured[mode.value]:>14,.0f}{expected:>14,.0f}{measured[mode.value] / expected:>8.3f}")
+        print(f"{mode.value:<16}{measured[mode.value][0]:>14,.0f}{expected:>14,.0f}{measured[mode.value][0] / expected:>8.3f}")
+    if args.timed_steps:
+        print_timings(shape, measured, args.timed_steps)
+
+
+def print_timings(shape: Shape, measured: dict, steps: int) -> None:
+    """Each mode's step on 2 processes of one thread beside one process doing all of it (the same
+    2 cores: 2 threads; and 1 thread, the work of one of the 2 processes' cores)."""
+    one = {threads: single_process_step_s(shape, steps, threads) for threads in (1, 2)}
+    print(f"median step, {steps} steps, every latent dead (load average {os.getloadavg()[0]:.1f})")
+    print(f"{'':<28}{'ms':>10}{'vs 1 process, 2 threads':>26}{'vs 1 thread':>14}")
+    print(f"{'1 process, 2 threads':<28}{one[2] * 1e3:>10.1f}{1:>26.2f}{one[2] / one[1]:>14.2f}")
+    print(f"{'1 process, 1 thread':<28}{one[1] * 1e3:>10.1f}{one[1] / one[2]:>26.2f}{1:>14.2f}")
+    for mode, (_, seconds) in measured.items():
+        if seconds is not None:
+            print(f"{mode + ', 2 processes':<28}{seconds * 1e3:>10.1f}{seconds / one[2]:>26.2f}{seconds / one[1]:>14.2f}")
 
 
 if __name__ == "__main__":
