@@ -20,8 +20,9 @@ configuration trains the same SAE on 1, 2 or 8 processes, up to floating-point s
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import ContextManager, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -46,6 +47,18 @@ def check_finite_weights(model: DMSAEModel, what: str) -> DMSAEModel:
     if bad:
         raise NonFiniteTrainingError(f"{what}: the SAE holds NaN/Inf in {', '.join(bad)}; it is not saved, evaluated or pushed")
     return model
+
+
+@contextmanager
+def _tf32_matmuls() -> Iterator[None]:
+    """CUDA's fp32 matmuls in TF32 for the duration: what a bf16 training step leaves in fp32 needs
+    no more precision than its bf16 GEMMs. Scoped to the step, so calibration and evaluation stay exact."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 class StepStats(NamedTuple):
@@ -119,6 +132,8 @@ class SAETrainer:
         # The scheduler is not prepared: Accelerate would step it once per process; it steps here
         # once per optimiser step, so total_steps counts optimiser steps whatever the world size.
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # Accelerate's bf16 autocast reaches none of the SAE's sparse kernels: the model computes in bf16 itself.
+        model.compute_dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else None
         self.scheduler = scheduler
         device = self.accelerator.device
         self.tokens_since_fired = torch.zeros(sae_config.num_latents, dtype=torch.long, device=device)
@@ -149,6 +164,7 @@ class SAETrainer:
         optimiser and its Adam moments) dropped: without this, every stage's SAE and optimiser stay
         referenced by the one Accelerator until the run ends."""
         sae = self.sae
+        sae.compute_dtype = None  # what follows training (evaluation, export) computes in the saved fp32
         self.model = self.optimizer = self.scheduler = None
         self.accelerator.free_memory()  # empties its lists of prepared models and optimisers
         return sae
@@ -162,7 +178,7 @@ class SAETrainer:
         batch = batch.to(self.accelerator.device, non_blocking=True)  # asynchronous from pinned memory (prefetched on CUDA)
         if self.steps_taken == 0:
             sae.initialize_decoder_bias_(batch, global_batch=True)
-        with self.accelerator.accumulate(self.model):
+        with self.accelerator.accumulate(self.model), self._step_precision():
             output = self.model(batch, dead_latents=self.dead_latents(), output_dense_latents=False, global_batch=True)
             self.accelerator.backward(output.loss)
             if self.accelerator.sync_gradients:
@@ -191,6 +207,11 @@ class SAETrainer:
             dead_fraction=self.dead_latents().float().mean(),
             smallest_kept=output.batchtopk_threshold,
         )
+
+    def _step_precision(self) -> ContextManager:
+        """TF32 for the fp32 matmuls of a bf16 step on CUDA; nothing otherwise."""
+        bf16_on_cuda = self.sae.compute_dtype == torch.bfloat16 and self.accelerator.device.type == "cuda"
+        return _tf32_matmuls() if bf16_on_cuda else nullcontext()
 
     def _track_dead_latents(self, fired: torch.Tensor, num_tokens: int) -> None:
         """Tokens every process saw since each latent last fired anywhere (one reduction)."""
