@@ -1,7 +1,7 @@
 """What bf16 SAE training (``--mixed_precision bf16``) changes against fp32, on real activations.
 
-    .venv/bin/python bench/bench_bf16.py                        # the default run's trained k = 32 SAE
-    .venv/bin/python bench/bench_bf16.py --run /path/to/run --steps 300 --batch_size 2048
+    .venv/bin/python bench/bench_bf16.py                        # the default run (runs/default)
+    .venv/bin/python bench/bench_bf16.py --run runs/after --steps 300 --batch_size 1024
 
 Reads a finished run folder: the trained SAE ``transfer/k-0032-dense_core`` (d = 576, K = 4096 at
 the default shape) and the cached training activations ``cache/activations``; the last shard is
@@ -39,8 +39,8 @@ from modeling_dmsae import DMSAEModel  # noqa: E402
 
 @dataclass
 class BenchBf16Config:
-    run: Path = Path("/work/runs/after")
-    """A finished run folder (its transfer/ SAEs and cache/activations)."""
+    run: Path = Path("runs/default")
+    """A finished run folder (its transfer/ SAEs and cache/activations) of the default shape."""
     sae: str = "transfer/k-0032-dense_core"
     """The trained SAE inside the run folder."""
     steps: int = 300

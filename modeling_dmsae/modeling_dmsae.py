@@ -155,7 +155,7 @@ def sampled_row_dots(
 ) -> torch.Tensor:
     """out[e] = left[left_ids[e]] . right[right_ids[e]] for ``left_ids`` sorted (an SDDMM), without
     materialising the [nnz, d] gathered rows: the gradient of the weights of a sparse product."""
-    if left.dtype in (torch.bfloat16, torch.float16):  # sampled_addmm has no kernel for them; widening is exact
+    if left.dtype in (torch.bfloat16, torch.float16):  # sampled_addmm has no CPU kernel for them; widening is exact
         left, right = left.float(), right.float()
     counts = torch.bincount(left_ids, minlength=left.shape[0])
     row_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
