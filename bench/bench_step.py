@@ -5,6 +5,7 @@
     .bench-venv/bin/python bench/bench_step.py --d_in 2304 --num_latents 65536 --k 320 --batch_size 1024
     .bench-venv/bin/python bench/bench_step.py --allocator thp          # every contender on huge pages
     .bench-venv/bin/python bench/bench_step.py --device cuda --profile  # on a GPU, with a per-operator profile
+    .bench-venv/bin/python bench/bench_step.py --device cuda --mixed_precision bf16 --contenders gemm dmsae dmsae-c0
 
 Contenders, each a full optimisation step (forward, backward, optimizer) on the same random batch:
 - ``gemm``: the dense encoder GEMM [N, d] x [d, K] alone, the floor of any step;
@@ -100,6 +101,10 @@ class BenchConfig:
     profile: bool = False
     """Also profile one more step of every contender after its timed steps (torch.profiler) and
     print, after the table, where its time goes, operator by operator."""
+    mixed_precision: str = "no"
+    """no, or bf16: our steps under ``Accelerator(mixed_precision="bf16")`` (the encoder GEMM and the
+    decode in bf16 from fp32 master weights) and the ``gemm`` floor in bf16, the floor a bf16 step is
+    measured against; dictionary_learning and SAELens stay fp32."""
     worker: str = ""
     """Internal: run this one contender and print its measurements as JSON."""
 
@@ -142,7 +147,7 @@ def dmsae_step(config: BenchConfig, batch: torch.Tensor, core_size: int, latent_
     from trainer.sae.training import SAETrainer
 
     sae_config = DMSAEConfig(d_in=config.d_in, num_latents=config.num_latents, k=config.k, core_size=core_size)
-    accelerator = Accelerator(cpu=config.device == "cpu")
+    accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
     if latent_parallel:  # its collectives need a process group, here of one process
         dist.init_process_group("gloo" if config.device == "cpu" else "nccl", store=dist.HashStore(), rank=0, world_size=1)
     trainer_class = LatentParallelTrainer if latent_parallel else SAETrainer
@@ -263,7 +268,7 @@ def run_worker(config: BenchConfig) -> dict:
     torch.manual_seed(0)
     batch = torch.randn(config.batch_size, config.d_in, device=config.device)
     builders = {
-        "gemm": lambda: gemm_step(config, batch),
+        "gemm": lambda: gemm_step(config, batch.to(torch.bfloat16) if config.mixed_precision == "bf16" else batch),
         "dmsae": lambda: dmsae_step(config, batch, config.core_size),
         "dmsae-c0": lambda: dmsae_step(config, batch, 0),
         "dmsae-latent-parallel": lambda: dmsae_step(config, batch, config.core_size, latent_parallel=True),
@@ -372,6 +377,8 @@ def main() -> None:
         raise SystemExit(f"--allocator must be one of {list(ALLOCATOR_ENVIRONMENT)}, got {config.allocator!r}")
     if config.device not in ("cpu", "cuda"):
         raise SystemExit(f"--device must be cpu or cuda, got {config.device!r}")
+    if config.mixed_precision not in ("no", "bf16"):
+        raise SystemExit(f"--mixed_precision must be no or bf16, got {config.mixed_precision!r}")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device here; run on a GPU machine or use --device cpu")
     unknown = sorted(set(config.contenders) - set(CONTENDERS))
@@ -380,7 +387,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if config.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(
         f"{device}: d={config.d_in} K={config.num_latents} k={config.k} N={config.batch_size} c={config.core_size} "
-        f"threads={config.threads} allocator={config.allocator} OMP_WAIT_POLICY={config.omp_wait_policy} torch={torch.__version__}",
+        f"precision={config.mixed_precision} threads={config.threads} allocator={config.allocator} OMP_WAIT_POLICY={config.omp_wait_policy} torch={torch.__version__}",
         flush=True,
     )
     if config.numerics_batch:

@@ -155,6 +155,8 @@ def sampled_row_dots(
 ) -> torch.Tensor:
     """out[e] = left[left_ids[e]] . right[right_ids[e]] for ``left_ids`` sorted (an SDDMM), without
     materialising the [nnz, d] gathered rows: the gradient of the weights of a sparse product."""
+    if left.dtype in (torch.bfloat16, torch.float16):  # sampled_addmm has no CPU kernel for them; widening is exact
+        left, right = left.float(), right.float()
     counts = torch.bincount(left_ids, minlength=left.shape[0])
     row_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
@@ -525,6 +527,17 @@ def geometric_median(
 # ----------------------------------------------------------------------------------------
 
 
+class _ComputeWeights(NamedTuple):
+    """The weights the encoder GEMM and the decode multiply with: the parameters themselves, or
+    copies of them in a lower compute dtype made once per forward, through which the gradients flow
+    back to the fp32 masters (autograd casts them on the way)."""
+
+    core_encoder: torch.Tensor
+    encoder: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+
+
 class DMSAEPreTrainedModel(PreTrainedModel):
     config_class = DMSAEConfig
     base_model_prefix = "dmsae"
@@ -567,7 +580,15 @@ class DMSAEModel(DMSAEPreTrainedModel):
     Weights (SAEBench shapes): ``W_enc`` [d, K] (a view built from the frozen ``core_encoder``
     [c, d] buffer and the trainable ``encoder`` [K-c, d] rows), ``b_enc`` [K], ``W_dec`` [K, d]
     with unit-norm rows, ``b_dec`` [d].
+
+    ``compute_dtype`` (runtime only, not saved in the config; None: the parameters' own dtype): the
+    dtype of the training-mode forward's encoder GEMM and decode. bfloat16 multiplies bf16 copies of
+    the weights, made once per forward, while the parameters, their gradients, the optimizer state
+    and the loss stay fp32; every other path (``encode``, eval mode, threshold calibration) computes
+    with the stored weights.
     """
+
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, config: DMSAEConfig):
         super().__init__(config)
@@ -593,6 +614,11 @@ class DMSAEModel(DMSAEPreTrainedModel):
     def W_enc(self) -> torch.Tensor:
         """[d, K] as SAEBench and dictionary_learning lay it out."""
         return self.encoder_weight.T
+
+    def _compute_weights(self, dtype: torch.dtype | None = None) -> _ComputeWeights:
+        """The GEMM and decode weights in ``dtype`` (default: the parameters themselves, no copy)."""
+        dtype = dtype or self.W_dec.dtype
+        return _ComputeWeights(*(t.to(dtype) for t in (self.core_encoder, self.encoder, self.b_enc, self.W_dec)))
 
     def _block_of_latent(self) -> torch.Tensor:
         """Index of the loss prefix each latent first enters: the core and group 0 -> 0, group i -> i."""
@@ -639,31 +665,50 @@ class DMSAEModel(DMSAEPreTrainedModel):
         return largest_positive(relu_pre, self._unmasked_columns(), budget)
 
     def encode_sparse(
-        self, normalized: torch.Tensor, use_threshold: bool, group: dist.ProcessGroup | None = None
+        self,
+        normalized: torch.Tensor,
+        use_threshold: bool,
+        group: dist.ProcessGroup | None = None,
+        weights: _ComputeWeights | None = None,
     ) -> tuple[SparseLatents, torch.Tensor, torch.Tensor]:
-        """f~(x) for normalised inputs [N, d] as sparse entries (BatchTopK over ``group``'s batches).
+        """f~(x) for normalised inputs [N, d] as sparse entries (BatchTopK over ``group``'s batches),
+        the GEMM multiplying ``weights`` (default: the parameters).
 
-        Returns (latents, dense no-grad ReLU pre-activations [N, K], smallest BatchTopK value). Gradients reach ``encoder``, ``b_enc`` and ``b_dec`` through the kept
+        Returns (latents, dense no-grad ReLU pre-activations [N, K] in the weights' dtype, smallest
+        BatchTopK value). Gradients reach ``encoder``, ``b_enc`` and ``b_dec`` through the kept
         entries only.
         """
-        centered = self._centered(normalized)
-        relu_pre = self._relu_preactivations(centered)
+        weights = self._compute_weights() if weights is None else weights
+        centered = self._centered(normalized, weights)
+        relu_pre = self._relu_preactivations(centered, weights)
+        # BatchTopK selects on the pre-activations in the GEMM's dtype, bf16 included, without an
+        # upcast: widening adds no information (the cut is found on the exactly widened values'
+        # float32 bits, see kth_largest) and an fp32 copy of [N, K] would cost what bf16 saves. Ties
+        # at the cut are more frequent in bf16; they are kept in (row, column) order, deterministic.
         rows, cols, smallest_kept = self._select(relu_pre, use_threshold, group)
-        values = self._sparse_values(normalized, centered, relu_pre, rows, cols)
+        values = self._sparse_values(normalized, centered, relu_pre, rows, cols, weights)
         return SparseLatents(rows, cols, values), relu_pre, smallest_kept
 
-    def _centered(self, normalized: torch.Tensor) -> torch.Tensor:
-        """x - b_dec, detached: the encoder's input (its gradient flows through _SparseEncoderValues)."""
-        return normalized.detach() - self.b_dec.detach()
+    def _centered(self, normalized: torch.Tensor, weights: _ComputeWeights | None = None) -> torch.Tensor:
+        """x - b_dec, detached, in the dtype of ``weights`` (default: the parameters): the encoder's
+        input (its gradient flows through _SparseEncoderValues). Subtracted at the masters'
+        precision, then rounded once."""
+        centered = normalized.detach() - self.b_dec.detach()
+        return centered if weights is None else centered.to(weights.encoder.dtype)
 
-    def _relu_preactivations(self, centered: torch.Tensor) -> torch.Tensor:
-        return relu_preactivations(centered, self.core_encoder, self.encoder, self.b_enc)
+    def _relu_preactivations(self, centered: torch.Tensor, weights: _ComputeWeights | None = None) -> torch.Tensor:
+        """f(x) (Eq. 1) from ``weights`` (default: the parameters)."""
+        weights = self._compute_weights() if weights is None else weights
+        return relu_preactivations(centered, weights.core_encoder, weights.encoder, weights.b_enc)
 
-    def _sparse_values(self, normalized, centered, relu_pre, rows, cols) -> torch.Tensor:
-        """The kept entries' values, differentiable through the kept entries only."""
+    def _sparse_values(self, normalized, centered, relu_pre, rows, cols, weights: _ComputeWeights | None = None) -> torch.Tensor:
+        """The kept entries' values, differentiable through the kept entries only. They are widened
+        (exactly) to the masters' dtype, so their gradients, summed per latent into b_enc's, add up
+        in fp32; b_dec and b_enc are passed as the masters, which only receive gradients here."""
+        weights = self._compute_weights() if weights is None else weights
         return _SparseEncoderValues.apply(
             normalized, self.b_dec, centered,
-            self.encoder, self.b_enc, self.core_encoder, rows, cols, relu_pre[rows, cols],
+            weights.encoder, self.b_enc, weights.core_encoder, rows, cols, relu_pre[rows, cols].to(self.b_enc.dtype),
         )
 
     def encode(self, activations: torch.Tensor, use_threshold: bool | None = None) -> torch.Tensor:
@@ -677,16 +722,20 @@ class DMSAEModel(DMSAEPreTrainedModel):
 
     # ---- Decode --------------------------------------------------------------------------
 
-    def decode_prefixes(self, latents: SparseLatents, num_tokens: int) -> torch.Tensor:
-        """[L+1, N, d] normalised reconstructions x^_{m_0}, ..., x^_{m_L} (core always included).
+    def decode_prefixes(
+        self, latents: SparseLatents, num_tokens: int, weights: _ComputeWeights | None = None
+    ) -> torch.Tensor:
+        """[L+1, N, d] normalised reconstructions x^_{m_0}, ..., x^_{m_L} (core always included), in
+        the dtype of ``weights``' decoder (default: the parameters).
 
         One gather of the active decoder rows, binned by (prefix block, token), then a cumulative
         sum over blocks: each group's contribution is added once, never re-decoded per prefix
         (``_SparseDecodePrefixes``, which also decodes the core columns as one dense product).
         """
         blocks = self._block_of_latent()[latents.cols]
+        W_dec = self.W_dec if weights is None else weights.W_dec
         return _SparseDecodePrefixes.apply(
-            latents.values, self.W_dec, self.b_dec, latents.rows, latents.cols, blocks,
+            latents.values, W_dec, self.b_dec, latents.rows, latents.cols, blocks,
             self.config.core_size, len(self.config.group_sizes), num_tokens,
         )
 
@@ -708,11 +757,13 @@ class DMSAEModel(DMSAEPreTrainedModel):
         residual: torch.Tensor,
         dead_latents: torch.Tensor | None,
         group: dist.ProcessGroup | None = None,
+        weights: _ComputeWeights | None = None,
     ) -> torch.Tensor:
         """AuxK: the top-``aux_k`` dead latents of each token reconstruct the (detached) residual,
         normalised by the residual's variance (dictionary_learning / OpenAI), taken over the
         batches of every process of ``group`` (so the processes' averaged losses are the loss of
-        their concatenated batch)."""
+        their concatenated batch); ``relu_pre`` comes from the GEMM with ``weights`` (default: the
+        parameters)."""
         zero = residual.new_zeros(())
         if dead_latents is None or not bool(dead_latents.any()):
             return zero
@@ -724,9 +775,10 @@ class DMSAEModel(DMSAEPreTrainedModel):
         cols, values = dead[top.indices.flatten()], top.values.flatten()
         alive = values > 0
         rows, cols = rows[alive], cols[alive]
-        values = self._sparse_values(normalized, self._centered(normalized), relu_pre, rows, cols)
+        weights = self._compute_weights() if weights is None else weights
+        values = self._sparse_values(normalized, self._centered(normalized, weights), relu_pre, rows, cols, weights)
         aux_reconstruction = _SparseDecodePrefixes.apply(
-            values, self.W_dec, None, rows, cols, torch.zeros_like(cols), self.config.core_size, 1, num_tokens
+            values, weights.W_dec, None, rows, cols, torch.zeros_like(cols), self.config.core_size, 1, num_tokens
         )[0]
         return normalized_aux_error(residual, aux_reconstruction, group)
 
@@ -755,11 +807,12 @@ class DMSAEModel(DMSAEPreTrainedModel):
         group = batch_process_group(global_batch)
         x = self.normalize_activations(activations)
         num_tokens, c = x.shape[0], self.config.core_size
-        latents, relu_pre, smallest_kept = self.encode_sparse(x, use_threshold, group)
-        prefixes = self.decode_prefixes(latents, num_tokens)
+        weights = self._compute_weights(self.compute_dtype if self.training else None)
+        latents, relu_pre, smallest_kept = self.encode_sparse(x, use_threshold, group, weights)
+        prefixes = self.decode_prefixes(latents, num_tokens, weights).to(x.dtype)  # the loss in the masters' fp32
         prefix_losses = matryoshka_prefix_losses(prefixes, x)
         reconstruction_loss = prefix_losses.sum()
-        aux_loss = self.auxk_loss(x, relu_pre, (x - prefixes[-1]).detach(), dead_latents, group)
+        aux_loss = self.auxk_loss(x, relu_pre, (x - prefixes[-1]).detach(), dead_latents, group, weights)
         core_entries = (latents.cols < c).sum()
         output = DMSAEOutput(
             loss=reconstruction_loss + self.config.aux_alpha * aux_loss,

@@ -58,7 +58,14 @@ from trainer.sae.checkpoints import (
     remove_stale_shards,
     shard_path,
 )
-from trainer.sae.training import NonFiniteTrainingError, StepStats, check_finite_weights, warmup_then_decay
+from trainer.sae.training import (
+    NonFiniteTrainingError,
+    StepStats,
+    check_finite_weights,
+    compute_dtype,
+    step_precision,
+    warmup_then_decay,
+)
 
 
 class LatentRange(NamedTuple):
@@ -142,6 +149,8 @@ class LatentShard(nn.Module):
             self.register_parameter(name, nn.Parameter(latents.of(name, getattr(model, name).detach()).clone()))
         self.b_dec = nn.Parameter(model.b_dec.detach().clone())
         self.register_buffer("block_of_latent", model._block_of_latent()[latents.start : latents.stop].clone())
+        self.compute_dtype: torch.dtype | None = None
+        """As DMSAEModel.compute_dtype: bf16 copies of the GEMM and decode weights, fp32 masters."""
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -151,37 +160,42 @@ class LatentShard(nn.Module):
         """Its core columns when BatchTopK leaves the core alone (dense core), else none."""
         return self.latents.local_core_size if self.config.variant == "dense_core" else 0
 
-    def relu_preactivations(self, centered: torch.Tensor) -> torch.Tensor:
-        """[N, stop - start] f(x) of its latents (Eq. 1), its core columns first."""
-        return relu_preactivations(centered, self.core_encoder, self.encoder, self.b_enc)
+    def _compute_weights(self):
+        """The GEMM and decode weights in the compute dtype (DMSAEModel's method: the names match)."""
+        return DMSAEModel._compute_weights(self, self.compute_dtype)
 
-    def _values(self, x, centered, relu_pre, rows, cols) -> torch.Tensor:
-        """The kept entries' values; b_dec's gradient through them summed over the shards."""
+    def _values(self, x, centered, relu_pre, rows, cols, weights) -> torch.Tensor:
+        """The kept entries' values (widened to the masters' dtype, as DMSAEModel's); b_dec's
+        gradient through them summed over the shards."""
         return _SparseEncoderValues.apply(
-            x, _SharedInput.apply(self.b_dec), centered, self.encoder, self.b_enc, self.core_encoder, rows, cols, relu_pre[rows, cols]
-        )
+            x, _SharedInput.apply(self.b_dec), centered, weights.encoder, self.b_enc, weights.core_encoder, rows, cols,
+            relu_pre[rows, cols].to(self.b_enc.dtype),
+        )  # fmt: skip
 
-    def _decoded(self, rows, cols, values, blocks, num_blocks: int, num_tokens: int) -> torch.Tensor:
-        """[num_blocks, N, d] running sums over blocks of every shard's decoded entries (no b_dec)."""
+    def _decoded(self, rows, cols, values, blocks, num_blocks: int, num_tokens: int, W_dec: torch.Tensor) -> torch.Tensor:
+        """[num_blocks, N, d] running sums over blocks of every shard's decoded entries (no b_dec),
+        summed over the shards in the compute dtype, then widened to the masters' dtype."""
         partial = _SparseDecodePrefixes.apply(
-            values, self.W_dec, None, rows, cols, blocks, self.latents.local_core_size, num_blocks, num_tokens
+            values, W_dec, None, rows, cols, blocks, self.latents.local_core_size, num_blocks, num_tokens
         )
-        return _SumOverShards.apply(partial)
+        return _SumOverShards.apply(partial).to(self.b_dec.dtype)
 
     def forward(self, x: torch.Tensor, dead_latents: torch.Tensor) -> tuple[torch.Tensor, StepStats, torch.Tensor]:
         """(loss, statistics, which of its latents fired) on normalised inputs [N, d] that every
         process holds whole; ``dead_latents``: [stop - start] its latents AuxK revives."""
         num_tokens, config = x.shape[0], self.config
-        centered = x.detach() - self.b_dec.detach()
-        relu_pre = self.relu_preactivations(centered)
+        weights = self._compute_weights()
+        centered = DMSAEModel._centered(self, x, weights)
+        relu_pre = relu_preactivations(centered, weights.core_encoder, weights.encoder, weights.b_enc)
         rows, cols, smallest_kept = batch_topk_entries(
             relu_pre, config.k_noncore, self._unmasked_columns(), self.group, shards_latents=True
         )
-        values = self._values(x, centered, relu_pre, rows, cols)
+        values = self._values(x, centered, relu_pre, rows, cols, weights)
         num_blocks = len(config.group_sizes)
-        prefixes = self._decoded(rows, cols, values, self.block_of_latent[cols], num_blocks, num_tokens) + self.b_dec
+        partials = self._decoded(rows, cols, values, self.block_of_latent[cols], num_blocks, num_tokens, weights.W_dec)
+        prefixes = partials + self.b_dec
         prefix_losses = matryoshka_prefix_losses(prefixes, x)
-        aux_loss = self._auxk_loss(x, centered, relu_pre, (x - prefixes[-1]).detach(), dead_latents)
+        aux_loss = self._auxk_loss(x, centered, relu_pre, (x - prefixes[-1]).detach(), dead_latents, weights)
         reconstruction_loss = prefix_losses.sum()
         counts = torch.stack([(cols < self.latents.local_core_size).sum(), cols.new_tensor(cols.numel())]).float()
         dist.all_reduce(counts)
@@ -197,7 +211,7 @@ class LatentShard(nn.Module):
         fired = torch.zeros(len(self.block_of_latent), dtype=torch.bool, device=x.device).index_fill_(0, cols, True)
         return reconstruction_loss + config.aux_alpha * aux_loss, stats, fired
 
-    def _auxk_loss(self, x, centered, relu_pre, residual, dead_latents) -> torch.Tensor:
+    def _auxk_loss(self, x, centered, relu_pre, residual, dead_latents, weights) -> torch.Tensor:
         """AuxK (``DMSAEModel.auxk_loss``) over the dead latents of every shard: each token's aux_k
         largest dead pre-activations anywhere, found from each shard's own top aux_k."""
         num_tokens = x.shape[0]
@@ -209,7 +223,7 @@ class LatentShard(nn.Module):
         k_aux = min(self.config.aux_k, int(total_dead))
         local = relu_pre.index_select(1, dead).topk(min(k_aux, dead.numel()), dim=-1, sorted=False)
         # Each shard's candidates padded to k_aux with zeros (never kept: AuxK keeps only positive values).
-        padded = relu_pre.new_zeros(num_tokens, k_aux)
+        padded = relu_pre.new_zeros(num_tokens, k_aux, dtype=torch.float32)
         padded[:, : local.values.shape[1]] = local.values
         everyone = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, padded)
@@ -217,14 +231,15 @@ class LatentShard(nn.Module):
         keep = (local.values >= cut[:, None]) & (local.values > 0)
         rows = torch.arange(num_tokens, device=x.device)[:, None].expand_as(keep)[keep]
         cols = dead[local.indices[keep]]
-        values = self._values(x, centered, relu_pre, rows, cols)
-        reconstruction = self._decoded(rows, cols, values, torch.zeros_like(cols), 1, num_tokens)[0]
+        values = self._values(x, centered, relu_pre, rows, cols, weights)
+        reconstruction = self._decoded(rows, cols, values, torch.zeros_like(cols), 1, num_tokens, weights.W_dec)[0]
         return normalized_aux_error(residual, reconstruction)  # every process holds the whole batch
 
     @torch.no_grad()
     def threshold_candidates(self, x: torch.Tensor, budget: int) -> torch.Tensor:
         """``DMSAEModel.threshold_candidates`` over its latents, from normalised inputs."""
-        return largest_positive(self.relu_preactivations(x - self.b_dec), self._unmasked_columns(), budget)
+        relu_pre = relu_preactivations(x - self.b_dec, self.core_encoder, self.encoder, self.b_enc)
+        return largest_positive(relu_pre, self._unmasked_columns(), budget)
 
 
 def _gather_rows(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -247,6 +262,7 @@ class LatentParallelTrainer:
         ranges = latent_ranges(sae_config.num_latents, sae_config.core_size, accelerator.num_processes)
         self.ranges, self.latents = ranges, ranges[accelerator.process_index]
         self.shard = LatentShard(model, self.latents).to(accelerator.device)
+        self.shard.compute_dtype = compute_dtype(accelerator)
         self.optimizer = torch.optim.Adam(
             self.shard.parameters(), lr=config.learning_rate(sae_config.num_latents), betas=(config.beta1, config.beta2), fused=True
         )
@@ -282,11 +298,12 @@ class LatentParallelTrainer:
         if self.steps_taken == 0:
             with torch.no_grad():
                 shard.b_dec.copy_(geometric_median(x))  # the whole batch is here: the same on every process
-        loss, stats, fired = shard(x, self.dead_latents())
-        (loss / self.accumulation).backward()
-        self.steps_taken += 1
-        if self.at_step_boundary:
-            self._optimizer_step(loss)
+        with step_precision(shard.compute_dtype, self.accelerator.device):
+            loss, stats, fired = shard(x, self.dead_latents())
+            (loss / self.accumulation).backward()
+            self.steps_taken += 1
+            if self.at_step_boundary:
+                self._optimizer_step(loss)
         self._track_dead_latents(fired, x.shape[0])
         return stats._replace(dead_fraction=self._dead_fraction())
 

@@ -20,8 +20,9 @@ configuration trains the same SAE on 1, 2 or 8 processes, up to floating-point s
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import ContextManager, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -44,6 +45,29 @@ def check_finite_weights(model: DMSAEModel, what: str) -> DMSAEModel:
     if bad:
         raise NonFiniteTrainingError(f"{what}: the SAE holds NaN/Inf in {', '.join(bad)}; it is not saved, evaluated or pushed")
     return model
+
+
+@contextmanager
+def _tf32_matmuls() -> Iterator[None]:
+    """CUDA's fp32 matmuls in TF32 for the duration: what a bf16 training step leaves in fp32 needs
+    no more precision than its bf16 GEMMs. Scoped to the step, so calibration and evaluation stay exact."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def step_precision(compute_dtype: torch.dtype | None, device: torch.device) -> ContextManager:
+    """TF32 for the fp32 matmuls of a bf16 step on CUDA; nothing otherwise."""
+    return _tf32_matmuls() if compute_dtype == torch.bfloat16 and device.type == "cuda" else nullcontext()
+
+
+def compute_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """The SAE's compute dtype under ``accelerator``: Accelerate's bf16 autocast reaches none of the
+    SAE's sparse kernels, so the model computes in bf16 itself (``DMSAEModel.compute_dtype``)."""
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
 
 
 class StepStats(NamedTuple):
@@ -117,6 +141,7 @@ class SAETrainer:
         # The scheduler is not prepared: Accelerate would step it once per process; it steps here
         # once per optimiser step, so total_steps counts optimiser steps whatever the world size.
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        model.compute_dtype = compute_dtype(self.accelerator)
         self.scheduler = scheduler
         device = self.accelerator.device
         self.tokens_since_fired = torch.zeros(sae_config.num_latents, dtype=torch.long, device=device)
@@ -146,6 +171,7 @@ class SAETrainer:
         optimiser and its Adam moments) dropped: without this, every stage's SAE and optimiser stay
         referenced by the one Accelerator until the run ends."""
         sae = self.sae
+        sae.compute_dtype = None  # what follows training (evaluation, export) computes in the saved fp32
         self.model = self.optimizer = self.scheduler = None
         self.accelerator.free_memory()  # empties its lists of prepared models and optimisers
         return sae
@@ -159,7 +185,7 @@ class SAETrainer:
         batch = batch.to(self.accelerator.device, non_blocking=True)  # asynchronous from pinned memory (prefetched on CUDA)
         if self.steps_taken == 0:
             sae.initialize_decoder_bias_(batch, global_batch=True)
-        with self.accelerator.accumulate(self.model):
+        with self.accelerator.accumulate(self.model), self._step_precision():
             output = self.model(batch, dead_latents=self.dead_latents(), output_dense_latents=False, global_batch=True)
             self.accelerator.backward(output.loss)
             if self.accelerator.sync_gradients:
@@ -188,6 +214,9 @@ class SAETrainer:
             dead_fraction=self.dead_latents().float().mean(),
             smallest_kept=output.batchtopk_threshold,
         )
+
+    def _step_precision(self) -> ContextManager:
+        return step_precision(self.sae.compute_dtype, self.accelerator.device)
 
     def _track_dead_latents(self, fired: torch.Tensor, num_tokens: int) -> None:
         """Tokens every process saw since each latent last fired anywhere (one reduction)."""
