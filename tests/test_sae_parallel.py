@@ -7,6 +7,7 @@ from __future__ import annotations
 from itertools import islice
 
 import torch
+from accelerate import Accelerator
 from ddp_worker import STREAM_BATCHES, STREAM_RESUME, STREAM_SHAPE
 from safetensors.torch import load_file
 from test_activations import BASE, data, harvest_config  # noqa: F401 (a fixture)
@@ -15,8 +16,11 @@ from test_ddp import accelerate_launch
 from test_prefetch import harvest_of
 from tiny_models import tiny_model, tiny_tokenizer
 
+from modeling_dmsae import DMSAEConfig, DMSAEModel
 from trainer import distill
+from trainer.config import OptimizerConfig
 from trainer.harvest.cache import harvest_activations
+from trainer.sae.training import SAETrainer, fit, fit_in_lockstep
 
 
 def test_all_gathered_stream_gives_every_process_the_single_process_batches(tmp_path, data):  # noqa: F811
@@ -62,3 +66,37 @@ def test_sae_parallel_transfer_trains_every_final_sae_as_one_process_does(tiny_s
         log = lambda run: (run / "logs" / f"transfer-{name}.jsonl").read_text()  # noqa: E731
         assert log(two) == log(one), name
     assert not list((two / "checkpoints").glob("*/checkpoint.pt"))
+
+
+def _lockstep_sae() -> DMSAEModel:
+    torch.manual_seed(0)
+    config = DMSAEConfig(
+        d_in=16, num_latents=128, core_size=0, group_sizes=[32, 96], k=4, hook_module="model.layers.1", dead_tokens_threshold=64, aux_k=8
+    )  # fmt: skip
+    return DMSAEModel(config)
+
+
+def test_sae_parallel_lockstep_resumes_an_sae_whose_checkpoint_is_later(tmp_path):
+    """Process-local trainers (with gradient accumulation) train as the default trainer does on one
+    process; in a lockstep whose batches start at 0, one resumed from a step-6 checkpoint waits for
+    its step, and both end bit for bit as the SAE trained without a stop."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randn(64, 16, generator=generator) ** 3 for _ in range(12)]
+    optimizer = OptimizerConfig(lr=3e-3, warmup_steps=2)
+
+    def trained(process_local: bool) -> dict[str, torch.Tensor]:
+        trainer = SAETrainer(_lockstep_sae(), optimizer, 6, accelerator, process_local)
+        fit(trainer, iter(batches), 12)
+        return trainer.sae.state_dict()
+
+    whole = trained(process_local=True)
+    assert all(torch.equal(whole[name], tensor) for name, tensor in trained(process_local=False).items())
+    stopped = SAETrainer(_lockstep_sae(), optimizer, 6, accelerator, process_local=True)
+    fit_in_lockstep([stopped], iter(batches), 0, 6, [[]])
+    stopped.save_checkpoint(tmp_path / "checkpoint.pt")
+    resumed, fresh = (SAETrainer(_lockstep_sae(), optimizer, 6, accelerator, process_local=True) for _ in range(2))
+    resumed.load_checkpoint(tmp_path / "checkpoint.pt")
+    fit_in_lockstep([resumed, fresh], iter(batches), 0, 12, [[], []])
+    for trainer in (resumed, fresh):
+        assert trainer.steps_taken == 12 and all(torch.equal(whole[name], tensor) for name, tensor in trainer.sae.state_dict().items())

@@ -181,6 +181,8 @@ def train_in_lockstep(
             batches = harvest.all_gathered(ahead, shape) if process_local else ahead
             fit_in_lockstep(list(trainers.values()), batches, start, steps, callbacks, Checkpoints(run, trainers, steps, harvest))
     except (FloatingPointError, CorruptRunFileError) as error:
+        if not trainers:  # a process dealt no SAE failed reading its lanes
+            raise
         stage, trainer = failed(trainers)
         raise stage_failure(stage, trainer.steps_taken, error, checkpoint_path(run, stage)) from error
     calibration = islice(harvest.training_batches(shape, seed=stage_seed(config, data_stage, "/calibration")), calibration_batches(config))
