@@ -14,6 +14,10 @@
                                              run trainer/distill.py as the command line does, the main
                                              process failing in cycle 0's evaluation (work it does alone);
                                              the time of the failure goes to FILE
+    python ddp_worker.py global-stream DATASET CACHE OUT
+                                             read the global micro-batches of the cache in CACHE and of a
+                                             stream of DATASET (bfloat16), from the start and resumed at
+                                             STREAM_RESUME; save them to OUT.<process index>
     python ddp_worker.py main-only-phase TIMEOUT_S SLEEP_S FILE RUN_DIR
                                              the report phase with --run.process_group_timeout_s TIMEOUT_S,
                                              the main process writing the report for SLEEP_S seconds
@@ -32,6 +36,7 @@ from accelerate import Accelerator
 from modeling_dmsae import DMSAEConfig, DMSAEModel
 from trainer import distill
 from trainer.config import OptimizerConfig
+from trainer.run.stages import BatchShape
 from trainer.sae.latent_parallel import LatentParallelTrainer
 from trainer.sae.training import SAETrainer
 
@@ -143,6 +148,45 @@ def resume_on_global_batches(output: str, checkpoint: str) -> Accelerator:
     return accelerator
 
 
+STREAM_SHAPE = BatchShape(batch_size=16, accumulation=1, lanes=4, processes=2)  # process 0: lanes 0 and 2
+STREAM_BATCHES, STREAM_RESUME = 24, 13  # past the first epoch of every lane
+
+
+def gathered_streams(dataset: str, cache: str, output: str) -> Accelerator:
+    """Every process's all-gathered micro-batches of a cache and of a stream, read from the start
+    and, with the shard row counts every process knew at STREAM_RESUME, resumed there."""
+    from itertools import islice
+
+    from accelerate.utils import gather_object
+    from test_activations import BASE, CONTEXT_LENGTH, harvest_config
+    from test_prefetch import harvest_of
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from trainer.config import DataConfig
+    from trainer.harvest.cache import ActivationCache, harvest_activations
+
+    accelerator = Accelerator(cpu=True)
+    streamed = harvest_config(Path(output).parent, cache_dir=None, storage_dtype="bfloat16")
+    sources = {
+        "cached": lambda: ActivationCache(cache),
+        "streamed": lambda: harvest_activations(tiny_model(), tiny_tokenizer(), BASE, DataConfig(dataset, context_length=CONTEXT_LENGTH), streamed),
+    }
+    read = {}
+    for name, source in sources.items():
+        harvest, rows = harvest_of(source()), {}
+        read[name] = []
+        for step, batch in enumerate(islice(harvest.global_batches(STREAM_SHAPE, seed=5), STREAM_BATCHES)):
+            read[name].append(batch)
+            if step + 1 == STREAM_RESUME:  # what a checkpoint here records
+                rows = {shard: count for known in gather_object([harvest.harvested_shard_rows()]) for shard, count in known.items()}
+        resumed = harvest_of(source())
+        resumed.remember_shard_rows(rows)
+        read[f"{name} resumed"] = list(islice(resumed.global_batches(STREAM_SHAPE, seed=5, start_step=STREAM_RESUME), STREAM_BATCHES - STREAM_RESUME))
+    torch.save(read, f"{output}.{accelerator.process_index}")
+    accelerator.print("streams gathered")
+    return accelerator
+
+
 def late_at_the_distilled_core() -> None:
     """Process 1 reaches the distilled core two seconds after process 0, which writes it: a process
     that decided whether to wait by whether the folder exists would skip the barrier and hang both."""
@@ -206,6 +250,8 @@ if __name__ == "__main__":
         sys.exit(distill.cli(sys.argv[3:]))
     elif sys.argv[1] == "replicas":
         distill.shut_down(train_two_replicas())
+    elif sys.argv[1] == "global-stream":
+        distill.shut_down(gathered_streams(*sys.argv[2:5]))
     elif sys.argv[1] == "global-batch":
         distill.shut_down(train_on_global_batches(*sys.argv[2:]))
     elif sys.argv[1] == "resume-global-batch":

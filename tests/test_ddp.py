@@ -107,10 +107,15 @@ def test_distillation_runs_on_two_processes_to_the_same_saes_as_on_one(tiny_setu
     assert logged_steps, "training logged nothing"
     assert json.loads((two / "distilled_core" / "core.json").read_text())["selected"]
     assert distill.main(tiny_args(tiny_setup, one, *args)) == 0
+    # The final SAEs start from cores that differ by the cycles' summation order: a BatchTopK near-tie
+    # can turn that into a decoder entry ~1e-4 apart (their own training, SAE-parallel on 2 processes,
+    # is bit for bit one process's: tests/test_sae_parallel.py).
+    tolerances = {"cycles": 1e-5, "transfer": 1e-4}
     for stage in ("cycles/cycle-000", "cycles/cycle-001", "cycles/cycle-002", "transfer/k-0016-dense_core", "transfer/baseline-k-0016"):
         single, double = load_file(one / stage / "model.safetensors"), load_file(two / stage / "model.safetensors")
         for name, tensor in single.items():
-            torch.testing.assert_close(double[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{stage} {name}")
+            atol = tolerances[stage.split("/")[0]]
+            torch.testing.assert_close(double[name], tensor, rtol=1e-4, atol=atol, msg=f"{stage} {name}")
     for t in range(3):
         core = lambda run: json.loads((run / "cycles" / f"cycle-{t:03d}" / "core.json").read_text())["selected"]  # noqa: E731
         assert core(one) == core(two), f"cycle {t}"

@@ -241,6 +241,11 @@ class ActivationCache:
         return self.manifest["num_rows"]
 
     @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype its rows are stored in (read as float32, which holds them exactly)."""
+        return STORAGE_DTYPES[self.manifest.get("storage_dtype", "float32")]
+
+    @property
     def d_model(self) -> int:
         return self.manifest["d_model"]
 
@@ -312,11 +317,14 @@ class ActivationStream:
         shards: Callable[[ContextSharding], Iterator[tuple[int, list[PackedContext]]]],
         d_model: int,
         num_shards: int,
+        storage_dtype: torch.dtype = torch.float32,
     ):
         self._harvest_shard = harvest_shard
         self._shards = shards
         self.d_model = d_model
         self.num_shards = num_shards
+        self.storage_dtype = storage_dtype
+        """The dtype harvested rows are cast to (read as float32, which holds them exactly)."""
         self.shard_rows: dict[int, int] = {}
         """Kept rows of each shard harvested so far: known only once the base model has run over
         it (masking depends on the activations); a resumed stage seeks with them."""
@@ -644,6 +652,7 @@ def harvest_activations(
             # Every training shard exists whenever a stage reads them: the held-out contexts,
             # harvested before any stage, come after the training range.
             shard_count(contexts, cfg),
+            STORAGE_DTYPES[cfg.storage_dtype],
         )
     directory = Path(cfg.cache_dir) / "activations"
     manifest = _manifest("activations", model, tokenizer, base, data, cfg, contexts, width)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
@@ -72,6 +73,19 @@ class Harvest:
         lanes = [self._lane_batches(lane, shape, seed, start_step) for lane in shape.lanes_of(process_state().process_index)]
         return (torch.cat(rows) for rows in zip(*lanes))
 
+    def global_batches(self, shape: BatchShape, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """Endless global micro-batches, ``[shape.micro_batch, d]``, the same on every process: each
+        reads only its own lanes (:meth:`training_batches`) and the processes' shares are
+        all-gathered (:meth:`all_gathered`). Bit for bit the micro-batches one process reads."""
+        return self.all_gathered(self.training_batches(shape, seed, start_step), shape)
+
+    def all_gathered(self, shares: Iterator[torch.Tensor], shape: BatchShape) -> Iterator[torch.Tensor]:
+        """Each of this process's micro-batches ``shares`` (of :meth:`training_batches`, perhaps read
+        ahead) made whole: a collective, so every process must read as many. Kept apart from the
+        reading so that a background reader never runs a collective (one per step, in the training
+        thread, cannot interleave with another's)."""
+        return (lanes_in_order(share, shape, self.training.storage_dtype) for share in shares)
+
     def _lane_batches(self, lane: int, shape: BatchShape, seed: int, start_step: int) -> Iterator[torch.Tensor]:
         sharding = ContextSharding(lane, shape.lanes)
         first_epoch, start_row = self._lane_start(sharding, shape.per_lane, start_step)
@@ -113,6 +127,22 @@ class Harvest:
 
     def held_out_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         return iter(self.held_out.split(batch_size))
+
+
+def lanes_in_order(share: torch.Tensor, shape: BatchShape, storage_dtype: torch.dtype) -> torch.Tensor:
+    """This process's share of a micro-batch all-gathered with every other process's, the lanes put
+    back in order: ``torch.cat`` over lanes 0..L-1, the micro-batch one process reads. Sent in the
+    storage dtype (bfloat16: half the bytes of float32), which holds the rows exactly, and on the
+    accelerator (NCCL gathers nothing else); float32 again after."""
+    if shape.processes == 1:
+        return share
+    sent = share.to(process_state().device, storage_dtype, non_blocking=True)
+    shares = [torch.empty_like(sent) for _ in range(shape.processes)]
+    dist.all_gather(shares, sent)
+    by_lane = {
+        lane: rows for process, rows_of in enumerate(shares) for lane, rows in zip(shape.lanes_of(process), rows_of.split(shape.per_lane))
+    }
+    return torch.cat([by_lane[lane] for lane in range(shape.lanes)]).float()
 
 
 @torch.no_grad()

@@ -1,15 +1,21 @@
-"""Training one SAE as a stage of the run: the loop (``trainer.sae.training.fit``) with the run's
-bookkeeping as callbacks: a progress bar, the training log, checkpoints every
+"""Training SAEs as stages of the run: the loop (``trainer.sae.training.fit_in_lockstep``) with the
+run's bookkeeping as callbacks: a progress bar, the training log, checkpoints every
 ``run.checkpoint_every`` steps (with the timings so far), and a resume from the last checkpoint.
-Then the inference threshold is calibrated."""
+Then the inference threshold is calibrated.
+
+Two ways to share a stage between the processes (``trainer.run.parallelism``): :func:`train_stage`
+trains one SAE on every process, each on its share of the global batch (DDP);
+:func:`train_in_lockstep` with ``process_local`` trains the SAEs this process was dealt, each on the
+whole global batch, all-gathered from the processes' shares (SAE-parallel)."""
 
 from __future__ import annotations
 
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
@@ -20,14 +26,25 @@ from trainer.harvest.prefetch import prefetched
 from trainer.pipeline.context import RunContext
 from trainer.run.logs import append_record, truncate_log
 from trainer.run.stages import BatchShape, batch_shape, calibration_batches, stage_seed, steps_for
-from trainer.sae.training import NonFiniteTrainingError, SAETrainer, StepStats, TrainingCallback, check_finite_weights, fit
+from trainer.sae.training import (
+    NonFiniteTrainingError,
+    SAETrainer,
+    StepStats,
+    TrainingCallback,
+    check_finite_weights,
+    fit_in_lockstep,
+)
 
 SHARD_ROWS = "shard_rows"  # the checkpoint's reader state: {shard: rows}
 
+Trained = tuple[DMSAEModel, dict[str, float]]
+"""A trained, calibrated SAE and what training alone can tell of it (how far its decoder moved)."""
+
 
 class ProgressBar(TrainingCallback):
-    def __init__(self, stage: str, total_steps: int, initial: int, enabled: bool):
-        self.bar = tqdm(total=total_steps, initial=initial, desc=stage, disable=not enabled)
+    def __init__(self, stage: str, total_steps: int, initial: int, enabled: bool, position: int | None = None):
+        """``position``: its line, where several bars run at once (the SAEs of a lockstep)."""
+        self.bar = tqdm(total=total_steps, initial=initial, desc=stage, disable=not enabled, position=position)
 
     def on_step_end(self, trainer: SAETrainer, step: int, stats: StepStats) -> None:
         self.bar.update()
@@ -39,11 +56,12 @@ class ProgressBar(TrainingCallback):
 class TrainingLog(TrainingCallback):
     """Every ``run.log_every`` optimisation steps and after the last: the statistics of the step's
     last micro-batch and the decoder's median cosine to its initialisation to the trackers
-    (tensorboard, ...) and, from the main process, to ``logs/STAGE.jsonl``, numbered by
+    (tensorboard, ...; Accelerate logs from the main process only) and, from the process that
+    ``writes`` it (the main one, or a process-local SAE's own), to ``logs/STAGE.jsonl``, numbered by
     optimisation step."""
 
-    def __init__(self, run: RunContext, stage: str, total_steps: int):
-        self.run, self.stage, self.total_steps = run, stage, total_steps
+    def __init__(self, run: RunContext, stage: str, total_steps: int, writes: bool):
+        self.run, self.stage, self.total_steps, self.writes = run, stage, total_steps, writes
         self.path = run.paths.log(stage)
 
     def on_step_end(self, trainer: SAETrainer, step: int, stats: StepStats) -> None:
@@ -55,25 +73,56 @@ class TrainingLog(TrainingCallback):
         # How far the dictionary has moved so far: where its curve flattens, more steps stop paying.
         record["decoder_cosine_to_init"] = trainer.decoder_cosine_to_init()
         self.run.accelerator.log({f"{self.stage}/{name}": value for name, value in record.items() if name != "step"}, step=optimizer_step)
-        if self.run.is_main:
+        if self.writes:
             append_record(self.path, record)
 
 
-class Checkpoints(TrainingCallback):
-    """Every ``run.checkpoint_every`` optimisation steps (but the last: the stage's folder follows):
-    everything a resumed stage needs to continue bit for bit, and the timings up to here. Beside the
-    SAE's state go the row counts of the shards every process has read, with which the resumed
-    stage seeks to its next batch instead of reading (streamed: harvesting) the batches before it."""
+class Checkpoints:
+    """After every micro-step of a lockstep (on every process, however many SAEs it trains): every
+    ``run.checkpoint_every`` optimisation steps (but the last: the stage's folder follows), each
+    SAE's state, everything a resumed stage needs to continue bit for bit, and the timings up to
+    here. Beside the state go the row counts of the shards every process has read (one
+    collective), with which the resumed stage seeks to its next batch instead of reading
+    (streamed: harvesting) the batches before it."""
 
-    def __init__(self, run: RunContext, path: Path, total_steps: int, harvest: Harvest):
-        self.run, self.path, self.total_steps, self.harvest = run, path, total_steps, harvest
+    def __init__(self, run: RunContext, trainers: Mapping[str, SAETrainer], total_steps: int, harvest: Harvest):
+        self.run, self.trainers, self.total_steps, self.harvest = run, trainers, total_steps, harvest
 
-    def on_step_end(self, trainer: SAETrainer, step: int, stats: StepStats) -> None:
-        due = trainer.at_step_boundary and trainer.optimizer_steps % self.run.config.run.checkpoint_every == 0
-        if due and step + 1 < self.total_steps:
-            every_process = gather_object([self.harvest.harvested_shard_rows()])
-            trainer.save_checkpoint(self.path, {SHARD_ROWS: {shard: rows for known in every_process for shard, rows in known.items()}})
-            self.run.timer.save()
+    def __call__(self, step: int) -> None:
+        accumulation = self.run.config.run.gradient_accumulation_steps
+        taken = step + 1
+        due = taken % accumulation == 0 and (taken // accumulation) % self.run.config.run.checkpoint_every == 0
+        if not due or taken >= self.total_steps:
+            return
+        every_process = gather_object([self.harvest.harvested_shard_rows()])
+        reader_state = {SHARD_ROWS: {shard: rows for known in every_process for shard, rows in known.items()}}
+        for stage, trainer in self.trainers.items():
+            if trainer.steps_taken == taken:  # not one resumed from a later checkpoint, waiting for its step
+                trainer.save_checkpoint(checkpoint_path(self.run, stage), reader_state)
+        self.run.timer.save()
+
+
+def checkpoint_path(run: RunContext, stage: str) -> Path:
+    return run.paths.checkpoint(stage) / "checkpoint.pt"
+
+
+def restored(trainer: SAETrainer, checkpoint: Path) -> dict | None:
+    """The reader state of the SAE's checkpoint, restored into ``trainer``; none yet: no shard known."""
+    return trainer.load_checkpoint(checkpoint) if checkpoint.exists() else {SHARD_ROWS: {}}
+
+
+def resume(run: RunContext, trainers: Mapping[str, SAETrainer]) -> tuple[int, dict | None]:
+    """Restore every SAE's checkpoint, if it has one; returns the micro-step the lockstep's batches
+    resume at (the earliest of every process's SAEs: one whose checkpoint is later waits for its
+    step) and the reader state of all of them (None: one was written without shard row counts)."""
+    states = [restored(trainer, checkpoint_path(run, stage)) for stage, trainer in trainers.items()]
+    mine = min((trainer.steps_taken for trainer in trainers.values()), default=None)
+    every_process = gather_object([(mine, states)])
+    start = min(step for step, _ in every_process if step is not None)
+    every_state = [state for _, known in every_process for state in known]
+    if None in every_state:
+        return start, None
+    return start, {SHARD_ROWS: {shard: rows for state in every_state for shard, rows in state[SHARD_ROWS].items()}}
 
 
 def resumed_batches(harvest: Harvest, shape: BatchShape, seed: int, start_step: int, reader_state: dict | None) -> Iterator[torch.Tensor]:
@@ -97,33 +146,86 @@ def stage_failure(stage: str, step: int, error: Exception, checkpoint: Path) -> 
     return type(error)(f"stage {stage}, step {step}: {error} ({kept}; finished stages are kept).{fix}")
 
 
-def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, harvest: Harvest) -> tuple[DMSAEModel, dict[str, float]]:
-    """Train one SAE for ``tokens`` tokens, resuming from the stage's checkpoint when there is one;
-    returns it calibrated, with what training alone can tell (how far its decoder moved from the
-    start), and with the optimiser and everything Accelerate kept for it released."""
+def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, harvest: Harvest, data_stage: str | None = None) -> Trained:
+    """Train one SAE for ``tokens`` tokens on every process (DDP), resuming from the stage's
+    checkpoint when there is one; its data order and calibration batches are ``data_stage``'s
+    (default: its own). Returns it calibrated (:data:`Trained`), with the optimiser and everything
+    Accelerate kept for it released."""
+    return train_in_lockstep(run, {stage: model}, tokens, harvest, data_stage or stage, process_local=False)[stage]
+
+
+def train_in_lockstep(
+    run: RunContext, models: Mapping[str, DMSAEModel], tokens: int, harvest: Harvest, data_stage: str, process_local: bool
+) -> dict[str, Trained]:
+    """Train SAEs (by stage name) for ``tokens`` tokens each on the same batches, in the data order
+    and with the calibration batches of ``data_stage``, each resumed from its checkpoint.
+
+    ``process_local``: the SAEs this process was dealt in an SAE-parallel stage, each trained on the
+    whole global micro-batch (all-gathered) with no collective of its own; every process calls this,
+    one dealt no SAE too (its lanes are part of every batch). Otherwise the one SAE every process
+    trains, each on its share of the global batch (DDP)."""
     config = run.config
     steps, shape = steps_for(tokens, config), batch_shape(config)
-    trainer = SAETrainer(model, config.optimizer, steps // config.run.gradient_accumulation_steps, run.accelerator)
-    checkpoint = run.paths.checkpoint(stage) / "checkpoint.pt"
-    reader_state = trainer.load_checkpoint(checkpoint) if checkpoint.exists() else {SHARD_ROWS: {}}
-    if run.is_main:
-        truncate_log(run.paths.log(stage), trainer.optimizer_steps)
-    batches = resumed_batches(harvest, shape, stage_seed(config, stage, "/data"), trainer.steps_taken, reader_state)
-    callbacks = [
-        ProgressBar(stage, steps, trainer.steps_taken, run.accelerator.is_local_main_process),
-        TrainingLog(run, stage, steps),
-        Checkpoints(run, checkpoint, steps, harvest),
-    ]
+    optimizer_steps = steps // config.run.gradient_accumulation_steps
+    trainers = {stage: SAETrainer(model, config.optimizer, optimizer_steps, run.accelerator, process_local) for stage, model in models.items()}
+    start, reader_state = resume(run, trainers)
+    writes = process_local or run.is_main  # who writes a stage's log (and its checkpoints: SAETrainer)
+    callbacks = [bookkeeping(run, stage, trainer, steps, writes, position) for position, (stage, trainer) in enumerate(trainers.items())]
+    local = resumed_batches(harvest, shape, stage_seed(config, data_stage, "/data"), start, reader_state)
     # A streamed run's batches come from the base model: kept in the training thread, where its
-    # memory is counted and no collective can interleave with the SAE step's.
+    # memory is counted and no collective can interleave with the SAE step's. The all-gather of a
+    # process-local stage runs in the training thread too, on batches read ahead.
     depth = 0 if config.run.stream_activations else config.run.prefetch_batches
     try:
-        with prefetched(batches, depth, pin=run.accelerator.device.type == "cuda") as ahead:
-            fit(trainer, ahead, steps, callbacks)
+        with prefetched(local, depth, pin=run.accelerator.device.type == "cuda") as ahead:
+            batches = harvest.all_gathered(ahead, shape) if process_local else ahead
+            fit_in_lockstep(list(trainers.values()), batches, start, steps, callbacks, Checkpoints(run, trainers, steps, harvest))
     except (FloatingPointError, CorruptRunFileError) as error:
-        raise stage_failure(stage, trainer.steps_taken, error, checkpoint) from error
-    calibration = islice(harvest.training_batches(shape, seed=stage_seed(config, stage, "/calibration")), calibration_batches(config))
+        if not trainers:  # a process dealt no SAE failed reading its lanes
+            raise
+        stage, trainer = failed(trainers)
+        raise stage_failure(stage, trainer.steps_taken, error, checkpoint_path(run, stage)) from error
+    calibration = islice(harvest.training_batches(shape, seed=stage_seed(config, data_stage, "/calibration")), calibration_batches(config))
+    calibration = list(harvest.all_gathered(calibration, shape) if process_local else calibration)
+    return {stage: calibrated(trainer, calibration, stage) for stage, trainer in trainers.items()}
+
+
+def bookkeeping(run: RunContext, stage: str, trainer: SAETrainer, steps: int, writes: bool, position: int) -> list[TrainingCallback]:
+    """A stage's progress bar and training log (its lines of a resumed stage's log after its
+    checkpoint dropped first: they are written again)."""
+    if writes:
+        truncate_log(run.paths.log(stage), trainer.optimizer_steps)
+    if trainer.process_local:  # every process shows its own SAEs' bars, on lines of their own
+        bar = ProgressBar(stage, steps, trainer.steps_taken, True, position)
+    else:
+        bar = ProgressBar(stage, steps, trainer.steps_taken, run.accelerator.is_local_main_process)
+    return [bar, TrainingLog(run, stage, steps, writes)]
+
+
+def failed(trainers: Mapping[str, SAETrainer]) -> tuple[str, SAETrainer]:
+    """The SAE whose step raised: the lockstep steps them in order, and a failed step leaves
+    ``steps_taken`` where it was, so it is the first of those that are furthest behind."""
+    behind = min(trainer.steps_taken for trainer in trainers.values())
+    return next((stage, trainer) for stage, trainer in trainers.items() if trainer.steps_taken == behind)
+
+
+def calibrated(trainer: SAETrainer, calibration: list[torch.Tensor], stage: str) -> Trained:
+    """The trained SAE with its inference threshold calibrated, and released (:data:`Trained`)."""
     # Never evaluate, save or push a NaN SAE (the step guard keeps training from making one).
     check_finite_weights(trainer.calibrate_threshold(calibration), stage)
     drift = {"decoder_cosine_to_init": trainer.decoder_cosine_to_init()}
     return trainer.release(), drift
+
+
+@torch.no_grad()
+def shared_from(owner: int, trained: Trained) -> Trained:
+    """The SAE process ``owner`` trained, on every process (evaluation and saving are collective):
+    its tensors broadcast into ``trained``'s model, which elsewhere is any SAE of the same
+    configuration, and its threshold and drift with them."""
+    model, drift = trained
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=owner)
+    settings = [model.config.threshold, drift]
+    dist.broadcast_object_list(settings, src=owner)
+    model.config.threshold = settings[0]
+    return model, settings[1]

@@ -4,6 +4,9 @@ transfer/ (``trainer.run.stages.final_saes``; the kinds: ``trainer.run.kinds``).
 
 from __future__ import annotations
 
+from itertools import groupby
+from operator import attrgetter
+
 from accelerate.utils import set_seed
 
 from modeling_dmsae import DMSAEModel
@@ -11,20 +14,33 @@ from trainer.config import DistillConfig
 from trainer.harvest.harvested import Harvest
 from trainer.pipeline.context import RunContext
 from trainer.pipeline.evaluation import evaluate, save_stage
-from trainer.pipeline.training import train_stage
+from trainer.pipeline.training import Trained, shared_from, train_in_lockstep, train_stage
 from trainer.run.kinds import Core, CoreRequest
 from trainer.run.metrics_file import SAEMetrics
+from trainer.run.parallelism import StageMode, transfer_mode
 from trainer.run.stages import FinalSAE, core_seed, cycle0_sae_config, final_saes, stage_seed
 
 
 def transfer(run: RunContext, core: Core, harvest: Harvest) -> None:
-    """Train, evaluate and save every final SAE not finished yet."""
-    for final in final_saes(run.config):
-        if run.paths.transfer(final.name).exists():
-            run.finish_stage(final.stage)  # a kill may have landed before its checkpoint was removed
-            continue
-        set_seed(stage_seed(run.config, final.stage))  # by name: the same SAE whatever else transfer.ks or .seeds list
-        train_final_sae(run, final, core, harvest)
+    """Train, evaluate and save every final SAE not finished yet, a transfer seed at a time (the
+    SAEs of one seed read the same batches: ``FinalSAE.data_stage``), one SAE after another on
+    every process (DDP) or dealt to the processes (SAE-parallel: ``trainer.run.parallelism``)."""
+    parallel = transfer_mode(run.config, run.accelerator.num_processes) is StageMode.SAE_PARALLEL
+    for _, finals in groupby(final_saes(run.config), key=attrgetter("seed")):
+        unfinished = [final for final in finals if not finished(run, final)]
+        if parallel:
+            train_dealt(run, unfinished, core, harvest)
+        else:
+            for final in unfinished:
+                conclude(run, final, train_final_sae(run, final, core, harvest), harvest)
+
+
+def finished(run: RunContext, final: FinalSAE) -> bool:
+    """Whether its folder is saved (a kill may have landed before its checkpoint was removed)."""
+    if not run.paths.transfer(final.name).exists():
+        return False
+    run.finish_stage(final.stage)
+    return True
 
 
 def initial_model(config: DistillConfig, final: FinalSAE, core: Core, d_in: int, normalization_factor: float) -> DMSAEModel:
@@ -40,10 +56,40 @@ def initial_model(config: DistillConfig, final: FinalSAE, core: Core, d_in: int,
     return DMSAEModel.from_core(sae_config, start.directions)
 
 
-def train_final_sae(run: RunContext, final: FinalSAE, core: Core, harvest: Harvest) -> None:
-    model = initial_model(run.config, final, core, harvest.d_in, harvest.normalization_factor)
+def fresh_model(run: RunContext, final: FinalSAE, core: Core, harvest: Harvest) -> DMSAEModel:
+    """Its initial model on the run's device, seeded by its stage's name: the same SAE whatever
+    else transfer.ks or .seeds list, and whichever process trains it."""
+    set_seed(stage_seed(run.config, final.stage))
+    return initial_model(run.config, final, core, harvest.d_in, harvest.normalization_factor).to(run.accelerator.device)
+
+
+def train_final_sae(run: RunContext, final: FinalSAE, core: Core, harvest: Harvest) -> Trained:
+    """One final SAE trained by every process (DDP)."""
+    model = fresh_model(run, final, core, harvest)
     with run.timer.timed("transfer training"):
-        model, training_metrics = train_stage(run, final.stage, model.to(run.accelerator.device), run.config.transfer.tokens, harvest)
+        return train_stage(run, final.stage, model, run.config.transfer.tokens, harvest, final.data_stage)
+
+
+def train_dealt(run: RunContext, finals: list[FinalSAE], core: Core, harvest: Harvest) -> None:
+    """The SAE-parallel transfer of one seed's unfinished SAEs: dealt round-robin to the processes,
+    each training its own in lockstep on the all-gathered global batches (the batches one process
+    reads, so each comes out bit for bit as one process trains it); then each is broadcast from
+    its process and evaluated and saved as in DDP, in ``final_saes`` order."""
+    if not finals:
+        return
+    processes = run.accelerator.num_processes
+    mine = finals[run.accelerator.process_index :: processes]
+    models = {final.stage: fresh_model(run, final, core, harvest) for final in mine}
+    with run.timer.timed("transfer training"):
+        trained = train_in_lockstep(run, models, run.config.transfer.tokens, harvest, finals[0].data_stage, process_local=True)
+    for index, final in enumerate(finals):
+        own = trained.get(final.stage) or (fresh_model(run, final, core, harvest), {})
+        conclude(run, final, shared_from(index % processes, own), harvest)
+
+
+def conclude(run: RunContext, final: FinalSAE, trained: Trained, harvest: Harvest) -> None:
+    """Evaluate a trained final SAE, save its folder and drop its checkpoint."""
+    model, training_metrics = trained
     with run.timer.timed("evaluation"):
         metrics, evidence = evaluate(run, model, harvest, final.name, per_latent_evidence=True)
     sae_config = model.config

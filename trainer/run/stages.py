@@ -127,8 +127,16 @@ class FinalSAE(NamedTuple):
     @property
     def stage(self) -> str:
         """Name of its training stage (checkpoints and logs); the seed is part of it, so
-        :func:`stage_seed` draws another initialisation, data order and random core for each seed."""
+        :func:`stage_seed` draws another initialisation and random core for each seed."""
         return f"transfer-{self.name}"
+
+    @property
+    def data_stage(self) -> str:
+        """The name its data order and calibration batches are seeded by (:func:`stage_seed`): its
+        transfer seed's, not its own. Every final SAE of one seed reads the same tokens in the same
+        order, so a control and the DMSAE it controls differ in their core alone, and the
+        SAE-parallel transfer feeds all of them one all-gathered stream."""
+        return "transfer" + seed_suffix(self.seed)
 
     @property
     def variant(self) -> str:

@@ -16,13 +16,18 @@ BatchTopK's cut, AuxK's variance, the dead-latent counts, b_dec's initial geomet
 the threshold calibration are all taken over it (``global_batch=True``), and DDP averages the
 per-process mean losses' gradients, which is the global mean's gradient. So the same
 configuration trains the same SAE on 1, 2 or 8 processes, up to floating-point summation order.
+
+A ``process_local`` trainer (the SAE-parallel transfer, ``trainer.run.parallelism``) trains its SAE
+on this process alone, with no DDP wrapper, no collective and no gradient all-reduce: every one of
+those quantities is taken over the batch it is given, which is then the whole global batch. So it
+trains bit for bit the SAE one process trains on the same batches.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import ContextManager, Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -114,21 +119,52 @@ def fit(trainer: SAETrainer, batches: Iterator[torch.Tensor], total_steps: int, 
     micro-steps on ``batches``. The loop knows neither where the data comes from nor where
     anything is written: ``callbacks`` do the bookkeeping. A failed step raises with
     ``trainer.steps_taken`` still the failed step's number."""
-    for step in range(trainer.steps_taken, total_steps):
-        stats = trainer.step(next(batches))
-        for callback in callbacks:
-            callback.on_step_end(trainer, step, stats)
-    for callback in callbacks:
-        callback.on_train_end(trainer)
+    fit_in_lockstep([trainer], batches, trainer.steps_taken, total_steps, [callbacks])
+
+
+def fit_in_lockstep(
+    trainers: Sequence[SAETrainer],
+    batches: Iterator[torch.Tensor],
+    start_step: int,
+    total_steps: int,
+    callbacks: Sequence[Sequence[TrainingCallback]],
+    after_step: Callable[[int], None] = lambda step: None,
+) -> None:
+    """Train several SAEs on the same batches, ``batches`` beginning at micro-step ``start_step``:
+    each batch goes to every trainer whose next step it is (a trainer resumed from a later
+    checkpoint waits for its step), with its own ``callbacks``. ``after_step(step)`` runs after
+    every micro-step, whether or not a trainer took it: the place for collectives, which every
+    process must reach however many SAEs it trains."""
+    for step in range(start_step, total_steps):
+        batch = next(batches)
+        for trainer, own in zip(trainers, callbacks, strict=True):
+            if trainer.steps_taken == step:
+                stats = trainer.step(batch)
+                for callback in own:
+                    callback.on_step_end(trainer, step, stats)
+        after_step(step)
+    for trainer, own in zip(trainers, callbacks, strict=True):
+        for callback in own:
+            callback.on_train_end(trainer)
 
 
 class SAETrainer:
     """Owns the optimiser state of one SAE; ``step(batch)`` takes one optimisation step."""
 
-    def __init__(self, model: DMSAEModel, config: OptimizerConfig, total_steps: int, accelerator: Accelerator | None = None):
-        """``total_steps``: optimiser steps of the run (micro-batches / gradient accumulation)."""
+    def __init__(
+        self,
+        model: DMSAEModel,
+        config: OptimizerConfig,
+        total_steps: int,
+        accelerator: Accelerator | None = None,
+        process_local: bool = False,
+    ):
+        """``total_steps``: optimiser steps of the run (micro-batches / gradient accumulation).
+        ``process_local``: train on this process's batches alone (no DDP, no collective); the
+        default takes the processes' batches as one global batch."""
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.config = config
+        self.process_local = process_local
         self.total_steps = total_steps
         sae_config = model.config
         optimizer = torch.optim.Adam(
@@ -140,13 +176,15 @@ class SAETrainer:
         )
         # The scheduler is not prepared: Accelerate would step it once per process; it steps here
         # once per optimiser step, so total_steps counts optimiser steps whatever the world size.
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # A process-local SAE is not prepared at all: nothing of it is shared with other processes.
+        self.model, self.optimizer = (model, optimizer) if process_local else self.accelerator.prepare(model, optimizer)
         model.compute_dtype = compute_dtype(self.accelerator)
         self.scheduler = scheduler
         device = self.accelerator.device
         self.tokens_since_fired = torch.zeros(sae_config.num_latents, dtype=torch.long, device=device)
         self.steps_taken = 0
-        self.accelerator.step = 0  # accelerate's micro-step counter decides when accumulate() syncs
+        if not process_local:
+            self.accelerator.step = 0  # accelerate's micro-step counter decides when accumulate() syncs
         # Where a sample of the trainable decoder rows started: how far training moved them tells
         # an SAE that learned from one still near its random initialisation (decoder_cosine_to_init).
         self.drift_rows = drift_rows(sae_config.num_latents, sae_config.core_size).to(device)
@@ -162,6 +200,12 @@ class SAETrainer:
         return self.steps_taken // self.accelerator.gradient_accumulation_steps
 
     @property
+    def global_batch(self) -> bool:
+        """Whether BatchTopK, AuxK, the dead counts, b_dec's median and the calibration are taken
+        over every process's batch (the ``global_batch`` of ``modeling_dmsae``)."""
+        return not self.process_local
+
+    @property
     def at_step_boundary(self) -> bool:
         """No gradient is half accumulated: a checkpoint here resumes bit for bit."""
         return self.steps_taken % self.accelerator.gradient_accumulation_steps == 0
@@ -173,7 +217,8 @@ class SAETrainer:
         sae = self.sae
         sae.compute_dtype = None  # what follows training (evaluation, export) computes in the saved fp32
         self.model = self.optimizer = self.scheduler = None
-        self.accelerator.free_memory()  # empties its lists of prepared models and optimisers
+        if not self.process_local:  # a process-local SAE was never handed to Accelerate
+            self.accelerator.free_memory()  # empties its lists of prepared models and optimisers
         return sae
 
     def dead_latents(self) -> torch.Tensor:
@@ -184,13 +229,13 @@ class SAETrainer:
         sae = self.sae
         batch = batch.to(self.accelerator.device, non_blocking=True)  # asynchronous from pinned memory (prefetched on CUDA)
         if self.steps_taken == 0:
-            sae.initialize_decoder_bias_(batch, global_batch=True)
-        with self.accelerator.accumulate(self.model), self._step_precision():
-            output = self.model(batch, dead_latents=self.dead_latents(), output_dense_latents=False, global_batch=True)
-            self.accelerator.backward(output.loss)
-            if self.accelerator.sync_gradients:
+            sae.initialize_decoder_bias_(batch, global_batch=self.global_batch)
+        with self._accumulating(), self._step_precision():
+            output = self.model(batch, dead_latents=self.dead_latents(), output_dense_latents=False, global_batch=self.global_batch)
+            self._backward(output.loss)
+            if self._sync_gradients:
                 sae.remove_decoder_parallel_gradient_()
-                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+                norm = self._clip_grad_norm()
                 # One scalar check per step (the norm is reduced over processes, so all stop together);
                 # NaN/Inf anywhere in the loss or the gradients makes it non-finite.
                 if not torch.isfinite(norm):
@@ -198,9 +243,8 @@ class SAETrainer:
                     raise NonFiniteTrainingError(
                         f"non-finite loss {output.loss.item():.4g} / gradient norm {norm.item():.4g}; the step was not taken"
                     )
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.accelerator.sync_gradients:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 sae.normalize_decoder_()
         self._track_dead_latents(output.fired, batch.shape[0])
@@ -218,9 +262,36 @@ class SAETrainer:
     def _step_precision(self) -> ContextManager:
         return step_precision(self.sae.compute_dtype, self.accelerator.device)
 
+    # ---- what differs between a DDP and a process-local trainer ---------------------------------
+    # Accelerate's micro-step counter is one per Accelerator: process-local trainers, several of
+    # them stepping in lockstep, count their own steps instead, and skip what Accelerate adds for
+    # DDP (no_sync while accumulating, the gradient all-reduce, the norm's reduction).
+
+    def _accumulating(self) -> ContextManager:
+        return nullcontext() if self.process_local else self.accelerator.accumulate(self.model)
+
+    @property
+    def _sync_gradients(self) -> bool:
+        """Whether this micro-step ends an optimisation step."""
+        if self.process_local:
+            return (self.steps_taken + 1) % self.accelerator.gradient_accumulation_steps == 0
+        return self.accelerator.sync_gradients
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.process_local:
+            (loss / self.accelerator.gradient_accumulation_steps).backward()
+        else:
+            self.accelerator.backward(loss)
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        clip = torch.nn.utils.clip_grad_norm_ if self.process_local else self.accelerator.clip_grad_norm_
+        return clip(self.model.parameters(), self.config.max_grad_norm)
+
     def _track_dead_latents(self, fired: torch.Tensor, num_tokens: int) -> None:
         """Tokens every process saw since each latent last fired anywhere (one reduction)."""
-        counts = self.accelerator.reduce(torch.cat([fired.long(), fired.new_tensor([num_tokens], dtype=torch.long)]), "sum")
+        counts = torch.cat([fired.long(), fired.new_tensor([num_tokens], dtype=torch.long)])
+        if self.global_batch:
+            counts = self.accelerator.reduce(counts, "sum")
         self.tokens_since_fired += counts[-1]
         self.tokens_since_fired[counts[:-1] > 0] = 0
 
@@ -236,13 +307,14 @@ class SAETrainer:
         """
         sae, device = self.sae, self.accelerator.device
         batches = [batch.to(device) for batch in batches]
-        num_tokens = int(self.accelerator.reduce(torch.tensor(sum(map(len, batches)), device=device), "sum"))
+        num_tokens = torch.tensor(sum(map(len, batches)), device=device)
+        num_tokens = int(self.accelerator.reduce(num_tokens, "sum") if self.global_batch else num_tokens)
         budget = sae.config.k_noncore * num_tokens + 1
         pool = torch.zeros(0, device=device)
         for batch in batches:
             pool = torch.cat([pool, sae.threshold_candidates(batch, budget)])
             pool = pool.topk(min(budget, pool.numel()), sorted=False).values
-        group = batch_process_group(global_batch=True)
+        group = batch_process_group(self.global_batch)
         sae.config.threshold = calibrated_threshold(pool, num_tokens, sae.config.k_noncore, group)
         return sae
 
@@ -261,8 +333,9 @@ class SAETrainer:
 
     def save_checkpoint(self, path: Path, reader_state: dict | None = None) -> None:
         """Write weights, optimiser and schedule state and the bookkeeping (temporary file, then
-        rename), with ``reader_state``: what the batches' reader needs to continue from here."""
-        if self.accelerator.is_main_process:
+        rename), with ``reader_state``: what the batches' reader needs to continue from here. A
+        process-local SAE is written by its process, without waiting for the others."""
+        if self.process_local or self.accelerator.is_main_process:
             state = {
                 "model": self.sae.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -274,7 +347,8 @@ class SAETrainer:
             }
             with atomic_path(path) as temporary:
                 torch.save(state, temporary)
-        self.accelerator.wait_for_everyone()
+        if not self.process_local:
+            self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> dict | None:
         """Restore a checkpoint (tensors only: weights_only=True) and return its reader state (None
@@ -287,7 +361,8 @@ class SAETrainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.tokens_since_fired.copy_(state["tokens_since_fired"])
             self.steps_taken = int(state["steps_taken"])
-            self.accelerator.step = self.steps_taken % self.accelerator.gradient_accumulation_steps
+            if not self.process_local:
+                self.accelerator.step = self.steps_taken % self.accelerator.gradient_accumulation_steps
             self.initial_decoder_rows.copy_(state["initial_decoder_rows"])
         except Exception as error:  # torch's own text would suggest an unsafe weights_only=False
             raise CorruptRunFileError(
