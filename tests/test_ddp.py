@@ -107,15 +107,18 @@ def test_distillation_runs_on_two_processes_to_the_same_saes_as_on_one(tiny_setu
     assert logged_steps, "training logged nothing"
     assert json.loads((two / "distilled_core" / "core.json").read_text())["selected"]
     assert distill.main(tiny_args(tiny_setup, one, *args)) == 0
-    # The final SAEs start from cores that differ by the cycles' summation order: a BatchTopK near-tie
-    # can turn that into a decoder entry ~1e-4 apart (their own training, SAE-parallel on 2 processes,
-    # is bit for bit one process's: tests/test_sae_parallel.py).
-    tolerances = {"cycles": 1e-5, "transfer": 1e-4}
-    for stage in ("cycles/cycle-000", "cycles/cycle-001", "cycles/cycle-002", "transfer/k-0016-dense_core", "transfer/baseline-k-0016"):
+    for stage in ("cycles/cycle-000", "cycles/cycle-001", "cycles/cycle-002", "transfer/baseline-k-0016"):
         single, double = load_file(one / stage / "model.safetensors"), load_file(two / stage / "model.safetensors")
         for name, tensor in single.items():
-            atol = tolerances[stage.split("/")[0]]
-            torch.testing.assert_close(double[name], tensor, rtol=1e-4, atol=atol, msg=f"{stage} {name}")
+            torch.testing.assert_close(double[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{stage} {name}")
+    # The DMSAE starts from cores that differ by the cycles' summation order (~3e-8): a BatchTopK
+    # near-tie can turn that into a few decoder entries ~1e-4 apart (measured: 0.01% of them beyond
+    # 1e-5). Its own training, SAE-parallel on 2 processes, is bit for bit one process's
+    # (tests/test_sae_parallel.py).
+    single, double = (load_file(run / "transfer" / "k-0016-dense_core" / "model.safetensors") for run in (one, two))
+    for name, tensor in single.items():
+        apart = (double[name] - tensor).abs()
+        assert apart.max() < 1e-3 and (apart > 1e-5).float().mean() < 1e-3, f"transfer {name}: {apart.max():.2e} apart"
     for t in range(3):
         core = lambda run: json.loads((run / "cycles" / f"cycle-{t:03d}" / "core.json").read_text())["selected"]  # noqa: E731
         assert core(one) == core(two), f"cycle {t}"

@@ -27,6 +27,7 @@ from trainer.run.files import atomic_folder, read_json
 from trainer.run.kinds import Core
 from trainer.run.layout import CORE_JSON, cycle_stage
 from trainer.run.metrics_file import SAEMetrics
+from trainer.run.parallelism import cycle_mode
 from trainer.run.stages import cycle0_sae_config, stage_seed
 from trainer.sae.selection import CoreSelection, distilled_core, select_core
 
@@ -59,7 +60,8 @@ def train_cycle(run: RunContext, t: int, model: DMSAEModel, needs_training: bool
     training_metrics = {}
     if needs_training:
         with run.timer.timed("cycle training"):
-            model, training_metrics = train_stage(run, stage, model, run.config.cycles.tokens_per_cycle, harvest)
+            mode = cycle_mode(run.config, run.accelerator.num_processes)
+            model, training_metrics = train_stage(run, stage, model, run.config.cycles.tokens_per_cycle, harvest, mode=mode)
     with run.timer.timed("attribution"):
         selection = select(run, model, harvest)
     with run.timer.timed("evaluation"):

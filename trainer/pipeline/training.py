@@ -3,10 +3,11 @@ run's bookkeeping as callbacks: a progress bar, the training log, checkpoints ev
 ``run.checkpoint_every`` steps (with the timings so far), and a resume from the last checkpoint.
 Then the inference threshold is calibrated.
 
-Two ways to share a stage between the processes (``trainer.run.parallelism``): :func:`train_stage`
-trains one SAE on every process, each on its share of the global batch (DDP);
-:func:`train_in_lockstep` with ``process_local`` trains the SAEs this process was dealt, each on the
-whole global batch, all-gathered from the processes' shares (SAE-parallel)."""
+Three ways to share a stage between the processes (``trainer.run.parallelism``), the ``mode`` of
+:func:`train_in_lockstep`: DDP trains one SAE on every process, each on its share of the global
+batch; latent-parallel trains one SAE whose latents are cut over the processes, each on the whole
+global batch, all-gathered from the processes' shares; SAE-parallel trains the SAEs this process
+was dealt, each whole, on the whole global batch."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from trainer.harvest.harvested import Harvest
 from trainer.harvest.prefetch import prefetched
 from trainer.pipeline.context import RunContext
 from trainer.run.logs import append_record, truncate_log
+from trainer.run.parallelism import StageMode
 from trainer.run.stages import BatchShape, batch_shape, calibration_batches, stage_seed, steps_for
+from trainer.sae.latent_parallel import LatentParallelTrainer
 from trainer.sae.training import (
     NonFiniteTrainingError,
     SAETrainer,
@@ -37,6 +40,7 @@ from trainer.sae.training import (
 
 SHARD_ROWS = "shard_rows"  # the checkpoint's reader state: {shard: rows}
 
+AnyTrainer = SAETrainer | LatentParallelTrainer  # the same interface: step, checkpoints, calibration, release
 Trained = tuple[DMSAEModel, dict[str, float]]
 """A trained, calibrated SAE and what training alone can tell of it (how far its decoder moved)."""
 
@@ -85,7 +89,7 @@ class Checkpoints:
     collective), with which the resumed stage seeks to its next batch instead of reading
     (streamed: harvesting) the batches before it."""
 
-    def __init__(self, run: RunContext, trainers: Mapping[str, SAETrainer], total_steps: int, harvest: Harvest):
+    def __init__(self, run: RunContext, trainers: Mapping[str, AnyTrainer], total_steps: int, harvest: Harvest):
         self.run, self.trainers, self.total_steps, self.harvest = run, trainers, total_steps, harvest
 
     def __call__(self, step: int) -> None:
@@ -106,12 +110,12 @@ def checkpoint_path(run: RunContext, stage: str) -> Path:
     return run.paths.checkpoint(stage) / "checkpoint.pt"
 
 
-def restored(trainer: SAETrainer, checkpoint: Path) -> dict | None:
+def restored(trainer: AnyTrainer, checkpoint: Path) -> dict | None:
     """The reader state of the SAE's checkpoint, restored into ``trainer``; none yet: no shard known."""
     return trainer.load_checkpoint(checkpoint) if checkpoint.exists() else {SHARD_ROWS: {}}
 
 
-def resume(run: RunContext, trainers: Mapping[str, SAETrainer]) -> tuple[int, dict | None]:
+def resume(run: RunContext, trainers: Mapping[str, AnyTrainer]) -> tuple[int, dict | None]:
     """Restore every SAE's checkpoint, if it has one; returns the micro-step the lockstep's batches
     resume at (the earliest of every process's SAEs: one whose checkpoint is later waits for its
     step) and the reader state of all of them (None: one was written without shard row counts)."""
@@ -146,39 +150,44 @@ def stage_failure(stage: str, step: int, error: Exception, checkpoint: Path) -> 
     return type(error)(f"stage {stage}, step {step}: {error} ({kept}; finished stages are kept).{fix}")
 
 
-def train_stage(run: RunContext, stage: str, model: DMSAEModel, tokens: int, harvest: Harvest, data_stage: str | None = None) -> Trained:
-    """Train one SAE for ``tokens`` tokens on every process (DDP), resuming from the stage's
-    checkpoint when there is one; its data order and calibration batches are ``data_stage``'s
-    (default: its own). Returns it calibrated (:data:`Trained`), with the optimiser and everything
-    Accelerate kept for it released."""
-    return train_in_lockstep(run, {stage: model}, tokens, harvest, data_stage or stage, process_local=False)[stage]
+def train_stage(
+    run: RunContext, stage: str, model: DMSAEModel, tokens: int, harvest: Harvest, data_stage: str | None = None,
+    mode: StageMode = StageMode.DDP,
+) -> Trained:  # fmt: skip
+    """Train one SAE for ``tokens`` tokens on every process (DDP, or latent-parallel), resuming from
+    the stage's checkpoint when there is one; its data order and calibration batches are
+    ``data_stage``'s (default: its own). Returns it calibrated (:data:`Trained`), with the optimiser
+    and everything Accelerate kept for it released."""
+    return train_in_lockstep(run, {stage: model}, tokens, harvest, data_stage or stage, mode)[stage]
 
 
 def train_in_lockstep(
-    run: RunContext, models: Mapping[str, DMSAEModel], tokens: int, harvest: Harvest, data_stage: str, process_local: bool
+    run: RunContext, models: Mapping[str, DMSAEModel], tokens: int, harvest: Harvest, data_stage: str, mode: StageMode
 ) -> dict[str, Trained]:
     """Train SAEs (by stage name) for ``tokens`` tokens each on the same batches, in the data order
     and with the calibration batches of ``data_stage``, each resumed from its checkpoint.
 
-    ``process_local``: the SAEs this process was dealt in an SAE-parallel stage, each trained on the
-    whole global micro-batch (all-gathered) with no collective of its own; every process calls this,
-    one dealt no SAE too (its lanes are part of every batch). Otherwise the one SAE every process
-    trains, each on its share of the global batch (DDP)."""
+    ``mode``: SAE_PARALLEL, the SAEs this process was dealt, each trained on the whole global
+    micro-batch (all-gathered) with no collective of its own; every process calls this, one dealt
+    no SAE too (its lanes are part of every batch). LATENT_PARALLEL, the one SAE every process
+    trains, each holding its latents, on the whole global micro-batch. DDP, the one SAE every
+    process trains, each on its share of the global batch."""
     config = run.config
     steps, shape = steps_for(tokens, config), batch_shape(config)
     optimizer_steps = steps // config.run.gradient_accumulation_steps
-    trainers = {stage: SAETrainer(model, config.optimizer, optimizer_steps, run.accelerator, process_local) for stage, model in models.items()}
+    trainers = {stage: trainer_for(run, model, optimizer_steps, mode) for stage, model in models.items()}
     start, reader_state = resume(run, trainers)
-    writes = process_local or run.is_main  # who writes a stage's log (and its checkpoints: SAETrainer)
-    callbacks = [bookkeeping(run, stage, trainer, steps, writes, position) for position, (stage, trainer) in enumerate(trainers.items())]
+    writes = mode is StageMode.SAE_PARALLEL or run.is_main  # who writes a stage's log (and its checkpoints: the trainer)
+    callbacks = [bookkeeping(run, stage, trainer, steps, writes, position, mode) for position, (stage, trainer) in enumerate(trainers.items())]
     local = resumed_batches(harvest, shape, stage_seed(config, data_stage, "/data"), start, reader_state)
+    whole_batches = mode is not StageMode.DDP
     # A streamed run's batches come from the base model: kept in the training thread, where its
-    # memory is counted and no collective can interleave with the SAE step's. The all-gather of a
-    # process-local stage runs in the training thread too, on batches read ahead.
+    # memory is counted and no collective can interleave with the SAE step's. The all-gather of the
+    # whole batches runs in the training thread too, on batches read ahead.
     depth = 0 if config.run.stream_activations else config.run.prefetch_batches
     try:
         with prefetched(local, depth, pin=run.accelerator.device.type == "cuda") as ahead:
-            batches = harvest.all_gathered(ahead, shape) if process_local else ahead
+            batches = harvest.all_gathered(ahead, shape) if whole_batches else ahead
             fit_in_lockstep(list(trainers.values()), batches, start, steps, callbacks, Checkpoints(run, trainers, steps, harvest))
     except (FloatingPointError, CorruptRunFileError) as error:
         if not trainers:  # a process dealt no SAE failed reading its lanes
@@ -186,35 +195,44 @@ def train_in_lockstep(
         stage, trainer = failed(trainers)
         raise stage_failure(stage, trainer.steps_taken, error, checkpoint_path(run, stage)) from error
     calibration = islice(harvest.training_batches(shape, seed=stage_seed(config, data_stage, "/calibration")), calibration_batches(config))
-    calibration = list(harvest.all_gathered(calibration, shape) if process_local else calibration)
+    calibration = list(harvest.all_gathered(calibration, shape) if whole_batches else calibration)
     return {stage: calibrated(trainer, calibration, stage) for stage, trainer in trainers.items()}
 
 
-def bookkeeping(run: RunContext, stage: str, trainer: SAETrainer, steps: int, writes: bool, position: int) -> list[TrainingCallback]:
+def trainer_for(run: RunContext, model: DMSAEModel, optimizer_steps: int, mode: StageMode) -> AnyTrainer:
+    """The trainer of one SAE of a stage in ``mode``."""
+    if mode is StageMode.LATENT_PARALLEL:
+        return LatentParallelTrainer(model, run.config.optimizer, optimizer_steps, run.accelerator)
+    return SAETrainer(model, run.config.optimizer, optimizer_steps, run.accelerator, process_local=mode is StageMode.SAE_PARALLEL)
+
+
+def bookkeeping(
+    run: RunContext, stage: str, trainer: AnyTrainer, steps: int, writes: bool, position: int, mode: StageMode
+) -> list[TrainingCallback]:
     """A stage's progress bar and training log (its lines of a resumed stage's log after its
     checkpoint dropped first: they are written again)."""
     if writes:
         truncate_log(run.paths.log(stage), trainer.optimizer_steps)
-    if trainer.process_local:  # every process shows its own SAEs' bars, on lines of their own
+    if mode is StageMode.SAE_PARALLEL:  # every process shows its own SAEs' bars, on lines of their own
         bar = ProgressBar(stage, steps, trainer.steps_taken, True, position)
     else:
         bar = ProgressBar(stage, steps, trainer.steps_taken, run.accelerator.is_local_main_process)
     return [bar, TrainingLog(run, stage, steps, writes)]
 
 
-def failed(trainers: Mapping[str, SAETrainer]) -> tuple[str, SAETrainer]:
+def failed(trainers: Mapping[str, AnyTrainer]) -> tuple[str, AnyTrainer]:
     """The SAE whose step raised: the lockstep steps them in order, and a failed step leaves
     ``steps_taken`` where it was, so it is the first of those that are furthest behind."""
     behind = min(trainer.steps_taken for trainer in trainers.values())
     return next((stage, trainer) for stage, trainer in trainers.items() if trainer.steps_taken == behind)
 
 
-def calibrated(trainer: SAETrainer, calibration: list[torch.Tensor], stage: str) -> Trained:
+def calibrated(trainer: AnyTrainer, calibration: list[torch.Tensor], stage: str) -> Trained:
     """The trained SAE with its inference threshold calibrated, and released (:data:`Trained`)."""
-    # Never evaluate, save or push a NaN SAE (the step guard keeps training from making one).
-    check_finite_weights(trainer.calibrate_threshold(calibration), stage)
+    trainer.calibrate_threshold(calibration)
     drift = {"decoder_cosine_to_init": trainer.decoder_cosine_to_init()}
-    return trainer.release(), drift
+    # Never evaluate, save or push a NaN SAE (the step guard keeps training from making one).
+    return check_finite_weights(trainer.release(), stage), drift
 
 
 @torch.no_grad()

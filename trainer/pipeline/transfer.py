@@ -81,7 +81,7 @@ def train_dealt(run: RunContext, finals: list[FinalSAE], core: Core, harvest: Ha
     mine = finals[run.accelerator.process_index :: processes]
     models = {final.stage: fresh_model(run, final, core, harvest) for final in mine}
     with run.timer.timed("transfer training"):
-        trained = train_in_lockstep(run, models, run.config.transfer.tokens, harvest, finals[0].data_stage, process_local=True)
+        trained = train_in_lockstep(run, models, run.config.transfer.tokens, harvest, finals[0].data_stage, StageMode.SAE_PARALLEL)
     for index, final in enumerate(finals):
         own = trained.get(final.stage) or (fresh_model(run, final, core, harvest), {})
         conclude(run, final, shared_from(index % processes, own), harvest)

@@ -158,7 +158,7 @@ class LatentShard(nn.Module):
 
     def _unmasked_columns(self) -> int:
         """Its core columns when BatchTopK leaves the core alone (dense core), else none."""
-        return self.latents.local_core_size if self.config.variant == "dense_core" else 0
+        return self.latents.local_core_size if DMSAEModel._unmasked_columns(self) else 0  # the model's rule, on its config
 
     def _compute_weights(self):
         """The GEMM and decode weights in the compute dtype (DMSAEModel's method: the names match)."""
