@@ -6,6 +6,9 @@
                                              process on its slice (MODE ddp, the default) or on all of
                                              it (latent-parallel); save the result to OUT (any world
                                              size); with CHECKPOINT, stop halfway and checkpoint there
+    python ddp_worker.py killed-after-checkpoint STAGE ARGS...
+                                             run trainer/distill.py's main with ARGS, stopping both
+                                             processes after STAGE's first latent-parallel checkpoint
     python ddp_worker.py resume-global-batch OUT CHECKPOINT
                                              continue such a checkpoint with the single-process trainer
     python ddp_worker.py distill ARGS...     run trainer/distill.py's main with ARGS, the second process
@@ -187,6 +190,21 @@ def gathered_streams(dataset: str, cache: str, output: str) -> Accelerator:
     return accelerator
 
 
+def killed_after_a_checkpoint(stage: str) -> None:
+    """Both processes stop right after the first latent-parallel checkpoint of ``stage`` is written,
+    as a kill would stop them."""
+    from trainer.sae.latent_parallel import LatentParallelTrainer
+
+    save = LatentParallelTrainer.save_checkpoint
+
+    def save_then_stop(self, path: Path, reader_state: dict | None = None) -> None:
+        save(self, path, reader_state)
+        if path.parent.name == stage:
+            raise KeyboardInterrupt(f"killed after the checkpoint of {stage}")
+
+    LatentParallelTrainer.save_checkpoint = save_then_stop
+
+
 def late_at_the_distilled_core() -> None:
     """Process 1 reaches the distilled core two seconds after process 0, which writes it: a process
     that decided whether to wait by whether the folder exists would skip the barrier and hang both."""
@@ -254,6 +272,9 @@ if __name__ == "__main__":
         distill.shut_down(gathered_streams(*sys.argv[2:5]))
     elif sys.argv[1] == "global-batch":
         distill.shut_down(train_on_global_batches(*sys.argv[2:]))
+    elif sys.argv[1] == "killed-after-checkpoint":
+        killed_after_a_checkpoint(sys.argv[2])
+        sys.exit(distill.main(sys.argv[3:]))
     elif sys.argv[1] == "resume-global-batch":
         distill.shut_down(resume_on_global_batches(*sys.argv[2:]))
     else:

@@ -5,9 +5,14 @@ processes continued by one."""
 
 from __future__ import annotations
 
-import torch
+import json
 
-from test_ddp import accelerate_launch, single_process
+import torch
+from safetensors.torch import load_file
+
+from test_ddp import accelerate_launch, launch_two, single_process
+from test_distill import tiny_args, tiny_setup  # noqa: F401  (fixture)
+from trainer import distill
 
 # What two processes may differ by: the prefixes and b_dec's gradient are summed in another order
 # (measured: weights within 1.5e-7, losses within 4e-3 on values ~1e4, i.e. 2e-7 relative).
@@ -45,3 +50,22 @@ def test_latent_parallel_checkpoint_resumes_on_one_process_to_the_same_sae(tmp_p
     torch.testing.assert_close(continued["losses"], uninterrupted["losses"][-steps:], rtol=RTOL, atol=ATOL)
     for name, tensor in uninterrupted["state"].items():
         torch.testing.assert_close(continued["state"][name], tensor, rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_a_latent_parallel_cycle_killed_on_two_processes_resumes_on_one_to_the_same_sae(tiny_setup, tmp_path):  # noqa: F811
+    """A run's cycle 1, latent-parallel on two processes, killed after its first checkpoint and
+    resumed by one process: the cycle's SAE and core are those of a run on one process throughout."""
+    args = ("--cycles.num_cycles", "1", "--transfer.ks", "4", "--transfer.random_core_control", "false", "--transfer.sparsity_matched", "false")
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    status, stdout, stderr = launch_two("killed-after-checkpoint", "cycle-001", *tiny_args(tiny_setup, killed, *args))
+    assert status not in (0, None), stdout[-2000:] + stderr[-3000:]
+    assert len(list((killed / "checkpoints" / "cycle-001").glob("checkpoint.shard-*"))) == 2, "the shards were not written"
+    assert not (killed / "cycles" / "cycle-001").exists(), "the kill came after the cycle finished"
+    assert distill.main(tiny_args(tiny_setup, killed, *args, "--run.resume", "true")) == 0
+    assert distill.main(tiny_args(tiny_setup, whole, *args)) == 0
+    stage = "cycles/cycle-001"
+    single, resumed = load_file(whole / stage / "model.safetensors"), load_file(killed / stage / "model.safetensors")
+    for name, tensor in single.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=RTOL, atol=ATOL, msg=name)
+    core = lambda run: json.loads((run / stage / "core.json").read_text())["selected"]  # noqa: E731
+    assert core(killed) == core(whole)
