@@ -68,11 +68,16 @@ def test_processes_share_the_cache_and_the_batch(table):
 
 
 def test_the_same_batch_on_more_processes_is_the_same_steps(table):
-    """The plan's steps do not depend on the processes; each one's micro-batch does, and so its memory."""
+    """The plan's steps do not depend on the processes; each one's micro-batch does (DDP), and so its
+    memory; latent-parallel, each process holds the whole micro-batch and its share of the latents."""
     one = describe_plan(parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind"]))
     two = describe_plan(parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind", "--plan.num_processes", "2"]))
+    two_ddp = describe_plan(
+        parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "test-kind", "--plan.num_processes", "2", "--run.parallelism", "ddp"])
+    )
     assert "400 steps (409,600 tokens, 204,800 per process) each" in two
-    assert "micro-batch of 512 tokens" in two and "micro-batch of 1,024 tokens" in one
+    assert "ddp: one whole SAE, 512 tokens" in two_ddp and "ddp: one whole SAE, 1,024 tokens" in one
+    assert "latent-parallel: 1/2 of the latents, 1,024 tokens" in two
 
 
 def test_unmeasured_kinds_and_shapes_are_not_guessed(table):
@@ -140,3 +145,22 @@ def test_plan_for_a_kind_never_measured_is_estimated_from_specifications(tmp_pat
     plan = describe_plan(parse_config(["--dictionary.d_in", "576", "--plan.device_kind", "spec-kind", "--plan.num_processes", "2"]))
     assert "estimated from specifications of spec-kind" in plan and "source: a datasheet, https://example.org" in plan
     assert "harvest           not estimated" in plan  # the embedded model's size is not in the cost model
+
+
+def test_plan_deals_the_final_saes_evenly_pairing_the_largest_k_with_the_smallest():
+    """SAE-parallel: the transfer's SAEs (the paper's 14) dealt to 8 processes, each once; every
+    process gets one or two, and an SAE at k = 640 shares its process with none."""
+    ks = [final.k for final in final_saes(parse_config(["--config", "trainer/configs/paper_gemma2_l12.yaml"]))]
+    dealt = parallelism.deal(ks, 8)
+    assert sorted(index for indices in dealt for index in indices) == list(range(len(ks)))
+    assert {len(indices) for indices in dealt} == {1, 2}
+    loads = [sum(ks[index] for index in indices) for indices in dealt]
+    assert max(loads) == max(ks), loads  # round-robin would put both k = 640 SAEs on one process (1,280)
+    assert all(indices == sorted(indices) for indices in dealt), "each process trains its SAEs in training order"
+
+
+def test_plan_memory_follows_each_stage_mode():
+    plan = describe_plan(parse_config(["--config", "trainer/configs/paper_gemma2_l12.yaml", "--plan.num_processes", "8"]))
+    memory = next(line for line in plan.splitlines() if line.strip().startswith("memory"))
+    assert "cycles ~0.95 GiB (latent-parallel: 1/8 of the latents, 2,048 tokens)" in memory, memory
+    assert "transfer ~11.53 GiB (sae-parallel: up to 2 whole SAE(s), 2,048 tokens)" in memory, memory

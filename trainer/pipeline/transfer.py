@@ -17,7 +17,7 @@ from trainer.pipeline.evaluation import evaluate, save_stage
 from trainer.pipeline.training import Trained, shared_from, train_in_lockstep, train_stage
 from trainer.run.kinds import Core, CoreRequest
 from trainer.run.metrics_file import SAEMetrics
-from trainer.run.parallelism import StageMode, transfer_mode
+from trainer.run.parallelism import StageMode, deal, transfer_mode
 from trainer.run.stages import FinalSAE, core_seed, cycle0_sae_config, final_saes, stage_seed
 
 
@@ -71,20 +71,20 @@ def train_final_sae(run: RunContext, final: FinalSAE, core: Core, harvest: Harve
 
 
 def train_dealt(run: RunContext, finals: list[FinalSAE], core: Core, harvest: Harvest) -> None:
-    """The SAE-parallel transfer of one seed's unfinished SAEs: dealt round-robin to the processes,
+    """The SAE-parallel transfer of one seed's unfinished SAEs: dealt to the processes (``deal``),
     each training its own in lockstep on the all-gathered global batches (the batches one process
     reads, so each comes out bit for bit as one process trains it); then each is broadcast from
     its process and evaluated and saved as in DDP, in ``final_saes`` order."""
     if not finals:
         return
-    processes = run.accelerator.num_processes
-    mine = finals[run.accelerator.process_index :: processes]
-    models = {final.stage: fresh_model(run, final, core, harvest) for final in mine}
+    dealt = deal([final.k for final in finals], run.accelerator.num_processes)
+    owner = {index: process for process, indices in enumerate(dealt) for index in indices}
+    models = {finals[index].stage: fresh_model(run, finals[index], core, harvest) for index in dealt[run.accelerator.process_index]}
     with run.timer.timed("transfer training"):
         trained = train_in_lockstep(run, models, run.config.transfer.tokens, harvest, finals[0].data_stage, StageMode.SAE_PARALLEL)
     for index, final in enumerate(finals):
         own = trained.get(final.stage) or (fresh_model(run, final, core, harvest), {})
-        conclude(run, final, shared_from(index % processes, own), harvest)
+        conclude(run, final, shared_from(owner[index], own), harvest)
 
 
 def conclude(run: RunContext, final: FinalSAE, trained: Trained, harvest: Harvest) -> None:

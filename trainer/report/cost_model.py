@@ -9,8 +9,17 @@ import math
 from typing import NamedTuple
 
 from trainer.config import DistillConfig
-from trainer.run.parallelism import FP32, StageMode, StepShape, bytes_per_step, collectives_per_step, cycle_mode, transfer_mode
-from trainer.run.stages import FinalSAE, batch_shape, final_saes, steps_for
+from trainer.run.parallelism import (
+    FP32,
+    StageMode,
+    StepShape,
+    bytes_per_step,
+    collectives_per_step,
+    cycle_mode,
+    deal,
+    transfer_mode,
+)
+from trainer.run.stages import batch_shape, final_saes, steps_for
 
 # What these kernels reach of the peak rates (assumed, not measured): large dense GEMMs ~60% of the
 # tensor-core peak, streaming kernels (Adam, elementwise passes, row gathers) ~70% of HBM, NCCL ring
@@ -149,13 +158,6 @@ def stage_step_s(config: DistillConfig, machine: Machine, shape: StepShape, mode
     return max(busy, source / DISK_BYTES_PER_S), sent
 
 
-def _dealt(finals: list[FinalSAE], processes: int) -> list[list[int]]:
-    """The final SAEs' k per process, dealt in training order seed by seed (SAE-parallel)."""
-    seeds = sorted({final.seed for final in finals})
-    per_seed = [[final.k for final in finals if final.seed == seed] for seed in seeds]
-    return [ks[p::processes] for ks in per_seed for p in range(processes) if ks[p::processes]]
-
-
 def training_costs(config: DistillConfig, machine: Machine, d_in: int, processes: int, design: Design, trained_cycles: int) -> dict[str, StageCost]:
     """The cycle and transfer training stages of ``design``."""
     shape = step_shape(config, d_in, processes, design.bf16)
@@ -172,13 +174,13 @@ def training_costs(config: DistillConfig, machine: Machine, d_in: int, processes
     }  # fmt: skip
     finals, steps = final_saes(config), steps_for(config.transfer.tokens, config)
     if design.transfer is StageMode.SAE_PARALLEL:
-        groups = _dealt(finals, processes)
-        per_seed = len({final.seed for final in finals})
-        seconds = 0.0
-        timed = [(stage_step_s(config, machine, shape, design.transfer, ks, design), len(ks)) for ks in groups]
-        for seed in range(per_seed):  # the seed's slowest process decides when the next seed starts
-            seed_groups = timed[seed * processes : (seed + 1) * processes]
-            seconds += steps * max(step for (step, _), _ in seed_groups)
+        seconds, timed = 0.0, []
+        for seed in sorted({final.seed for final in finals}):
+            ks = [final.k for final in finals if final.seed == seed]
+            groups = [[ks[index] for index in indices] for indices in deal(ks, processes) if indices]
+            seed_timed = [(stage_step_s(config, machine, shape, design.transfer, group, design), len(group)) for group in groups]
+            seconds += steps * max(step for (step, _), _ in seed_timed)  # the slowest process decides when the next seed starts
+            timed += seed_timed
         sent = timed[0][0][1]
         slowest = max(step for (step, _), _ in timed)
         basis = (

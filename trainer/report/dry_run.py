@@ -32,7 +32,7 @@ from trainer.report.cost_model import (
     step_shape,
     training_costs,
 )
-from trainer.run.parallelism import bytes_per_step, cycle_mode, transfer_mode
+from trainer.run.parallelism import StageMode, bytes_per_step, cycle_mode, deal, transfer_mode
 from trainer.run.stages import batch_shape, cycle0_sae_config, final_saes, planned_processes, steps_for
 from trainer.sae import evidence
 
@@ -43,12 +43,30 @@ STORAGE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 MAX_SCALING = 4  # the farthest an SAE shape's N d K may lie from a measured one to be scaled from it
 
 
-def sae_training_bytes(sae: DMSAEConfig, batch_size: int) -> int:
+def sae_training_bytes(sae: DMSAEConfig, batch_size: int, latent_shards: int = 1) -> int:
     """Peak bytes of one SAE training step per process (fp32): weights, gradients, Adam's two
-    moments, the dense [B, K] pre-activations (kept and ReLU'd) and the [L+1, B, d] prefixes."""
-    parameters = 2 * sae.num_latents * sae.d_in + sae.num_latents + sae.d_in
-    activations = 2 * batch_size * sae.num_latents + 3 * len(sae.group_sizes) * batch_size * sae.d_in
+    moments, the dense [B, K] pre-activations (kept and ReLU'd) and the [L+1, B, d] prefixes; with
+    its latents cut into ``latent_shards`` (latent-parallel), the process's share of the latents."""
+    latents = math.ceil(sae.num_latents / latent_shards)
+    parameters = 2 * latents * sae.d_in + latents + sae.d_in
+    activations = 2 * batch_size * latents + 3 * len(sae.group_sizes) * batch_size * sae.d_in
     return 4 * (4 * parameters + activations)
+
+
+def stage_memory_bytes(config: DistillConfig, sae: DMSAEConfig, processes: int) -> dict[str, tuple[int, str]]:
+    """Per training stage: the peak bytes of SAE training on one process in the stage's mode, and
+    what a process holds there."""
+    shape = batch_shape(config, processes)
+    held: dict[str, tuple[int, str]] = {}
+    for stage, mode in (("cycles", cycle_mode(config, processes)), ("transfer", transfer_mode(config, processes))):
+        if mode is StageMode.LATENT_PARALLEL:
+            held[stage] = (sae_training_bytes(sae, shape.micro_batch, processes), f"{mode.value}: 1/{processes} of the latents, {shape.micro_batch:,} tokens")
+        elif mode is StageMode.SAE_PARALLEL:
+            most = max(len(indices) for indices in deal([final.k for final in final_saes(config)], processes))
+            held[stage] = (most * sae_training_bytes(sae, shape.micro_batch), f"{mode.value}: up to {most} whole SAE(s), {shape.micro_batch:,} tokens")
+        else:
+            held[stage] = (sae_training_bytes(sae, shape.per_process), f"{mode.value}: one whole SAE, {shape.per_process:,} tokens")
+    return held
 
 
 def describe_plan(config: DistillConfig, d_in: int | None = None, skipped: Sequence[str] = (), model_config_read: bool = True) -> str:
@@ -216,7 +234,6 @@ def describe_costs(config: DistillConfig, d_in: int, model_config_read: bool = T
     """Base-model passes, disk, memory and wall time per stage of the run on
     ``plan.num_processes`` processes of ``plan.device_kind``."""
     processes = planned_processes(config)
-    per_process = batch_shape(config, processes).per_process
     kind = device_kind() if config.plan.device_kind == "auto" else config.plan.device_kind
     ranges = config.harvest.context_ranges(config.data.context_length)
     context = config.data.context_length
@@ -247,9 +264,9 @@ def describe_costs(config: DistillConfig, d_in: int, model_config_read: bool = T
         lines.append("  warning       the cache does not fit there: set --harvest.cache_dir to a larger local disk or --run.stream_activations true")
     sae = cycle0_sae_config(config, d_in)
     base_model = _base_model_bytes(config, processes) if model_config_read else "not estimated (its configuration is on the Hub)"
+    memory = "; ".join(f"{stage} ~{size / GIB:.2f} GiB ({what})" for stage, (size, what) in stage_memory_bytes(config, sae, processes).items())
     lines.append(
-        f"  memory        SAE training ~{sae_training_bytes(sae, per_process) / GIB:.2f} GiB per process: one SAE at a "
-        f"time (fp32 weights, grads, Adam, a micro-batch of {per_process:,} tokens); base model: {base_model}"
+        f"  memory        SAE training per process (fp32 weights, grads, Adam, a micro-batch): {memory}; base model: {base_model}"
     )
     lines.append(_describe_evidence(config, sae.num_latents, len(finals)))
     lines.append(_describe_modes(config, d_in, processes))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from trainer.config import DistillConfig
 
@@ -37,6 +37,22 @@ def transfer_mode(config: DistillConfig, processes: int) -> StageMode:
     if processes > 1 and config.run.parallelism == "auto":
         return StageMode.SAE_PARALLEL
     return StageMode.DDP
+
+
+def deal(ks: Sequence[int], processes: int) -> list[list[int]]:
+    """Which of a stage's independent SAEs (given by their k, in training order) each process
+    trains in SAE-parallel mode: their indices, per process, in training order.
+
+    A process steps all of its SAEs on every batch, so the stage lasts as long as its busiest
+    process, and an SAE's step grows with k (its sparse decode and backward). The SAEs are sorted
+    by k, largest first, and dealt back and forth (processes 0..P-1, then P-1..0, ...): every
+    process gets ceil or floor of n/P SAEs, and the largest k share a process with the smallest."""
+    order = sorted(range(len(ks)), key=lambda index: (-ks[index], index))
+    dealt: list[list[int]] = [[] for _ in range(processes)]
+    for position, index in enumerate(order):
+        lap, place = divmod(position, processes)
+        dealt[place if lap % 2 == 0 else processes - 1 - place].append(index)
+    return [sorted(indices) for indices in dealt]
 
 
 # ---- what a process sends per optimisation step in each mode ------------------------------------
