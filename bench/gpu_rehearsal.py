@@ -28,7 +28,9 @@ What runs, with the pipeline's own functions throughout:
    as ``accelerate launch --mixed_precision bf16`` runs it; the threshold calibrated; the trainer
    released as the pipeline releases it; the SAE evaluated; C(0) selected (Algorithm 2);
 4. stage 2: the next cycle, C(0) frozen as its core (``next_cycle``), trained the same way, after
-   stage 1's SAE is dropped: its peak memory is its own.
+   stage 1's SAE is dropped: its peak memory is its own;
+5. the same SAE's step in ``LatentParallelTrainer`` on this one process (a process group of one),
+   beside the plain step: the cost of the latent-parallel bookkeeping where nothing is shared.
 
 Per stage: peak GPU memory (``torch.cuda.max_memory_allocated``, reset per stage) beside the plan's
 estimate (``sae_training_bytes``), the memory left once the trainer is released, the median step
@@ -351,6 +353,24 @@ def train_stage(
     return sae, record
 
 
+def latent_parallel_step(model: DMSAEModel, config: DistillConfig, accelerator: Accelerator, pool: torch.Tensor, rc: RehearsalConfig) -> dict:
+    """``LatentParallelTrainer``'s step on this one process (a process group of one) for the SAE of
+    ``model``, timed as the stages' steps: what the latent-parallel bookkeeping costs where no other
+    process shares the work, beside the plain trainer's step on the same SAE."""
+    import torch.distributed as dist
+
+    from trainer.sae.latent_parallel import LatentParallelTrainer
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if rc.device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    start_memory_phase(rc.device)
+    trainer = LatentParallelTrainer(model.to(accelerator.device), config.optimizer, rc.steps, accelerator)
+    batches = pool_batches(pool, rc.batch_size, rc.seed + 2)
+    steps = min(rc.steps, rc.timing_warmup + 20)
+    seconds = [timed(lambda: trainer.step(next(batches)), rc.device)[0] for _ in range(steps)]
+    return {"steps": steps, "step_ms_median": median_ms(seconds[rc.timing_warmup :]), "gpu_memory_peak_gib": gpu_memory_gib(rc.device, peak=True)}
+
+
 # ---- The rehearsal ----------------------------------------------------------------------------
 
 
@@ -416,11 +436,16 @@ def rehearse(rc: RehearsalConfig) -> dict:
     core = selection.selected[: rc.core_size or None]
     cycle0.update(selection_s=round(selection_s, 3), selected_core_size=len(selection.selected))
     report.add("cycle 0", with_ratios(cycle0))
-    next_model = sae.next_cycle(core, normalization_factor=normalization_factor)
-    del sae, selection  # stage 2's peak is its own: nothing of stage 1 is left on the device
     set_seed(rc.seed + 1)
+    next_model = sae.next_cycle(core, normalization_factor=normalization_factor)
+    latent_parallel_model = sae.next_cycle(core, normalization_factor=normalization_factor)  # the same SAE for the comparison
+    latent_parallel_model.load_state_dict(next_model.state_dict())
+    del sae, selection  # stage 2's peak is its own: nothing of stage 1 is left on the device
     _, cycle1 = train_stage(f"cycle 1 (c = {len(core)})", next_model, config, accelerator, pool, rc, rc.seed + 1)
     report.add("cycle 1", with_ratios(cycle1))
+    latent_parallel = with_ratios(latent_parallel_step(latent_parallel_model, config, accelerator, pool, rc))
+    latent_parallel["x_plain_step"] = round(latent_parallel["step_ms_median"] / cycle1["step_ms_median"], 3)
+    report.add("cycle 1, latent-parallel step on 1 process", latent_parallel)
     sae_figures = {
         "d_in": rc.d_in, "num_latents": rc.num_latents, "k": rc.k, "batch_size": rc.batch_size,
         "step_s": round(cycle0["step_ms_median"] / 1000, 4),
