@@ -4,7 +4,8 @@
     python ddp_worker.py global-batch OUT [MODE [CHECKPOINT]]
                                              train one DMSAE on a fixed stream of global batches, each
                                              process on its slice (MODE ddp, the default) or on all of
-                                             it (latent-parallel); save the result to OUT (any world
+                                             it (latent-parallel), either in bf16 with a -bf16 suffix;
+                                             save the result to OUT (any world
                                              size); with CHECKPOINT, stop halfway and checkpoint there
     python ddp_worker.py killed-after-checkpoint STAGE ARGS...
                                              run trainer/distill.py's main with ARGS, stopping both
@@ -72,12 +73,12 @@ def train_two_replicas() -> Accelerator:
 GLOBAL_BATCH, GLOBAL_STEPS = 128, 30
 
 
-def global_batch_setup(latent_parallel: bool = False) -> tuple[Accelerator, SAETrainer, Callable[[], torch.Tensor]]:
+def global_batch_setup(latent_parallel: bool = False, mixed_precision: str = "no") -> tuple[Accelerator, SAETrainer, Callable[[], torch.Tensor]]:
     """A tiny SAE with a core (its groups spanning the shards of 2 processes, dead latents for AuxK),
     its trainer, and the stream of the same global batches of GLOBAL_BATCH tokens whatever the
     number of processes: under DDP each process takes its contiguous slice (rank order), so 1 x 128
     and 2 x 64 see the same data; latent-parallel, each takes the whole batch."""
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
     torch.manual_seed(0)
     config = DMSAEConfig(
         d_in=16, num_latents=512, core_size=8, group_sizes=[8, 64, 432], k=2, hook_module="model.layers.1",
@@ -100,10 +101,11 @@ def global_batch_setup(latent_parallel: bool = False) -> tuple[Accelerator, SAET
 
 
 def train_on_global_batches(output: str, mode: str = "ddp", checkpoint: str | None = None) -> Accelerator:
-    """Train GLOBAL_STEPS steps (``mode`` ddp or latent-parallel) and save the SAE, its losses and
-    counts to OUT. With ``checkpoint``: stop after half the steps, writing a training checkpoint
-    there; with ``--resume CHECKPOINT`` (mode resume): continue one from there."""
-    accelerator, trainer, my_slice = global_batch_setup(latent_parallel=mode == "latent-parallel")
+    """Train GLOBAL_STEPS steps (``mode`` ddp or latent-parallel, either with a -bf16 suffix: in
+    bf16) and save the SAE, its losses and counts to OUT. With ``checkpoint``: stop after half the
+    steps, writing a training checkpoint there."""
+    mode, bf16 = mode.removesuffix("-bf16"), mode.endswith("-bf16")
+    accelerator, trainer, my_slice = global_batch_setup(mode == "latent-parallel", "bf16" if bf16 else "no")
     stop_at = GLOBAL_STEPS // 2 if checkpoint else GLOBAL_STEPS
     losses, aux_losses = [], []
     for step in range(GLOBAL_STEPS):
