@@ -158,18 +158,32 @@ def stage_step_s(config: DistillConfig, machine: Machine, shape: StepShape, mode
     return max(busy, source / DISK_BYTES_PER_S), sent
 
 
+def checkpoint_s(config: DistillConfig, shape: StepShape, mode: StageMode, saes: int, steps: int) -> tuple[float, str]:
+    """(seconds, what) the stage's training checkpoints stall it: every ``run.checkpoint_every``
+    optimisation steps, the weights and both Adam moments (3 fp32 values per parameter) of the SAEs
+    a process writes while the others wait: DDP, the main process writes the whole SAE; latent-parallel,
+    every process its 1/P of the latents at once; SAE-parallel, every process its own SAEs at once."""
+    parameters = 2 * shape.num_latents * shape.d_in + shape.num_latents + shape.d_in
+    share = 1 / shape.processes if mode is StageMode.LATENT_PARALLEL else 1.0
+    written = 3 * FP32 * parameters * share * saes
+    count = steps // config.run.gradient_accumulation_steps // config.run.checkpoint_every
+    seconds = count * written / DISK_BYTES_PER_S
+    return seconds, f"{count:,} checkpoint(s) of {written / 1e9:.2f} GB per process, {seconds / 60:.0f} min"
+
+
 def training_costs(config: DistillConfig, machine: Machine, d_in: int, processes: int, design: Design, trained_cycles: int) -> dict[str, StageCost]:
-    """The cycle and transfer training stages of ``design``."""
+    """The cycle and transfer training stages of ``design``, their checkpoints included."""
     shape = step_shape(config, d_in, processes, design.bf16)
     dtype = "bf16" if design.bf16 else "fp32"
     source = "streamed from the base model" if design.streamed else "read from the cache on disk"
     steps = steps_for(config.cycles.tokens_per_cycle, config)
     cycle_s, cycle_sent = stage_step_s(config, machine, shape, design.cycle, [config.cycles.k], design)
+    saved_s, saved = checkpoint_s(config, shape, design.cycle, 1, steps)
     costs = {
         "cycle training": StageCost(
-            design.cycle.value, cycle_sent, trained_cycles * steps * cycle_s,
-            f"{trained_cycles} SAE(s) x {steps:,} steps x {cycle_s * 1e3:.1f} ms = {steps * cycle_s / 3600:.2f} h per cycle "
-            f"({dtype}, activations {source})",
+            design.cycle.value, cycle_sent, trained_cycles * (steps * cycle_s + saved_s),
+            f"{trained_cycles} SAE(s) x ({steps:,} steps x {cycle_s * 1e3:.1f} ms + {saved}) = "
+            f"{(steps * cycle_s + saved_s) / 3600:.2f} h per cycle ({dtype}, activations {source})",
         )
     }  # fmt: skip
     finals, steps = final_saes(config), steps_for(config.transfer.tokens, config)
@@ -179,18 +193,22 @@ def training_costs(config: DistillConfig, machine: Machine, d_in: int, processes
             ks = [final.k for final in finals if final.seed == seed]
             groups = [[ks[index] for index in indices] for indices in deal(ks, processes) if indices]
             seed_timed = [(stage_step_s(config, machine, shape, design.transfer, group, design), len(group)) for group in groups]
-            seconds += steps * max(step for (step, _), _ in seed_timed)  # the slowest process decides when the next seed starts
-            timed += seed_timed
+            most = max(n for _, n in seed_timed)
+            seconds += steps * max(step for (step, _), _ in seed_timed) + checkpoint_s(config, shape, design.transfer, most, steps)[0]
+            timed += seed_timed  # the slowest process decides when the next seed starts
         sent = timed[0][0][1]
-        slowest = max(step for (step, _), _ in timed)
+        slowest, most = max(step for (step, _), _ in timed), max(n for _, n in timed)
         basis = (
-            f"{len(finals)} SAE(s) dealt to {processes} processes, up to {max(n for _, n in timed)} side by side on one "
-            f"stream, x {steps:,} steps, slowest process {slowest * 1e3:.1f} ms per step ({dtype}, activations {source})"
+            f"{len(finals)} SAE(s) dealt to {processes} processes, up to {most} side by side on one stream, x {steps:,} "
+            f"steps, slowest process {slowest * 1e3:.1f} ms per step + {checkpoint_s(config, shape, design.transfer, most, steps)[1]} "
+            f"per seed ({dtype}, activations {source})"
         )
     else:
         timed = [stage_step_s(config, machine, shape, design.transfer, [final.k], design) for final in finals]
-        seconds, sent = steps * sum(step for step, _ in timed), timed[0][1]
-        basis = f"{len(finals)} SAE(s) one after another x {steps:,} steps x {seconds / steps / len(finals) * 1e3:.1f} ms on average ({dtype}, activations {source})"
+        saved_s, saved = checkpoint_s(config, shape, design.transfer, 1, steps)
+        seconds, sent = steps * sum(step for step, _ in timed) + len(finals) * saved_s, timed[0][1]
+        average_ms = sum(step for step, _ in timed) / len(finals) * 1e3
+        basis = f"{len(finals)} SAE(s) one after another x ({steps:,} steps x {average_ms:.1f} ms on average + {saved}) ({dtype}, activations {source})"
     costs["transfer training"] = StageCost(design.transfer.value, sent, seconds, basis)
     return costs
 
