@@ -194,6 +194,9 @@ def train_in_lockstep(
             raise
         stage, trainer = failed(trainers)
         raise stage_failure(stage, trainer.steps_taken, error, checkpoint_path(run, stage)) from error
+    finally:  # a stopped stage keeps the checkpoint being written
+        for trainer in trainers.values():
+            trainer.wait_for_checkpoint()
     calibration = islice(harvest.training_batches(shape, seed=stage_seed(config, data_stage, "/calibration")), calibration_batches(config))
     calibration = list(harvest.all_gathered(calibration, shape) if whole_batches else calibration)
     return {stage: calibrated(trainer, calibration, stage) for stage, trainer in trainers.items()}
@@ -203,7 +206,9 @@ def trainer_for(run: RunContext, model: DMSAEModel, optimizer_steps: int, mode: 
     """The trainer of one SAE of a stage in ``mode``."""
     if mode is StageMode.LATENT_PARALLEL:
         return LatentParallelTrainer(model, run.config.optimizer, optimizer_steps, run.accelerator)
-    return SAETrainer(model, run.config.optimizer, optimizer_steps, run.accelerator, process_local=mode is StageMode.SAE_PARALLEL)
+    return SAETrainer(
+        model, run.config.optimizer, optimizer_steps, run.accelerator, process_local=mode is StageMode.SAE_PARALLEL, background_checkpoints=True
+    )
 
 
 def bookkeeping(

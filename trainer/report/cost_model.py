@@ -34,6 +34,9 @@ STEP_OVERHEAD_S = 1e-3
 # The node's local disk (the activation cache): no GPU's specification says it; one PCIe 4 NVMe
 # drive writes ~3 GB/s. A RAID of several drives is faster: this is the cautious figure.
 DISK_BYTES_PER_S = 3e9
+# A checkpoint written in the background stalls training only for its copy to host memory: PCIe 5
+# x16 moves ~50 GB/s each way; half of it is the cautious figure.
+HOST_COPY_BYTES_PER_S = 25e9
 # Memory traffic per fp32 parameter a process holds: the backward writes its gradient (4), fused
 # Adam reads parameter, gradient and both moments (16) and writes parameter and moments (12); the
 # decoder's unit-norm constraint reads and writes each W_dec element and its gradient (~20).
@@ -94,12 +97,13 @@ class Design(NamedTuple):
     transfer: StageMode
     bf16: bool
     streamed: bool
+    background_checkpoints: bool
 
 
 def designs(config: DistillConfig, processes: int, bf16: bool) -> tuple[Design, Design]:
     """(the run's design, today's: every SAE stage DDP in float32 on cached activations)."""
-    run = Design("this run", cycle_mode(config, processes), transfer_mode(config, processes), bf16, config.run.stream_activations)
-    return run, Design("plain DDP", StageMode.DDP, StageMode.DDP, False, False)
+    run = Design("this run", cycle_mode(config, processes), transfer_mode(config, processes), bf16, config.run.stream_activations, True)
+    return run, Design("plain DDP", StageMode.DDP, StageMode.DDP, False, False, False)
 
 
 class StageCost(NamedTuple):
@@ -158,17 +162,21 @@ def stage_step_s(config: DistillConfig, machine: Machine, shape: StepShape, mode
     return max(busy, source / DISK_BYTES_PER_S), sent
 
 
-def checkpoint_s(config: DistillConfig, shape: StepShape, mode: StageMode, saes: int, steps: int) -> tuple[float, str]:
+def checkpoint_s(config: DistillConfig, shape: StepShape, mode: StageMode, saes: int, steps: int, background: bool) -> tuple[float, str]:
     """(seconds, what) the stage's training checkpoints stall it: every ``run.checkpoint_every``
     optimisation steps, the weights and both Adam moments (3 fp32 values per parameter) of the SAEs
-    a process writes while the others wait: DDP, the main process writes the whole SAE; latent-parallel,
-    every process its 1/P of the latents at once; SAE-parallel, every process its own SAEs at once."""
+    a process writes while the others wait (DDP: the main process, the whole SAE; latent-parallel:
+    every process its 1/P of the latents at once, to disk; SAE-parallel: every process its own SAEs
+    at once). Written in the background (``background``; not latent-parallel shards), a checkpoint
+    stalls training only for its copy to host memory."""
     parameters = 2 * shape.num_latents * shape.d_in + shape.num_latents + shape.d_in
-    share = 1 / shape.processes if mode is StageMode.LATENT_PARALLEL else 1.0
-    written = 3 * FP32 * parameters * share * saes
+    latent_parallel = mode is StageMode.LATENT_PARALLEL
+    written = 3 * FP32 * parameters * (1 / shape.processes if latent_parallel else 1.0) * saes
     count = steps // config.run.gradient_accumulation_steps // config.run.checkpoint_every
-    seconds = count * written / DISK_BYTES_PER_S
-    return seconds, f"{count:,} checkpoint(s) of {written / 1e9:.2f} GB per process, {seconds / 60:.0f} min"
+    copied = background and not latent_parallel
+    seconds = count * written / (HOST_COPY_BYTES_PER_S if copied else DISK_BYTES_PER_S)
+    how = "copied to host memory, written in the background" if copied else "written to disk"
+    return seconds, f"{count:,} checkpoint(s) of {written / 1e9:.2f} GB per process {how}, {seconds / 60:.1f} min"
 
 
 def training_costs(config: DistillConfig, machine: Machine, d_in: int, processes: int, design: Design, trained_cycles: int) -> dict[str, StageCost]:
@@ -178,7 +186,7 @@ def training_costs(config: DistillConfig, machine: Machine, d_in: int, processes
     source = "streamed from the base model" if design.streamed else "read from the cache on disk"
     steps = steps_for(config.cycles.tokens_per_cycle, config)
     cycle_s, cycle_sent = stage_step_s(config, machine, shape, design.cycle, [config.cycles.k], design)
-    saved_s, saved = checkpoint_s(config, shape, design.cycle, 1, steps)
+    saved_s, saved = checkpoint_s(config, shape, design.cycle, 1, steps, design.background_checkpoints)
     costs = {
         "cycle training": StageCost(
             design.cycle.value, cycle_sent, trained_cycles * (steps * cycle_s + saved_s),
@@ -194,18 +202,19 @@ def training_costs(config: DistillConfig, machine: Machine, d_in: int, processes
             groups = [[ks[index] for index in indices] for indices in deal(ks, processes) if indices]
             seed_timed = [(stage_step_s(config, machine, shape, design.transfer, group, design), len(group)) for group in groups]
             most = max(n for _, n in seed_timed)
-            seconds += steps * max(step for (step, _), _ in seed_timed) + checkpoint_s(config, shape, design.transfer, most, steps)[0]
+            saved_s = checkpoint_s(config, shape, design.transfer, most, steps, design.background_checkpoints)[0]
+            seconds += steps * max(step for (step, _), _ in seed_timed) + saved_s
             timed += seed_timed  # the slowest process decides when the next seed starts
         sent = timed[0][0][1]
         slowest, most = max(step for (step, _), _ in timed), max(n for _, n in timed)
         basis = (
             f"{len(finals)} SAE(s) dealt to {processes} processes, up to {most} side by side on one stream, x {steps:,} "
-            f"steps, slowest process {slowest * 1e3:.1f} ms per step + {checkpoint_s(config, shape, design.transfer, most, steps)[1]} "
+            f"steps, slowest process {slowest * 1e3:.1f} ms per step + {checkpoint_s(config, shape, design.transfer, most, steps, design.background_checkpoints)[1]} "
             f"per seed ({dtype}, activations {source})"
         )
     else:
         timed = [stage_step_s(config, machine, shape, design.transfer, [final.k], design) for final in finals]
-        saved_s, saved = checkpoint_s(config, shape, design.transfer, 1, steps)
+        saved_s, saved = checkpoint_s(config, shape, design.transfer, 1, steps, design.background_checkpoints)
         seconds, sent = steps * sum(step for step, _ in timed) + len(finals) * saved_s, timed[0][1]
         average_ms = sum(step for step, _ in timed) / len(finals) * 1e3
         basis = f"{len(finals)} SAE(s) one after another x ({steps:,} steps x {average_ms:.1f} ms on average + {saved}) ({dtype}, activations {source})"

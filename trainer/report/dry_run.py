@@ -429,7 +429,7 @@ def _describe_from_specifications(config: DistillConfig, d_in: int, processes: i
         f"stage, mode, bytes one process sends per optimisation step, time",
         *[line for stage, cost in ours.items() for line in _stage_line(stage, cost)],
         f"    {'total':<18}{_total(ours)} on the node",
-        f"    {'plain DDP':<18}{_total(today)} on the node: every SAE stage DDP, fp32, activations read from disk, priced the same way:",
+        f"    {'plain DDP':<18}{_total(today)} on the node: every SAE stage DDP, fp32, activations read from disk, checkpoints written by the main process while the others wait, priced the same way:",
         *[line for stage, cost in today.items() if stage.endswith("training") for line in _stage_line(stage, cost)],
         f"    assumed: GEMMs at {GEMM_EFFICIENCY:.0%} of peak, memory at {MEMORY_EFFICIENCY:.0%}, collectives at "
         f"{LINK_EFFICIENCY:.0%} of the link rate, {STEP_OVERHEAD_S * 1e3:.0f} ms of launches per SAE step, a local disk "

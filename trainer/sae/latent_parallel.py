@@ -418,6 +418,10 @@ class LatentParallelTrainer:
             remove_stale_shards(path, step)
         self.accelerator.wait_for_everyone()
 
+    def wait_for_checkpoint(self) -> None:
+        """Nothing to wait for: every process writes its shard before :meth:`save_checkpoint` returns
+        (at once, 1/P of the SAE each)."""
+
     def _shard_state(self) -> dict:
         shard = self.shard
         return {

@@ -37,7 +37,7 @@ from modeling_dmsae.modeling_dmsae import batch_process_group, calibrated_thresh
 from trainer.config import OptimizerConfig
 from trainer.errors import CorruptRunFileError, UserError
 from trainer.run.files import atomic_path
-from trainer.sae.checkpoints import drift_rows, read_whole_checkpoint
+from trainer.sae.checkpoints import BackgroundWriter, drift_rows, read_whole_checkpoint
 
 
 class NonFiniteTrainingError(UserError, FloatingPointError):
@@ -158,10 +158,15 @@ class SAETrainer:
         total_steps: int,
         accelerator: Accelerator | None = None,
         process_local: bool = False,
+        background_checkpoints: bool = False,
     ):
         """``total_steps``: optimiser steps of the run (micro-batches / gradient accumulation).
         ``process_local``: train on this process's batches alone (no DDP, no collective); the
-        default takes the processes' batches as one global batch."""
+        default takes the processes' batches as one global batch. ``background_checkpoints``:
+        :meth:`save_checkpoint` returns once the state is copied to host memory and writes the file
+        in a thread (:class:`~trainer.sae.checkpoints.BackgroundWriter`); :meth:`release` and
+        :meth:`wait_for_checkpoint` wait for it."""
+        self.checkpoint_writer = BackgroundWriter() if background_checkpoints else None
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.config = config
         self.process_local = process_local
@@ -214,6 +219,7 @@ class SAETrainer:
         """The trained SAE, with everything Accelerate keeps for training it (the DDP wrapper, the
         optimiser and its Adam moments) dropped: without this, every stage's SAE and optimiser stay
         referenced by the one Accelerator until the run ends."""
+        self.wait_for_checkpoint()
         sae = self.sae
         sae.compute_dtype = None  # what follows training (evaluation, export) computes in the saved fp32
         self.model = self.optimizer = self.scheduler = None
@@ -345,10 +351,18 @@ class SAETrainer:
                 "initial_decoder_rows": self.initial_decoder_rows,
                 "reader_state": reader_state,
             }
-            with atomic_path(path) as temporary:
-                torch.save(state, temporary)
+            if self.checkpoint_writer:
+                self.checkpoint_writer.write(path, state)
+            else:
+                with atomic_path(path) as temporary:
+                    torch.save(state, temporary)
         if not self.process_local:
             self.accelerator.wait_for_everyone()
+
+    def wait_for_checkpoint(self) -> None:
+        """Return once the last checkpoint is written (at once without background checkpoints)."""
+        if self.checkpoint_writer:
+            self.checkpoint_writer.wait()
 
     def load_checkpoint(self, path: Path) -> dict | None:
         """Restore a checkpoint (tensors only: weights_only=True) and return its reader state (None
