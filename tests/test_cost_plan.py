@@ -164,3 +164,15 @@ def test_plan_memory_follows_each_stage_mode():
     memory = next(line for line in plan.splitlines() if line.strip().startswith("memory"))
     assert "cycles ~0.95 GiB (latent-parallel: 1/8 of the latents, 2,048 tokens)" in memory, memory
     assert "transfer ~11.53 GiB (sae-parallel: up to 2 whole SAE(s), 2,048 tokens)" in memory, memory
+
+
+def test_plan_trains_the_final_saes_latent_parallel_when_too_few_to_deal():
+    """14 final SAEs: dealt to 8 processes (SAE-parallel); on 16, dealing would idle two, so each is
+    latent-parallel; --run.parallelism ddp forces DDP everywhere."""
+    paper = ["--config", "trainer/configs/paper_gemma2_l12.yaml"]
+    assert parallelism.transfer_mode(parse_config(paper), 8) is StageMode.SAE_PARALLEL
+    assert parallelism.transfer_mode(parse_config(paper), 16) is StageMode.LATENT_PARALLEL
+    assert parallelism.transfer_mode(parse_config([*paper, "--run.parallelism", "ddp"]), 8) is StageMode.DDP
+    assert parallelism.cycle_mode(parse_config(paper), 1) is StageMode.DDP  # one process: plain training
+    plan = describe_plan(parse_config([*paper, "--plan.num_processes", "16"]))
+    assert "transfer training latent-parallel" in plan

@@ -24,15 +24,16 @@ from trainer.run.stages import FinalSAE, core_seed, cycle0_sae_config, final_sae
 def transfer(run: RunContext, core: Core, harvest: Harvest) -> None:
     """Train, evaluate and save every final SAE not finished yet, a transfer seed at a time (the
     SAEs of one seed read the same batches: ``FinalSAE.data_stage``), one SAE after another on
-    every process (DDP) or dealt to the processes (SAE-parallel: ``trainer.run.parallelism``)."""
-    parallel = transfer_mode(run.config, run.accelerator.num_processes) is StageMode.SAE_PARALLEL
+    every process (DDP or latent-parallel) or dealt to the processes (SAE-parallel:
+    ``trainer.run.parallelism``)."""
+    mode = transfer_mode(run.config, run.accelerator.num_processes)
     for _, finals in groupby(final_saes(run.config), key=attrgetter("seed")):
         unfinished = [final for final in finals if not finished(run, final)]
-        if parallel:
+        if mode is StageMode.SAE_PARALLEL:
             train_dealt(run, unfinished, core, harvest)
         else:
             for final in unfinished:
-                conclude(run, final, train_final_sae(run, final, core, harvest), harvest)
+                conclude(run, final, train_final_sae(run, final, core, harvest, mode), harvest)
 
 
 def finished(run: RunContext, final: FinalSAE) -> bool:
@@ -63,11 +64,11 @@ def fresh_model(run: RunContext, final: FinalSAE, core: Core, harvest: Harvest) 
     return initial_model(run.config, final, core, harvest.d_in, harvest.normalization_factor).to(run.accelerator.device)
 
 
-def train_final_sae(run: RunContext, final: FinalSAE, core: Core, harvest: Harvest) -> Trained:
-    """One final SAE trained by every process (DDP)."""
+def train_final_sae(run: RunContext, final: FinalSAE, core: Core, harvest: Harvest, mode: StageMode) -> Trained:
+    """One final SAE trained by every process (DDP or latent-parallel)."""
     model = fresh_model(run, final, core, harvest)
     with run.timer.timed("transfer training"):
-        return train_stage(run, final.stage, model, run.config.transfer.tokens, harvest, final.data_stage)
+        return train_stage(run, final.stage, model, run.config.transfer.tokens, harvest, final.data_stage, mode)
 
 
 def train_dealt(run: RunContext, finals: list[FinalSAE], core: Core, harvest: Harvest) -> None:

@@ -13,10 +13,12 @@ decided. The pipeline runs the mode chosen here and the dry run prints it.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from enum import Enum
 from typing import NamedTuple, Sequence
 
 from trainer.config import DistillConfig
+from trainer.run.stages import final_saes
 
 
 class StageMode(str, Enum):
@@ -33,10 +35,13 @@ def cycle_mode(config: DistillConfig, processes: int) -> StageMode:
 
 
 def transfer_mode(config: DistillConfig, processes: int) -> StageMode:
-    """The final SAEs are independent given C*: dealt to the processes."""
-    if processes > 1 and config.run.parallelism == "auto":
-        return StageMode.SAE_PARALLEL
-    return StageMode.DDP
+    """The final SAEs are independent given C*: dealt to the processes, when every transfer seed
+    has at least one for each process; with fewer, dealing them would leave processes idle, so each
+    is trained latent-parallel by all of them instead."""
+    if processes == 1 or config.run.parallelism != "auto":
+        return StageMode.DDP
+    per_seed = Counter(final.seed for final in final_saes(config))
+    return StageMode.SAE_PARALLEL if min(per_seed.values()) >= processes else StageMode.LATENT_PARALLEL
 
 
 def deal(ks: Sequence[int], processes: int) -> list[list[int]]:
