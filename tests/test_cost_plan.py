@@ -174,5 +174,5 @@ def test_plan_trains_the_final_saes_latent_parallel_when_too_few_to_deal():
     assert parallelism.transfer_mode(parse_config(paper), 16) is StageMode.LATENT_PARALLEL
     assert parallelism.transfer_mode(parse_config([*paper, "--run.parallelism", "ddp"]), 8) is StageMode.DDP
     assert parallelism.cycle_mode(parse_config(paper), 1) is StageMode.DDP  # one process: plain training
-    plan = describe_plan(parse_config([*paper, "--plan.num_processes", "16"]))
+    plan = describe_plan(parse_config([*paper, "--plan.num_processes", "16", "--cycles.data_lanes", "16"]))
     assert "transfer training latent-parallel" in plan
