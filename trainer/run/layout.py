@@ -90,6 +90,8 @@ class RunDirectory:
     summary = property(lambda self: self.root / "SUMMARY.md")
     harvest = property(lambda self: self.root / "harvest.json")
     timings = property(lambda self: self.root / "timings.json")
+    contexts = property(lambda self: self.root / "contexts")
+    held_out = property(lambda self: self.root / "held_out.safetensors")
     browser = property(lambda self: self.root / BROWSER_FOLDER)
 
     def configuration(self) -> DistillConfig:
