@@ -30,6 +30,15 @@ mixing the tokens of all its contexts: the shard is the shuffle buffer. A shard 
 temporary file and renamed, so a killed harvest leaves only whole shards; rerunning skips them.
 The manifest records the model (a fingerprint of its weights), hook, tokenizer, data and layout;
 a cache written by anything else is refused.
+
+A node-local cache (``{node}`` in ``--harvest.cache_dir``, see ``HarvestConfig.cache_dir``) is one
+folder per node holding the shards of that node's processes: the node's first process writes its
+manifest, naming the shards it holds ("shards"; "num_shards" counts the whole cache's), and checks
+its folder complete; the processes gather the attribution sample and the position census. A shared
+cache's manifest is the main process's and its folder holds every shard.
+
+The contexts come from a :data:`~trainer.harvest.context_index.ContextSource`: the run passes its
+context index (the text tokenised once); without one they are tokenised here.
 """
 
 from __future__ import annotations
@@ -270,6 +279,17 @@ class ActivationCache:
     def tensors(self, name: str = "x") -> Tensor:
         """One cached tensor of every shard it holds, concatenated in shard order, as float32."""
         return torch.cat([read_shard(path)[name] for path in self.shards])
+
+    def positions(self) -> dict | None:
+        """The position census of the whole cache (``PositionCensus.report``): a node-local folder
+        counts its node's shards only, so the processes gather every folder's (a folder once)."""
+        if "census" not in self.manifest:  # written before folders recorded it
+            return self.manifest.get("positions")
+        folders = dict(gather_object([(tuple(self.shard_numbers), self.manifest["census"])]))
+        census = PositionCensus()
+        for _, counted in sorted(folders.items()):
+            census = census.merge(PositionCensus(**counted))
+        return census.report()
 
     def gathered_tensors(self, names: tuple[str, ...]) -> list[Tensor]:
         """Tensors of every shard of the cache, concatenated in shard order, on every process:

@@ -289,7 +289,7 @@ def prepare_harvest(
     training = harvest_activations(base_model, tokenizer, config.model, config.data, streamed, after_shard, source)
     attribution = harvest_attribution_sample(base_model, tokenizer, config.model, config.data, harvest, after_shard, source)
     held_out = held_out_set(paths, base_model, hook, config, tokenizer, source, ranges.heldout_start)
-    training_census = training.manifest.get("positions") if isinstance(training, ActivationCache) else None
+    training_census = training.positions() if isinstance(training, ActivationCache) else None
     return Harvest(
         base_model=base_model,
         hook_module=hook,
