@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
-import pytest
+import torch
 from ddp_worker import count_tokenised_texts
+from safetensors.torch import load_file
 from test_ddp import accelerate_launch
 from test_distill import tiny_args, tiny_setup  # noqa: F401  (fixture)
 from tiny_models import tiny_tokenizer
@@ -18,7 +20,7 @@ from tiny_models import tiny_tokenizer
 from trainer import distill
 from trainer.config import DataConfig, parse_config
 from trainer.harvest import harvested
-from trainer.harvest.context_index import ContextIndex, open_context_index
+from trainer.harvest.context_index import ContextIndex, open_context_index, tokenising_source
 from trainer.harvest.harvested import held_out_contexts
 from trainer.harvest.text_corpus import ContextSharding, packed_contexts
 
@@ -80,6 +82,21 @@ def test_a_resumed_run_neither_tokenises_nor_recomputes_the_held_out_set_tokenis
     assert (run / "transfer" / "k-0016-dense_core" / "model.safetensors").exists()
     assert texts == [] and computed == []
     assert (run / "held_out.safetensors").stat().st_mtime_ns == held_out
+
+
+def test_the_index_trains_the_same_saes_byte_for_byte_as_tokenising_each_time_tokenised_once(tiny_setup, tmp_path, monkeypatch):
+    """Reading the contexts from the index changes nothing the SAEs see: a run that tokenises the
+    text for every stage, as runs did before the index, trains the same SAEs bit for bit."""
+    indexed, tokenising = tmp_path / "indexed", tmp_path / "tokenising"
+    assert distill.main(tiny_args(tiny_setup, indexed, *FAST)) == 0
+    monkeypatch.setattr(harvested, "open_context_index", lambda folder, tokenizer, data, count: SimpleNamespace(contexts=tokenising_source(tokenizer, data)))
+    assert distill.main(tiny_args(tiny_setup, tokenising, *FAST)) == 0
+    assert not (tokenising / "contexts").exists()
+    saes = sorted(path.relative_to(indexed) for path in indexed.rglob("model.safetensors"))
+    assert len(saes) >= 5
+    for sae in saes:
+        first, second = load_file(indexed / sae), load_file(tokenising / sae)
+        assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first), sae
 
 
 def test_the_index_holds_the_packed_contexts_and_is_rebuilt_for_other_settings_tokenised_once(tiny_setup, tmp_path, capsys):
