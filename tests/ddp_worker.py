@@ -22,6 +22,9 @@
                                              read the global micro-batches of the cache in CACHE and of a
                                              stream of DATASET (bfloat16), from the start and resumed at
                                              STREAM_RESUME; save them to OUT.<process index>
+    python ddp_worker.py count-tokenised FOLDER ARGS...
+                                             run trainer/distill.py's main with ARGS, recording every text
+                                             the tokenizer is given to FOLDER/tokenised.<process index>.json
     python ddp_worker.py main-only-phase TIMEOUT_S SLEEP_S FILE RUN_DIR
                                              the report phase with --run.process_group_timeout_s TIMEOUT_S,
                                              the main process writing the report for SLEEP_S seconds
@@ -192,6 +195,50 @@ def gathered_streams(dataset: str, cache: str, output: str) -> Accelerator:
     return accelerator
 
 
+def count_tokenised_texts(patch: Callable[[object, str, object], None], record: Callable[[list[str]], None]) -> None:
+    """Make every tokenizer hand each text it is asked to tokenise (a sha1 of it) to ``record``,
+    installed with ``patch`` (setattr, or pytest's monkeypatch.setattr). Only the outermost of
+    nested calls (__call__ -> batch_encode_plus ...) counts."""
+    import hashlib
+
+    from transformers import PreTrainedTokenizerBase
+
+    depth = [0]
+
+    def counted(method):
+        def wrapper(self, text=None, *args, **kwargs):
+            if depth[0] == 0 and text is not None:
+                record([hashlib.sha1(t.encode()).hexdigest() for t in ([text] if isinstance(text, str) else text)])
+            depth[0] += 1
+            try:
+                return method(self, text, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return wrapper
+
+    for name in ("__call__", "encode", "encode_plus", "batch_encode_plus"):
+        if hasattr(PreTrainedTokenizerBase, name):
+            patch(PreTrainedTokenizerBase, name, counted(getattr(PreTrainedTokenizerBase, name)))
+
+
+def counting_tokenised_texts(folder: str) -> None:
+    """Write every text this process tokenises (a sha1 each, in order) to
+    FOLDER/tokenised.<process index>.json, after each call (a launch killed in teardown keeps it)."""
+    import json
+    import os
+
+    texts: list[str] = []
+    path = Path(folder, f"tokenised.{os.environ.get('RANK', '0')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(hashes: list[str]) -> None:
+        texts.extend(hashes)
+        path.write_text(json.dumps(texts))
+
+    count_tokenised_texts(setattr, record)
+
+
 def killed_after_a_checkpoint(stage: str) -> None:
     """Both processes stop right after the first latent-parallel checkpoint of ``stage`` is written,
     as a kill would stop them."""
@@ -274,6 +321,9 @@ if __name__ == "__main__":
         distill.shut_down(gathered_streams(*sys.argv[2:5]))
     elif sys.argv[1] == "global-batch":
         distill.shut_down(train_on_global_batches(*sys.argv[2:]))
+    elif sys.argv[1] == "count-tokenised":
+        counting_tokenised_texts(sys.argv[2])
+        sys.exit(distill.main(sys.argv[3:]))
     elif sys.argv[1] == "killed-after-checkpoint":
         killed_after_a_checkpoint(sys.argv[2])
         sys.exit(distill.main(sys.argv[3:]))

@@ -107,6 +107,12 @@ def test_distillation_runs_on_two_processes_to_the_same_saes_as_on_one(tiny_setu
     assert logged_steps, "training logged nothing"
     assert json.loads((two / "distilled_core" / "core.json").read_text())["selected"]
     assert distill.main(tiny_args(tiny_setup, one, *args)) == 0
+    assert_the_same_saes(one, two)
+
+
+def assert_the_same_saes(one: Path, two: Path) -> None:
+    """The SAEs and cores of a run on one process (``one``) and on two (``two``) are the same, up
+    to the summation order of the gradient's all-reduce."""
     for stage in ("cycles/cycle-000", "cycles/cycle-001", "cycles/cycle-002", "transfer/baseline-k-0016"):
         single, double = load_file(one / stage / "model.safetensors"), load_file(two / stage / "model.safetensors")
         for name, tensor in single.items():

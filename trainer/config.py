@@ -124,6 +124,8 @@ class DataConfig:
     """Embedded corpus only: where to write it (default ~/.cache/dmsae/embedded-corpus)."""
 
 
+NODE_FIELD = "{node}"  # in --harvest.cache_dir: the node's index (a cache on each node's own disk)
+
 
 @dataclass
 class HarvestConfig:
@@ -151,7 +153,7 @@ class HarvestConfig:
     """Cache dtype: bfloat16 or float16 (16-bit, half the disk) or float32."""
 
     cache_dir: str | None = None
-    """Directory for the activation and attribution caches, best on each node's local disk (each rank writes and reads only its own shards; a cache is shared by every run reading the same model, hook, tokenizer and data). None: the run directory's cache/."""
+    """Directory for the activation and attribution caches (a cache is shared by every run reading the same model, hook, tokenizer and data). None: the run directory's cache/. Each process writes and reads only its own shards, so the cache may sit on each node's own disk: put {node} in the path (e.g. /nvme/dmsae-cache/{node}), expanded to the node's index, and each node keeps its own folder with its own manifest. Without {node}, the folder must be one shared by every node."""
 
     loss_chunk_tokens: int = 1024
     """Positions per LM-head chunk in the gradient pass (bounds the logits kept in memory)."""
@@ -161,6 +163,15 @@ class HarvestConfig:
 
     max_norm_ratio: float = 10.0
     """Exclude positions whose activation norm exceeds this multiple of the median norm of their forward batch (attention sinks, massive activations) from SAE training, attribution, calibration and every metric; 0 keeps them. The default sits in the gap measured on SmolLM2-135M layer 12: ordinary tokens stay below 3x the median, sink positions lie at 15-200x (docs/training.md, "Activation hygiene")."""
+
+    @property
+    def node_local(self) -> bool:
+        """Whether each node keeps its own cache folder (cache_dir holds {node})."""
+        return self.cache_dir is not None and NODE_FIELD in self.cache_dir
+
+    def node_cache_dir(self, node: int) -> str | None:
+        """The cache folder of node ``node``."""
+        return None if self.cache_dir is None else self.cache_dir.replace(NODE_FIELD, str(node))
 
     def context_ranges(self, context_length: int) -> ContextRanges:
         train = range(0, math.ceil(self.train_tokens / context_length))

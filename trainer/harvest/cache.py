@@ -30,6 +30,15 @@ mixing the tokens of all its contexts: the shard is the shuffle buffer. A shard 
 temporary file and renamed, so a killed harvest leaves only whole shards; rerunning skips them.
 The manifest records the model (a fingerprint of its weights), hook, tokenizer, data and layout;
 a cache written by anything else is refused.
+
+A node-local cache (``{node}`` in ``--harvest.cache_dir``, see ``HarvestConfig.cache_dir``) is one
+folder per node holding the shards of that node's processes: the node's first process writes its
+manifest, naming the shards it holds ("shards"; "num_shards" counts the whole cache's), and checks
+its folder complete; the processes gather the attribution sample and the position census. A shared
+cache's manifest is the main process's and its folder holds every shard.
+
+The contexts come from a :data:`~trainer.harvest.context_index.ContextSource`: the run passes its
+context index (the text tokenised once); without one they are tokenised here.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
+from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
@@ -62,21 +72,15 @@ from trainer.harvest.base_model import (
     next_token_targets,
     resolve_hook_module,
 )
-from trainer.harvest.text_corpus import (
-    ContextSharding,
-    PackedContext,
-    context_batches,
-    describe_data,
-    packed_contexts,
-    process_state,
-)
+from trainer.harvest.context_index import ContextSource, tokenising_source, tokenizer_fingerprint
+from trainer.harvest.text_corpus import ContextSharding, PackedContext, context_batches, describe_data, node_index, process_state
 from trainer.run.files import read_json, write_bytes, write_json
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 2  # 2: BOS prepended by default, massive-norm positions excluded, position census
 # Manifest entries that describe a cache without deciding its content: never compared.
-INFO_KEYS = ("model_id", "compute_dtype", "complete", "num_shards", "num_rows", "positions", "shard_bytes")
+INFO_KEYS = ("model_id", "compute_dtype", "complete", "num_shards", "shards", "num_rows", "census", "positions", "shard_bytes")
 REHARVEST = "delete that file and rerun with --run.resume true: the harvest recomputes only the missing shard"
 
 
@@ -172,6 +176,11 @@ def _shard_paths(directory: Path) -> list[Path]:
     return sorted(directory.glob("shard_*.safetensors"))
 
 
+def held_shards(manifest: dict) -> list[int]:
+    """The shards a complete cache folder holds (every shard, unless it is a node's)."""
+    return manifest.get("shards", list(range(manifest["num_shards"])))
+
+
 def _read_manifest(directory: Path) -> dict | None:
     path = directory / MANIFEST
     if not path.exists():
@@ -228,13 +237,26 @@ class ActivationCache:
                 f"no complete cache in {self.directory}: run the harvest (it resumes where it stopped)"
             )
         self.manifest = manifest
-        self.shards = _shard_paths(self.directory)
-        if len(self.shards) != manifest["num_shards"]:
+        self.shard_numbers = held_shards(manifest)
+        """The shards this folder holds: all of them, or a node's share of a node-local cache."""
+        self.shards = [_shard_path(self.directory, shard) for shard in self.shard_numbers]
+        missing = [path.name for path in self.shards if not path.exists()]
+        if missing:
             raise IncompleteCacheError(
-                f"{self.directory} should hold {manifest['num_shards']} shards but holds {len(self.shards)}: "
+                f"{self.directory} should hold {len(self.shards)} shards but lacks {len(missing)} ({', '.join(missing[:3])}): "
                 "rerun with --run.resume true to harvest the missing ones"
             )
+        self._position = {shard: position for position, shard in enumerate(self.shard_numbers)}
         _check_shard_sizes(self.directory, manifest, self.shards)
+
+    def _path(self, shard: int) -> Path:
+        """Shard ``shard``'s file; a node-local cache holds only its node's processes' shards."""
+        if shard not in self._position:
+            raise IncompleteCacheError(
+                f"shard {shard} is not in {self.directory}, which holds this node's shards only: a process reads "
+                "the shards it harvested, so the number of processes per node must be the one the cache was harvested with"
+            )
+        return self.shards[self._position[shard]]
 
     @property
     def num_rows(self) -> int:
@@ -251,15 +273,36 @@ class ActivationCache:
 
     @property
     def num_shards(self) -> int:
-        return len(self.shards)
+        """Shards of the whole cache (a node-local folder holds some of them)."""
+        return self.manifest["num_shards"]
 
     def tensors(self, name: str = "x") -> Tensor:
-        """One cached tensor of every shard, concatenated in shard order, as float32."""
+        """One cached tensor of every shard it holds, concatenated in shard order, as float32."""
         return torch.cat([read_shard(path)[name] for path in self.shards])
+
+    def positions(self) -> dict | None:
+        """The position census of the whole cache (``PositionCensus.report``): a node-local folder
+        counts its node's shards only, so the processes gather every folder's (a folder once)."""
+        if "census" not in self.manifest:  # written before folders recorded it
+            return self.manifest.get("positions")
+        folders = dict(gather_object([(tuple(self.shard_numbers), self.manifest["census"])]))
+        census = PositionCensus()
+        for _, counted in sorted(folders.items()):
+            census = census.merge(PositionCensus(**counted))
+        return census.report()
+
+    def gathered_tensors(self, names: tuple[str, ...]) -> list[Tensor]:
+        """Tensors of every shard of the cache, concatenated in shard order, on every process:
+        each reads the shards it harvested (``shard % num_processes``) and the processes
+        all-gather them, so a node-local cache, holding a node's shards only, serves too."""
+        state = process_state()
+        mine = {shard: read_shard(self._path(shard)) for shard in self.shard_numbers if shard % state.num_processes == state.process_index}
+        every = {shard: tensors for part in gather_object([mine]) for shard, tensors in part.items()}
+        return [torch.cat([every[shard][name] for shard in sorted(every)]) for name in names]
 
     def known_rows(self, shard: int) -> int:
         """Rows of one shard, from its file's header (no tensor is read)."""
-        path = self.shards[shard]
+        path = self._path(shard)
         try:
             with safe_open(path, "pt") as file:
                 return file.get_slice("x").get_shape()[0]
@@ -286,7 +329,7 @@ class ActivationCache:
         """
         process = process or ContextSharding.current()
         generator = torch.Generator().manual_seed(seed)
-        owned = list(range(process.process_index, len(self.shards), process.num_processes))
+        owned = list(range(process.process_index, self.num_shards, process.num_processes))
         order = [owned[i] for i in torch.randperm(len(owned), generator=generator).tolist()] if shuffle else owned
 
         skipped, start_row = _leading_shards((self.known_rows(shard) for shard in order), start_row)
@@ -296,7 +339,7 @@ class ActivationCache:
 
         def shards() -> Iterator[Tensor]:
             for shard in order[skipped:]:
-                rows = read_shard(self.shards[shard])["x"]
+                rows = read_shard(self._path(shard))["x"]
                 yield rows[torch.randperm(len(rows), generator=generator)] if shuffle else rows
 
         for rows in _rebatch(_drop_rows(shards(), start_row), batch_size):
@@ -458,11 +501,6 @@ def _attribution_shard(
     return HarvestedShard({"x": _store(x, cfg, "activations", indices), "g": _store(g, cfg, "gradients", indices)}, census)
 
 
-def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
-
-
 def _manifest(
     kind: str,
     model: PreTrainedModel,
@@ -480,7 +518,7 @@ def _manifest(
         "model_fingerprint": model_fingerprint(model),
         "hook_module": base.hook_module,
         "d_model": width,
-        "tokenizer_fingerprint": _tokenizer_fingerprint(tokenizer),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "data": describe_data(data),
         "first_context": contexts.start,
         "num_contexts": len(contexts),
@@ -526,35 +564,73 @@ def _shard_path(directory: Path, shard: int) -> Path:
 
 
 def _contexts_by_shard(
-    tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: HarvestConfig, contexts: range, process: ContextSharding
+    source: ContextSource, cfg: HarvestConfig, contexts: range, process: ContextSharding
 ) -> Iterator[tuple[int, list[PackedContext]]]:
     """(shard number, its contexts) for the shards this process owns."""
-    owned = packed_contexts(tokenizer, data, contexts.start, len(contexts), process)
+    owned = source(contexts.start, len(contexts), process)
     for shard, group in groupby(owned, key=lambda c: (c.index - contexts.start) // cfg.contexts_per_shard):
         yield shard, list(group)
 
 
+class CacheFolder(NamedTuple):
+    """Where this process's cache of one kind lives, and whether it is its node's own."""
+
+    directory: Path
+    node_local: bool
+
+
+def cache_folder(cfg: HarvestConfig, kind: str) -> CacheFolder:
+    """``<cache_dir>/<kind>`` with ``{node}`` expanded to this process's node."""
+    return CacheFolder(Path(cfg.node_cache_dir(node_index())) / kind, cfg.node_local)
+
+
+def _writes_manifest(folder: CacheFolder) -> bool:
+    """The process that writes a folder's manifest: the node's first process for a node-local
+    cache, the run's main process for a shared one."""
+    state = process_state()
+    return state.is_local_main_process if folder.node_local else state.is_main_process
+
+
+def _complete_everywhere(directory: Path, existing: dict | None) -> bool:
+    """Whether every process's cache folder is complete (each node checks its own, and all must
+    agree: a process that skipped the harvest would miss the others' collectives)."""
+    complete = existing is not None and existing.get("complete") and all(_shard_path(directory, s).exists() for s in held_shards(existing))
+    return all(gather_object([bool(complete)]))
+
+
+def _check_shared(folder: CacheFolder) -> None:
+    """A cache that is not node-local must be one folder for every process."""
+    seen = gather_object([(folder.directory / MANIFEST).exists()])
+    if not all(seen):
+        raise ConfigError(
+            f"--harvest.cache_dir {folder.directory.parent}: the manifest the main process wrote is not there on every node, "
+            "so the folder is not shared; for a cache on each node's own disk put {node} in the path (e.g. /nvme/dmsae-cache/{node})"
+        )
+
+
 def _harvest_to_cache(
-    directory: Path,
+    folder: CacheFolder,
     manifest: dict,
     shard_tensors: Callable[[list[PackedContext], int], HarvestedShard],
-    tokenizer: PreTrainedTokenizerBase,
-    data: DataConfig,
+    source: ContextSource,
     cfg: HarvestConfig,
     contexts: range,
     after_shard: Callable[[], None],
 ) -> None:
-    """Write every missing shard of this process, then (main process) mark the cache complete.
+    """Write every missing shard of this process, then mark the cache complete: the main process
+    a shared cache, each node's first process its node's folder of a node-local one.
     ``after_shard`` runs after each shard is written (the run records its harvest time there, so a
     killed harvest's kept shards count in timings.json)."""
-    state = process_state()
+    state, directory = process_state(), folder.directory
     existing = _check_manifest(directory, manifest)  # every process refuses a foreign cache
-    if existing is not None and existing.get("complete") and len(_shard_paths(directory)) == existing["num_shards"]:
+    if _complete_everywhere(directory, existing):
         return  # complete; a deleted (corrupt) shard is harvested again below
-    if state.is_main_process and existing is None:
+    if _writes_manifest(folder) and existing is None:
         directory.mkdir(parents=True, exist_ok=True)
         write_json(directory / MANIFEST, manifest)
     state.wait_for_everyone()
+    if not folder.node_local:
+        _check_shared(folder)
     process = ContextSharding(state.process_index, state.num_processes, cfg.contexts_per_shard)
     num_shards = shard_count(contexts, cfg)
     progress = tqdm(
@@ -562,39 +638,48 @@ def _harvest_to_cache(
         desc=f"harvest {manifest['kind']} (shards)",
         disable=not state.is_local_main_process,
     )
-    for shard, shard_contexts in _contexts_by_shard(tokenizer, data, cfg, contexts, process):
-        path = _shard_path(directory, shard)
-        if path.exists():
-            progress.update()
-            continue  # written before the harvest was stopped
-        harvested = shard_tensors(shard_contexts, _shard_seed(cfg.seed, shard))
-        metadata = {
-            "first_context": str(shard_contexts[0].index),
-            "num_contexts": str(len(shard_contexts)),
-            "process_index": str(state.process_index),
-            "census": json.dumps(asdict(harvested.census)),
-        }
-        # Written as bytes with open(): the file gets the umask's mode, so a shared cache is readable
-        # by the group (safetensors' save_file would create it 0600).
-        write_bytes(path, save(harvested.tensors, metadata=metadata))
-        after_shard()
+    harvested = []
+    for shard, shard_contexts in _contexts_by_shard(source, cfg, contexts, process):
+        harvested.append(shard)
+        _harvest_shard(_shard_path(directory, shard), shard_tensors, shard_contexts, _shard_seed(cfg.seed, shard), after_shard)
         progress.update()
     progress.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _finish_cache(directory, manifest, contexts)
+    # Which process holds which shards (fewer than num_shards when the text ends early).
+    held = gather_object([(node_index(), harvested)])
+    if _writes_manifest(folder):
+        here = [shard for node, shards in held for shard in shards if node == node_index() or not folder.node_local]
+        _finish_cache(directory, manifest, contexts, sorted(here), 1 + max((s for _, shards in held for s in shards), default=-1))
     state.wait_for_everyone()
 
 
-def _finish_cache(directory: Path, manifest: dict, contexts: range) -> None:
-    shards = _shard_paths(directory)
-    if not shards:
+def _harvest_shard(
+    path: Path, shard_tensors: Callable[[list[PackedContext], int], HarvestedShard], contexts: list[PackedContext], seed: int, after_shard: Callable[[], None]
+) -> None:
+    """One shard written to ``path``, unless a stopped harvest had written it already."""
+    if path.exists():
+        return
+    harvested = shard_tensors(contexts, seed)
+    metadata = {
+        "first_context": str(contexts[0].index),
+        "num_contexts": str(len(contexts)),
+        "process_index": str(process_state().process_index),
+        "census": json.dumps(asdict(harvested.census)),
+    }
+    # Written as bytes with open(): the file gets the umask's mode, so a shared cache is readable
+    # by the group (safetensors' save_file would create it 0600).
+    write_bytes(path, save(harvested.tensors, metadata=metadata))
+    after_shard()
+
+
+def _finish_cache(directory: Path, manifest: dict, contexts: range, held: list[int], num_shards: int) -> None:
+    """Mark the folder complete once it holds the shards ``held`` (of ``num_shards`` in all)."""
+    if not num_shards:
         raise EmptyDatasetError(
             f"no context to harvest from index {contexts.start}: the dataset holds fewer contexts. "
             "Use more text or lower the token budgets."
         )
-    expected = [_shard_path(directory, shard) for shard in range(len(shards))]
-    if shards != expected:
+    shards = [_shard_path(directory, shard) for shard in held]
+    if not all(path.exists() for path in shards):
         raise IncompleteCacheError(f"shards missing in {directory}: run the harvest again to fill them")
     num_rows, census = 0, PositionCensus()
     for path in shards:
@@ -602,10 +687,8 @@ def _finish_cache(directory: Path, manifest: dict, contexts: range) -> None:
             num_rows += file.get_slice("x").get_shape()[0]
             census = census.merge(PositionCensus(**json.loads(file.metadata()["census"])))
     sizes = {path.name: path.stat().st_size for path in shards}  # the length check of every read
-    write_json(
-        directory / MANIFEST,
-        {**manifest, "complete": True, "num_shards": len(shards), "num_rows": num_rows, "positions": census.report(), "shard_bytes": sizes},
-    )
+    complete = {"complete": True, "num_shards": num_shards, "shards": held, "num_rows": num_rows, "census": asdict(census)}
+    write_json(directory / MANIFEST, {**manifest, **complete, "positions": census.report(), "shard_bytes": sizes})
 
 
 def _harvest_setup(
@@ -628,6 +711,7 @@ def harvest_activations(
     data: DataConfig,
     cfg: HarvestConfig,
     after_shard: Callable[[], None] = lambda: None,
+    source: ContextSource | None = None,
 ) -> ActivationCache | ActivationStream:
     """Activations of the training contexts at ``base.hook_module``, unmasked positions only.
 
@@ -636,6 +720,7 @@ def harvest_activations(
     :class:`ActivationStream` that runs the model as batches are read.
     """
     hook, width = _harvest_setup(model, base, data, cfg)
+    source = source or tokenising_source(tokenizer, data)
     contexts = cfg.context_ranges(data.context_length).train
 
     def shard_tensors(shard_contexts: list[PackedContext], seed: int) -> HarvestedShard:
@@ -646,7 +731,7 @@ def harvest_activations(
             shard_tensors,
             # A lane (or process) owns whole shards: blocks of contexts_per_shard contexts.
             lambda owner: _contexts_by_shard(
-                tokenizer, data, cfg, contexts, ContextSharding(owner.process_index, owner.num_processes, cfg.contexts_per_shard)
+                source, cfg, contexts, ContextSharding(owner.process_index, owner.num_processes, cfg.contexts_per_shard)
             ),
             width,
             # Every training shard exists whenever a stage reads them: the held-out contexts,
@@ -654,10 +739,10 @@ def harvest_activations(
             shard_count(contexts, cfg),
             STORAGE_DTYPES[cfg.storage_dtype],
         )
-    directory = Path(cfg.cache_dir) / "activations"
+    folder = cache_folder(cfg, "activations")
     manifest = _manifest("activations", model, tokenizer, base, data, cfg, contexts, width)
-    _harvest_to_cache(directory, manifest, shard_tensors, tokenizer, data, cfg, contexts, after_shard)
-    return ActivationCache(directory)
+    _harvest_to_cache(folder, manifest, shard_tensors, source, cfg, contexts, after_shard)
+    return ActivationCache(folder.directory)
 
 
 def harvest_attribution_sample(
@@ -667,6 +752,7 @@ def harvest_attribution_sample(
     data: DataConfig,
     cfg: HarvestConfig,
     after_shard: Callable[[], None] = lambda: None,
+    source: ContextSource | None = None,
 ) -> AttributionSample:
     """(x_u, g_u) at sampled positions of the attribution contexts, from the base model alone.
 
@@ -675,6 +761,7 @@ def harvest_attribution_sample(
     computed in full by every process.
     """
     hook, width = _harvest_setup(model, base, data, cfg)
+    source = source or tokenising_source(tokenizer, data)
     contexts = cfg.context_ranges(data.context_length).attribution
 
     def shard_tensors(shard_contexts: list[PackedContext], seed: int) -> HarvestedShard:
@@ -683,13 +770,15 @@ def harvest_attribution_sample(
     if cfg.cache_dir is None:
         shards = [
             shard_tensors(shard_contexts, _shard_seed(cfg.seed, shard)).tensors
-            for shard, shard_contexts in _contexts_by_shard(tokenizer, data, cfg, contexts, ContextSharding())
+            for shard, shard_contexts in _contexts_by_shard(source, cfg, contexts, ContextSharding())
         ]
         if not shards:
             raise EmptyDatasetError(f"no context to sample from index {contexts.start}: the dataset holds fewer")
         return AttributionSample(*(torch.cat([s[name].float() for s in shards]) for name in ("x", "g")))
-    directory = Path(cfg.cache_dir) / "attribution"
+    folder = cache_folder(cfg, "attribution")
     manifest = _manifest("attribution", model, tokenizer, base, data, cfg, contexts, width)
-    _harvest_to_cache(directory, manifest, shard_tensors, tokenizer, data, cfg, contexts, after_shard)
-    cache = ActivationCache(directory)
-    return AttributionSample(x=cache.tensors("x"), g=cache.tensors("g"))
+    _harvest_to_cache(folder, manifest, shard_tensors, source, cfg, contexts, after_shard)
+    cache = ActivationCache(folder.directory)
+    # A node-local folder holds its node's shards only: the processes gather the (small) sample.
+    x, g = cache.gathered_tensors(("x", "g")) if folder.node_local else (cache.tensors("x"), cache.tensors("g"))
+    return AttributionSample(x, g)

@@ -6,22 +6,26 @@ normalisation factor."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling_dmsae.configuration_dmsae import hook_layer_index
 from trainer.config import DistillConfig
-from trainer.errors import ConfigError, EmptyDatasetError
-from trainer.harvest.base_model import capture_activations, load_base_model, mean_next_token_loss, resolve_hook_module
+from trainer.errors import ConfigError, CorruptRunFileError, EmptyDatasetError
+from trainer.harvest.base_model import capture_activations, load_base_model, mean_next_token_loss, model_fingerprint, resolve_hook_module
 from trainer.harvest.cache import (
     ActivationCache,
     ActivationStream,
@@ -30,7 +34,9 @@ from trainer.harvest.cache import (
     harvest_attribution_sample,
     kept_positions,
 )
-from trainer.harvest.text_corpus import ContextSharding, context_batches, packed_contexts, process_state
+from trainer.harvest.context_index import ContextSource, open_context_index, tokenising_source, tokenizer_fingerprint
+from trainer.harvest.text_corpus import ContextSharding, context_batches, describe_data, process_state
+from trainer.run.files import write_bytes
 from trainer.run.layout import RunDirectory
 from trainer.run.stages import BatchShape
 
@@ -145,12 +151,21 @@ def lanes_in_order(share: torch.Tensor, shape: BatchShape, storage_dtype: torch.
     return torch.cat([by_lane[lane] for lane in range(shape.lanes)]).float()
 
 
+def held_out_contexts(config: DistillConfig) -> int:
+    """Contexts of the held-out set: enough for ``eval.tokens`` kept positions (at most one per
+    context position) and for the ``eval.ce_contexts`` spliced-loss contexts."""
+    return max(math.ceil(config.eval.tokens / config.data.context_length), config.eval.ce_contexts)
+
+
 @torch.no_grad()
-def _held_out(model: PreTrainedModel, hook: nn.Module, config: DistillConfig, tokenizer, start: int):
+def _held_out(
+    model: PreTrainedModel, hook: nn.Module, config: DistillConfig, tokenizer, start: int, source: ContextSource | None = None
+) -> HeldOut:
     """Held-out contexts after the training and attribution ranges: activations for the
-    reconstruction metrics, and the first ``eval.ce_contexts`` contexts for the spliced loss."""
-    count = max(math.ceil(config.eval.tokens / config.data.context_length), config.eval.ce_contexts)
-    batches = list(context_batches(packed_contexts(tokenizer, config.data, start, count), config.harvest.batch_size))
+    reconstruction metrics, and the first ``eval.ce_contexts`` contexts for the spliced loss.
+    Read from ``source`` (the run's context index), else tokenised here."""
+    source = source or tokenising_source(tokenizer, config.data)
+    batches = list(context_batches(source(start, held_out_contexts(config), None), config.harvest.batch_size))
     if not batches:
         raise EmptyDatasetError(
             f"no held-out context after index {start}: the dataset is used up by training and attribution. "
@@ -170,7 +185,12 @@ def _held_out(model: PreTrainedModel, hook: nn.Module, config: DistillConfig, to
     all_ids, all_masks = torch.cat([b.input_ids for b in batches]), torch.cat(masks)
     slots = all_masks.flatten().nonzero().squeeze(1)[: config.eval.tokens]
     contexts = all_ids[: int(slots[-1]) // all_ids.shape[1] + 1] if slots.numel() else all_ids[:0]
-    return HeldOut(torch.cat(rows)[: config.eval.tokens], all_ids[: config.eval.ce_contexts], all_masks[: config.eval.ce_contexts], census, slots, contexts)
+    ce_ids, ce_mask = all_ids[: config.eval.ce_contexts], all_masks[: config.eval.ce_contexts]
+    return HeldOut(
+        torch.cat(rows)[: config.eval.tokens], ce_ids, ce_mask, census, slots, contexts,
+        ce_clean=mean_next_token_loss(model, hook, ce_ids, ce_mask),
+        ce_zero_ablated=mean_next_token_loss(model, hook, ce_ids, ce_mask, torch.zeros_like),
+    )  # fmt: skip
 
 
 class HeldOut(NamedTuple):
@@ -180,6 +200,70 @@ class HeldOut(NamedTuple):
     census: PositionCensus
     slots: torch.Tensor
     contexts: torch.Tensor
+    ce_clean: float
+    ce_zero_ablated: float
+
+
+HELD_OUT_TENSORS = ("activations", "ce_input_ids", "ce_loss_mask", "slots", "contexts")
+
+
+def _held_out_fingerprint(model: PreTrainedModel, config: DistillConfig, tokenizer, start: int) -> dict:
+    """What the held-out set depends on: a stored one that differs is computed again."""
+    return {
+        "model_fingerprint": model_fingerprint(model),
+        "compute_dtype": str(model.dtype).removeprefix("torch."),
+        "hook_module": config.model.hook_module,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "data": describe_data(config.data),
+        "first_context": start,
+        "eval": {"tokens": config.eval.tokens, "ce_contexts": config.eval.ce_contexts},
+        "harvest": {"batch_size": config.harvest.batch_size, "max_norm_ratio": config.harvest.max_norm_ratio},
+    }
+
+
+def _save_held_out(path: Path, held_out: HeldOut, fingerprint: dict) -> None:
+    tensors = {name: getattr(held_out, name).clone() for name in HELD_OUT_TENSORS}  # some are views of one tensor
+    metadata = {
+        "fingerprint": json.dumps(fingerprint, sort_keys=True),
+        "census": json.dumps(dataclasses.asdict(held_out.census)),
+        "ce": json.dumps([held_out.ce_clean, held_out.ce_zero_ablated]),
+    }
+    write_bytes(path, save(tensors, metadata=metadata))
+
+
+def _load_held_out(path: Path, fingerprint: dict) -> HeldOut | None:
+    """The stored held-out set, None (with a line saying why) when it was computed otherwise."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(path, "pt") as file:
+            metadata = file.metadata()
+            tensors = {name: file.get_tensor(name) for name in HELD_OUT_TENSORS}
+    except Exception as error:  # a truncated or overwritten file: computed again
+        print(f"computing the held-out set again: {path} is unreadable ({error})")
+        return None
+    if json.loads(metadata["fingerprint"]) != json.loads(json.dumps(fingerprint, sort_keys=True)):
+        print(f"computing the held-out set again: {path} was computed with other model, data or eval settings")
+        return None
+    census = PositionCensus(**json.loads(metadata["census"]))
+    clean, ablated = json.loads(metadata["ce"])
+    return HeldOut(census=census, ce_clean=clean, ce_zero_ablated=ablated, **tensors)
+
+
+def held_out_set(
+    paths: RunDirectory, model: PreTrainedModel, hook: nn.Module, config: DistillConfig, tokenizer, source: ContextSource, start: int
+) -> HeldOut:
+    """The held-out set, computed once per run by the main process into the run folder (the
+    others wait) and read from there by every process, on every start and resume."""
+    state = process_state()
+    fingerprint = _held_out_fingerprint(model, config, tokenizer, start)
+    if state.is_main_process and _load_held_out(paths.held_out, fingerprint) is None:
+        _save_held_out(paths.held_out, _held_out(model, hook, config, tokenizer, start, source), fingerprint)
+    state.wait_for_everyone()
+    held_out = _load_held_out(paths.held_out, fingerprint)
+    if held_out is None:
+        raise CorruptRunFileError(f"{paths.held_out} does not match this run: the run folder must be shared by every process")
+    return held_out
 
 
 def prepare_harvest(
@@ -198,11 +282,14 @@ def prepare_harvest(
     # Cached under the run unless told otherwise; the attribution sample is small and always cached.
     harvest = config.harvest if config.harvest.cache_dir else dataclasses.replace(config.harvest, cache_dir=str(paths.cache_dir()))
     streamed = dataclasses.replace(harvest, cache_dir=None) if config.run.stream_activations else harvest
-    training = harvest_activations(base_model, tokenizer, config.model, config.data, streamed, after_shard)
-    attribution = harvest_attribution_sample(base_model, tokenizer, config.model, config.data, harvest, after_shard)
     ranges = harvest.context_ranges(config.data.context_length)
-    held_out = _held_out(base_model, hook, config, tokenizer, ranges.heldout_start)
-    training_census = training.manifest.get("positions") if isinstance(training, ActivationCache) else None
+    # Every stage slices the contexts tokenised once for the run (held-out ones included).
+    index = open_context_index(paths.contexts, tokenizer, config.data, ranges.heldout_start + held_out_contexts(config))
+    source = index.contexts
+    training = harvest_activations(base_model, tokenizer, config.model, config.data, streamed, after_shard, source)
+    attribution = harvest_attribution_sample(base_model, tokenizer, config.model, config.data, harvest, after_shard, source)
+    held_out = held_out_set(paths, base_model, hook, config, tokenizer, source, ranges.heldout_start)
+    training_census = training.positions() if isinstance(training, ActivationCache) else None
     return Harvest(
         base_model=base_model,
         hook_module=hook,
@@ -217,8 +304,8 @@ def prepare_harvest(
         tokenizer=tokenizer,
         ce_input_ids=held_out.ce_input_ids,
         ce_loss_mask=held_out.ce_loss_mask,
-        ce_clean=mean_next_token_loss(base_model, hook, held_out.ce_input_ids, held_out.ce_loss_mask),
-        ce_zero_ablated=mean_next_token_loss(base_model, hook, held_out.ce_input_ids, held_out.ce_loss_mask, torch.zeros_like),
+        ce_clean=held_out.ce_clean,
+        ce_zero_ablated=held_out.ce_zero_ablated,
         positions={"training": training_census, "held_out": held_out.census.report(), "max_norm_ratio": config.harvest.max_norm_ratio},
         normalization_factor=float(attribution.x.pow(2).sum(-1).mean().sqrt()),
     )

@@ -121,6 +121,15 @@ def process_state() -> PartialState:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
+def node_index() -> int:
+    """This process's node (machine): torchrun's GROUP_RANK, else its process index over the
+    processes per node (LOCAL_WORLD_SIZE); 0 for one process."""
+    if "GROUP_RANK" in os.environ:
+        return int(os.environ["GROUP_RANK"])
+    state = process_state()
+    return state.process_index // max(int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)), 1)
+
+
 CODE_CHUNK_LINES = 100
 EMBEDDED_LAYOUT = f"topics and {CODE_CHUNK_LINES}-line code chunks, shuffled (seed 0)"
 

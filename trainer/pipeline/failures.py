@@ -10,8 +10,10 @@ it exits, and watches that folder from a background thread: a peer's failure mak
 one line (``process 0 stopped the run: ...``) and exit at once, whatever it was waiting for. The
 failing process waits (at most ``ACK_TIMEOUT_S``) for every peer to acknowledge before it exits, so
 the launcher's teardown does not kill a peer before it has said why. One process runs nothing of
-this. The run folder is shared by the processes of a node (and, for several nodes, must be on a
-shared file system, like the cache).
+this. The board is in the run folder, which every node must share (``trainer.run.layout`` says what
+must be shared and what may be node-local: the cache may); a run folder that a process cannot see
+the main process's launch folder in is refused at the start, saying so, rather than leaving each
+node's failures unseen by the others.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from pathlib import Path
 from typing import Iterator
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
-from trainer.errors import UserError
+from trainer.errors import ConfigError, UserError
 from trainer.run.files import write_text
 from trainer.run.layout import RunDirectory
 
@@ -93,7 +95,13 @@ def _launch_folder(accelerator: Accelerator, paths: RunDirectory) -> Path:
     if accelerator.is_main_process:
         shutil.rmtree(root, ignore_errors=True)
         (root / name[0]).mkdir(parents=True)
-    return root / broadcast_object_list(name)[0]
+    folder = root / broadcast_object_list(name)[0]
+    if not all(gather_object([folder.is_dir()])):
+        raise ConfigError(
+            f"--run.output_dir {paths.root} is not one folder shared by every node (a process does not see the main "
+            "process's files there): put the run folder on a file system all nodes share; only --harvest.cache_dir may be node-local"
+        )
+    return folder
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from trainer.config import DistillConfig
 from trainer.harvest.harvested import Harvest, prepare_harvest
 from trainer.harvest.hub_access import resolve_core
+from trainer.harvest.text_corpus import node_index
 from trainer.pipeline.context import Publisher, RunContext
 from trainer.pipeline.cores import load_core
 from trainer.pipeline.cycles import distill
@@ -42,7 +43,7 @@ class DistillationRun:
         """Load the base model and harvest (or reopen) the activation caches, the attribution sample
         and the held-out data; refuses a resume whose changed settings finished work depends on."""
         run = self.context
-        harvested_before = run.config.run.resume and run.paths.harvest_complete(run.config.harvest.cache_dir)
+        harvested_before = run.config.run.resume and run.paths.harvest_complete(run.config.harvest.node_cache_dir(node_index()))
         start_run(run.paths, run.config, write=run.is_main)  # every process refuses a bad resume
         run.accelerator.wait_for_everyone()
         # On a resume after the harvest, loading the model and reopening the caches is the restart's overhead.

@@ -4,6 +4,8 @@ report and ``hub_cards`` all find files through :class:`RunDirectory`.
     run_config.yaml            the configuration (a resume compares against it)
     cache/activations/         harvested training activations (unless --harvest.cache_dir)
     cache/attribution/         the (x, g) attribution sample
+    contexts/                  the run's text tokenised once (trainer.harvest.context_index)
+    held_out.safetensors       the held-out set, computed once (trainer.harvest.harvested)
     cycles/cycle-NNN/          cycle t's SAE, its metrics and the core C(t) it selected
     distilled_core/            C* = C(T) ∩ C(T-1)
     transfer/NAME/             each final SAE (names: trainer.run.stages.FinalSAE, trainer.run.kinds)
@@ -15,6 +17,12 @@ report and ``hub_cards`` all find files through :class:`RunDirectory`.
 
 A stage's folder appears only once complete (``trainer.run.files.atomic_folder``), so "the folder
 exists" means "the stage is done" and a resume skips it.
+
+On several nodes the run folder must be one folder that every node shares: checkpoints, stage
+folders, logs, the failure board (``logs/failures/``), ``contexts/`` and ``held_out.safetensors``
+are written by one process (the main one, or the failing one) and read by the others. The cache may
+be node-local: with ``{node}`` in ``--harvest.cache_dir`` each node keeps its own processes' shards
+under its own manifest (``trainer.harvest.cache``); without, the cache folder must be shared too.
 """
 
 from __future__ import annotations
@@ -90,6 +98,8 @@ class RunDirectory:
     summary = property(lambda self: self.root / "SUMMARY.md")
     harvest = property(lambda self: self.root / "harvest.json")
     timings = property(lambda self: self.root / "timings.json")
+    contexts = property(lambda self: self.root / "contexts")
+    held_out = property(lambda self: self.root / "held_out.safetensors")
     browser = property(lambda self: self.root / BROWSER_FOLDER)
 
     def configuration(self) -> DistillConfig:
