@@ -251,7 +251,7 @@ def describe_costs(config: DistillConfig, d_in: int, model_config_read: bool = T
         f"{attribution_positions:,} tokens (forward and backward); evaluation: {held_out_contexts * context:,} held-out tokens "
         f"once and {config.eval.ce_contexts * context:,} spliced-loss tokens per SAE"
     )
-    cache_dir = Path(config.harvest.cache_dir or Path(config.run.output_dir) / "cache")
+    cache_dir = Path(config.harvest.node_cache_dir(0) or Path(config.run.output_dir) / "cache")  # a node-local cache: this node's
     total = cache_bytes(config, d_in)
     free = _free_bytes(cache_dir)
     fits = "" if free is None else f"; {free / 1e9:,.0f} GB free at {cache_dir} on this machine"
