@@ -12,8 +12,8 @@ CPU processes, and print them beside the formulas of ``trainer/run/parallelism.p
 - ``latent-parallel``: ``LatentParallelTrainer.step`` (each process half of the latents, the whole
   batch), AuxK active, after the all-gather of the batch's activations.
 - ``sae-parallel``: the all-gather of the global micro-batch's activations ([N, d] bf16, each
-  process contributing its N / P rows). The pipeline's all-gathered activation stream is not in
-  this version of the software, so this counts a plain ``all_gather_into_tensor`` of that shape.
+  process contributing its N / P rows), of the shape and dtype the pipeline's stream sends
+  (``trainer.harvest.harvested.lanes_in_order``), as a plain ``all_gather_into_tensor``.
 
 Every collective is converted to bytes sent with the ring formulas of ``parallelism.py`` (an
 all-reduce of B bytes sends 2 (P - 1) / P B, an all-gather of a B-byte result (P - 1) / P B): the
