@@ -324,9 +324,10 @@ class LatentParallelTrainer:
     def _clip_gradients(self) -> torch.Tensor:
         """torch's clip_grad_norm_ over the whole SAE: the sharded gradients' squares summed over
         processes, b_dec's (the same everywhere) counted once."""
-        sharded = torch.stack([getattr(self.shard, name).grad.float().pow(2).sum() for name in SHARDED_PARAMETERS]).sum()
+        # Norms, not squares, of the gradients: no temporary as large as the weights.
+        sharded = torch.stack([torch.linalg.vector_norm(getattr(self.shard, name).grad) for name in SHARDED_PARAMETERS]).pow(2).sum()
         dist.all_reduce(sharded)
-        norm = (sharded + self.shard.b_dec.grad.float().pow(2).sum()).sqrt()
+        norm = (sharded + torch.linalg.vector_norm(self.shard.b_dec.grad).pow(2)).sqrt()
         coefficient = (self.config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         for parameter in self.shard.parameters():
             parameter.grad.mul_(coefficient)
