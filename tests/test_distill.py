@@ -286,7 +286,7 @@ def test_dictionary_errors_name_the_field_in_a_dry_run(tiny_setup, tmp_path, cap
         distill.main(tiny_args(tiny_setup, tmp_path / "bad", "--cycles.k", "300", "--run.dry_run", "true"))
     assert distill.main(tiny_args(tiny_setup, tmp_path / "ok", "--run.dry_run", "true")) == 0
     plan = capsys.readouterr().out
-    assert "cycles 1..2" in plan and "K = 256" in plan and "GiB per process" in plan
+    assert "cycles 1..2" in plan and "K = 256" in plan and "GiB (ddp: one whole SAE" in plan
     assert not (tmp_path / "ok").exists(), "a dry run writes nothing"
 
 

@@ -22,6 +22,7 @@ OTHER_PROGRAMS = {
     "--no-deps": "pip install --no-deps", "--force": "hf auth login --force", "--section.field": "--section.field",
     "--include": "hf download", "--local-dir": "hf download",
     "--multi_gpu": "accelerate launch --multi_gpu", "--num_processes": "accelerate launch --multi_gpu --num_processes",
+    "--mixed_precision": "accelerate launch --mixed_precision",
 }  # fmt: skip
 
 

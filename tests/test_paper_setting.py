@@ -185,7 +185,7 @@ def test_the_paper_plan_is_readable_without_network():
     plan = result.stdout
     assert "2,048 tokens per optimisation step, all processes together: 1 micro-batch(es) of 256 tokens per process" in plan
     assert "244,141 steps (500,000,000 tokens, 62,500,000 per process)" in plan
-    assert "GiB per process: one SAE at a time" in plan
+    assert "cycles ~0.95 GiB (latent-parallel: 1/8 of the latents, 2,048 tokens)" in plan
     assert "not checked     the dataset monology/pile-uncopyrighted was not opened" in plan
     assert "http://127.0.0.1:9 is unreachable" in plan
 

@@ -344,7 +344,7 @@ class PlanConfig:
     num_processes: int = 0
     """Processes (GPUs) the run will launch; 0: this launch's WORLD_SIZE (1 for plain python)."""
     mixed_precision: str = "auto"
-    """Compute dtype the run will be launched with, as accelerate's --mixed_precision names it: no (float32) or bf16; auto: this launch's (ACCELERATE_MIXED_PRECISION), else no."""
+    """Compute dtype the run will be launched with, as `accelerate launch --mixed_precision` names it: no (float32) or bf16; auto: this launch's (ACCELERATE_MIXED_PRECISION), else no."""
 
 
 @dataclass

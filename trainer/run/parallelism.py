@@ -87,7 +87,7 @@ class StepShape(NamedTuple):
     storage_bytes: int = 2
     """s: bytes of one cached or streamed activation value (2 for bf16)."""
     compute_bytes: int = FP32
-    """Bytes of the compute dtype (4; 2 under --mixed_precision bf16)."""
+    """Bytes of the compute dtype (4; 2 under accelerate launch --mixed_precision bf16)."""
 
 
 def all_reduce_bytes(size: float, processes: int) -> float:
