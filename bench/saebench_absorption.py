@@ -247,7 +247,12 @@ def main() -> None:
     def exported(sae_dir: Path):
         sae = DMSAEModel.from_pretrained(sae_dir).eval()
         export_dir = to_saelens(sae, out / "saelens" / sae_dir.name, overwrite=True, **export_settings)
-        return with_saelens5_attributes(SAE.load_from_disk(export_dir)).to(device=args.device, dtype=torch.float32)
+        exported_sae = with_saelens5_attributes(SAE.load_from_disk(export_dir)).to(device=args.device, dtype=torch.float32)
+        # SAEBench assumes unit decoder rows (a latent's activation is its write along its direction); the
+        # export's rows carry the normalisation factor. Folding the norms into the encoder and threshold
+        # leaves the SAE's function unchanged; SAEBench's run_eval does the same to a pretrained SAE.
+        exported_sae.fold_W_dec_norm()
+        return exported_sae
 
     layer = exported(sae_dirs[0]).cfg.hook_layer
     stop_after(model, layer)
