@@ -264,15 +264,22 @@ def main() -> None:
     log(f"first-letter probe (layer {layer}): {json.dumps(probe)}")
 
     results = {"subset": subset, "model_check": model_check, "eval_config": dataclasses.asdict(config), "probe": probe, "saes": {}}
+    results_file = out / "results.json"  # SAEs already evaluated on the same subset and settings are kept
+    if results_file.exists():
+        earlier = json.loads(results_file.read_text())
+        if (earlier["subset"], earlier["eval_config"]) == (subset, results["eval_config"]):
+            results["saes"] = earlier["saes"]
     for sae_dir in sae_dirs:
         name = sae_dir.name
+        if name in results["saes"]:
+            continue
         sae = exported(sae_dir)
         started = time.time()
         random.seed(config.random_seed)  # stage 3's ICL examples
         result = evaluate_sae(modules, config, model, sae, name, work, args.device, letters)
         result["seconds"] = time.time() - started
         results["saes"][name] = result
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        results_file.write_text(json.dumps(results, indent=2))
         log(f"{name}: {json.dumps(result.get('mean') or result.get('error'))} ({result['seconds']:.0f} s)")
         (out / "results.md").write_text(markdown_table(results))
     print(markdown_table(results))
@@ -291,7 +298,7 @@ def markdown_table(results: dict) -> str:
         "| SAE | mean absorption fraction | mean full-absorption score | mean split features | letters scored | probe F1 (these letters) | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, result in results["saes"].items():
+    for name, result in sorted(results["saes"].items()):
         f1 = " ".join(f"{letter} {value:.2f}" for letter, value in result["probe_f1"].items())
         if "error" in result:
             lines.append(f"| {name} | {result['error']} | | | | {f1} | {result['seconds']:.0f} |")
