@@ -286,27 +286,30 @@ def main() -> None:
 
 
 def markdown_table(results: dict) -> str:
-    subset, probe = results["subset"], results["probe"]
+    subset, probe, config = results["subset"], results["probe"], results["eval_config"]
     first = next(iter(results["saes"].values()))
+    f1 = ", ".join(f"{letter} {value:.2f}" for letter, value in first["probe_f1"].items())
     lines = [
         f"Vocabulary: {subset['tokens_used']} of {subset['alphabetic_tokens']} alphabetic tokens; letters: "
         f"{' '.join(subset['letters'])}; seed {subset['seed']}. First-letter probe (26-way): accuracy "
-        f"{probe['accuracy']:.3f} on {probe['test_words']} held-out words; letters with probe F1 > "
-        f"{results['eval_config']['min_GT_probe_f1']}: {first['letters_with_probe_f1_above_min']} of 26 (scored: those; "
-        f"SAEBench scores an SAE only if at least 20, here at least {results['eval_config']['min_feats_for_eval']}).",
+        f"{probe['accuracy']:.3f} on {probe['test_words']} held-out words; its F1 per letter: {f1}. Letters scored: "
+        f"those with probe F1 > {config['min_GT_probe_f1']}, {first['letters_with_probe_f1_above_min']} of 26 (SAEBench "
+        f"scores an SAE only if at least 20; here at least {config['min_feats_for_eval']}). Means over the letters scored, "
+        "± the standard deviation across them.",
         "",
-        "| SAE | mean absorption fraction | mean full-absorption score | mean split features | letters scored | probe F1 (these letters) | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| SAE | mean absorption fraction | mean full-absorption score | mean split features | letters scored | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, result in sorted(results["saes"].items()):
-        f1 = " ".join(f"{letter} {value:.2f}" for letter, value in result["probe_f1"].items())
         if "error" in result:
-            lines.append(f"| {name} | {result['error']} | | | | {f1} | {result['seconds']:.0f} |")
+            lines.append(f"| {name} | {result['error']} | | | | {result['seconds']:.0f} |")
             continue
-        mean = result["mean"]
-        cells = [f"{mean[key]:.4f}" if mean[key] is not None else "n/a" for key in ("mean_absorption_fraction_score", "mean_full_absorption_score")]
-        split = f"{mean['mean_num_split_features']:.2f}" if mean["mean_num_split_features"] is not None else "n/a"
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {split} | {len(result['details'])} | {f1} | {result['seconds']:.0f} |")
+        cells = [
+            f"{result['mean'][key]:.3f} ± {result['std_dev'][key]:.3f}" if result["std_dev"][key] is not None
+            else ("n/a" if result["mean"][key] is None else f"{result['mean'][key]:.3f}")
+            for key in ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features")
+        ]
+        lines.append(f"| {name} | {' | '.join(cells)} | {len(result['details'])} | {result['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
