@@ -89,7 +89,14 @@ def hooked_transformer(folder: Path):
     name = str(folder)
     if name not in loading.OFFICIAL_MODEL_NAMES:
         loading.OFFICIAL_MODEL_NAMES.append(name)
-    return HookedTransformer.from_pretrained_no_processing(name, device="cpu", dtype=torch.float32)
+    model = HookedTransformer.from_pretrained_no_processing(name, device="cpu", dtype=torch.float32)
+    # TransformerLens 2.17 kept RoPE base 10000 for any Llama config (SmolLM2's is 100000); 3.9 reads it.
+    config = json.loads((folder / "config.json").read_text())
+    rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
+    if rope_theta is not None and model.cfg.rotary_base != rope_theta:
+        raise SystemExit(f"TransformerLens built RoPE base {model.cfg.rotary_base}, the checkpoint has {rope_theta}: "
+                         "rebuild the environment with `bash bench/setup_saebench.sh` (TransformerLens >= 3)")
+    return model
 
 
 def with_saelens5_attributes(sae):
