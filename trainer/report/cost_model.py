@@ -5,7 +5,6 @@ activation source) and for plain DDP in float32 reading cached activations, pric
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 from trainer.config import DistillConfig
