@@ -63,8 +63,8 @@ from trainer.sae.training import (
     StepStats,
     check_finite_weights,
     compute_dtype,
+    optimizer_and_schedule,
     step_precision,
-    warmup_then_decay,
 )
 
 
@@ -263,11 +263,7 @@ class LatentParallelTrainer:
         self.ranges, self.latents = ranges, ranges[accelerator.process_index]
         self.shard = LatentShard(model, self.latents).to(accelerator.device)
         self.shard.compute_dtype = compute_dtype(accelerator)
-        self.optimizer = torch.optim.Adam(
-            self.shard.parameters(), lr=config.learning_rate(sae_config.num_latents), betas=(config.beta1, config.beta2), fused=True
-        )
-        warmup = min(config.warmup_steps, max(total_steps // 10, 1))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_decay(total_steps, warmup, config.decay_fraction))
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.shard.parameters(), config, sae_config.num_latents, total_steps)
         self.accumulation = accelerator.gradient_accumulation_steps
         self.tokens_since_fired = torch.zeros(len(self.shard.block_of_latent), dtype=torch.long, device=accelerator.device)
         self.steps_taken = 0
@@ -294,7 +290,7 @@ class LatentParallelTrainer:
     def step(self, batch: torch.Tensor) -> StepStats:
         """Forward, backward, optimiser step and bookkeeping on the whole global micro-batch [N, d]."""
         shard = self.shard
-        x = batch.to(self.accelerator.device, non_blocking=True).reshape(-1, shard.config.d_in).float() / shard.config.normalization_factor
+        x = DMSAEModel.normalize_activations(shard, batch.to(self.accelerator.device, non_blocking=True))  # the model's units
         if self.steps_taken == 0:
             with torch.no_grad():
                 shard.b_dec.copy_(geometric_median(x))  # the whole batch is here: the same on every process
@@ -349,7 +345,7 @@ class LatentParallelTrainer:
         """``SAETrainer.calibrate_threshold`` over the shards: every process holds every calibration
         token, and the radix select's histograms are summed over the latents' shards."""
         config, device = self.shard.config, self.accelerator.device
-        batches = [batch.to(device).reshape(-1, config.d_in).float() / config.normalization_factor for batch in batches]
+        batches = [DMSAEModel.normalize_activations(self.shard, batch.to(device)) for batch in batches]
         num_tokens = sum(map(len, batches))
         budget = config.k_noncore * num_tokens + 1
         pool = torch.zeros(0, device=device)

@@ -101,6 +101,16 @@ def warmup_then_decay(total_steps: int, warmup_steps: int, decay_fraction: float
     return multiplier
 
 
+def optimizer_and_schedule(
+    parameters: Iterable[torch.nn.Parameter], config: OptimizerConfig, num_latents: int, total_steps: int
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+    """Fused Adam over ``parameters`` at the SAE's learning rate (by its K), and its schedule:
+    warmup (at most a tenth of the run), then linear decay over ``total_steps`` optimiser steps."""
+    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate(num_latents), betas=(config.beta1, config.beta2), fused=True)
+    warmup = min(config.warmup_steps, max(total_steps // 10, 1))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(total_steps, warmup, config.decay_fraction))
+
+
 class TrainingCallback:
     """What a training loop tells the code around it (logs, checkpoints, timings, progress), as
     transformers' TrainerCallback: every method does nothing unless a subclass overrides it."""
@@ -172,13 +182,7 @@ class SAETrainer:
         self.process_local = process_local
         self.total_steps = total_steps
         sae_config = model.config
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=config.learning_rate(sae_config.num_latents), betas=(config.beta1, config.beta2), fused=True
-        )
-        warmup = min(config.warmup_steps, max(total_steps // 10, 1))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_then_decay(total_steps, warmup, config.decay_fraction)
-        )
+        optimizer, scheduler = optimizer_and_schedule(model.parameters(), config, sae_config.num_latents, total_steps)
         # The scheduler is not prepared: Accelerate would step it once per process; it steps here
         # once per optimiser step, so total_steps counts optimiser steps whatever the world size.
         # A process-local SAE is not prepared at all: nothing of it is shared with other processes.
