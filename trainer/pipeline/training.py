@@ -99,11 +99,16 @@ class Checkpoints:
         if not due or taken >= self.total_steps:
             return
         every_process = gather_object([self.harvest.harvested_shard_rows()])
-        reader_state = {SHARD_ROWS: {shard: rows for known in every_process for shard, rows in known.items()}}
+        reader_state = {SHARD_ROWS: merged(every_process)}
         for stage, trainer in self.trainers.items():
             if trainer.steps_taken == taken:  # not one resumed from a later checkpoint, waiting for its step
                 trainer.save_checkpoint(checkpoint_path(self.run, stage), reader_state)
         self.run.timer.save()
+
+
+def merged(shard_rows: list[dict[int, int]]) -> dict[int, int]:
+    """The row counts of the shards every process knows, as one {shard: rows}."""
+    return {shard: rows for known in shard_rows for shard, rows in known.items()}
 
 
 def checkpoint_path(run: RunContext, stage: str) -> Path:
@@ -126,7 +131,7 @@ def resume(run: RunContext, trainers: Mapping[str, AnyTrainer]) -> tuple[int, di
     every_state = [state for _, known in every_process for state in known]
     if None in every_state:
         return start, None
-    return start, {SHARD_ROWS: {shard: rows for state in every_state for shard, rows in state[SHARD_ROWS].items()}}
+    return start, {SHARD_ROWS: merged([state[SHARD_ROWS] for state in every_state])}
 
 
 def resumed_batches(harvest: Harvest, shape: BatchShape, seed: int, start_step: int, reader_state: dict | None) -> Iterator[torch.Tensor]:
