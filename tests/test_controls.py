@@ -1,8 +1,9 @@
 """The Figure-3 control differs from what it controls in exactly one thing: the frozen core's
 directions. Same initialisation path (DMSAEModel.from_core), same shapes, same norms, same seed
-policy; the baseline takes the same path with no core. So do the controls of issue 28, each in its
-one thing: the random core's norms, the distilled core's scale, the sparse-core variant, the same
-random core at every k; and the settings that ask for them train exactly the SAEs they name."""
+policy; the baseline takes the same path with no core. So do the other controls, each in its
+one thing: the random core's norms, the distilled core's scale, the random core's scale, the
+sparse-core variant, the same random core at every k; and the settings that ask for them train
+exactly the SAEs they name."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from trainer.run.kinds import (
     RANDOM_CORE,
     RANDOM_CORE_FIXED,
     RANDOM_CORE_NORMS,
+    RANDOM_CORE_SCALED,
     RANDOM_CORE_SPARSE,
     RESCALED_CORE,
     Core,
@@ -101,6 +103,21 @@ def test_the_rescaled_core_differs_from_the_dmsae_only_in_its_rows_norms(factor)
     torch.testing.assert_close(directions(rescaled.core_encoder), directions(core.directions))
 
 
+@pytest.mark.parametrize("factor", [0.25, 1.0, 4.0])
+def test_the_scaled_random_core_differs_from_the_rescaled_distilled_core_only_in_its_directions(factor):
+    """random-core-xF is random-core's draws times F (at F = 1, random-core itself), and the control
+    of rescaled-core-xF: the same norms, random directions."""
+    core = distilled_core()
+    random, scaled = start(RANDOM_CORE, core), start(RANDOM_CORE_SCALED, core, factor=factor)
+    rescaled = start(RESCALED_CORE, core, factor=factor)
+    assert differences(scaled, random) == ({"core_encoder"} if factor != 1 else set(), set())
+    torch.testing.assert_close(scaled.core_encoder, factor * random.core_encoder)
+    assert differences(scaled, rescaled) == ({"core_encoder"}, {"core_lineage"})
+    torch.testing.assert_close(scaled.core_encoder.norm(dim=-1), rescaled.core_encoder.norm(dim=-1))
+    config = parse_config(["--dictionary.num_latents", str(K), "--cycles.k", "16"])
+    assert core_seed(config, FinalSAE(RANDOM_CORE_SCALED, 16, 2, factor)) == core_seed(config, FinalSAE(RANDOM_CORE, 16, 2))
+
+
 def test_the_matched_random_core_draws_what_it_always_drew():
     """--transfer.random_core_norm matched (the default) is the control the study trained, bit for bit."""
     core = distilled_core()
@@ -165,7 +182,7 @@ def test_the_fixed_random_core_is_the_same_at_every_k_and_another_for_another_se
 
 # ---- which SAEs the settings train ---------------------------------------------------------------
 
-TODAY = [  # the default run's final SAEs before the controls of issue 28: names, order and kinds
+TODAY = [  # the default run's final SAEs before the later controls: names, order and kinds
     ("k-0016-dense_core", DMSAE), ("k-0064-dense_core", DMSAE), ("k-0032-dense_core", DMSAE),
     ("k-0032-sparse_core", DMSAE_SPARSE_CORE), ("random-core-k-0032", RANDOM_CORE),
     ("baseline-k-0016", BASELINE), ("baseline-k-0032", BASELINE), ("baseline-k-0064", BASELINE),
@@ -190,7 +207,11 @@ def test_with_every_new_setting_at_its_default_the_run_trains_what_it_trained():
 @pytest.mark.parametrize(
     "settings, added",
     [
-        (["--transfer.core_scale", "0.5", "2", "4"], [(f"rescaled-core-x{f}-k-0032", RESCALED_CORE) for f in ("0.5", "2", "4")]),
+        (
+            ["--transfer.core_scale", "0.5", "2", "4"],
+            [(f"rescaled-core-x{f}-k-0032", RESCALED_CORE) for f in ("0.5", "2", "4")]
+            + [(f"random-core-x{f}-k-0032", RANDOM_CORE_SCALED) for f in ("0.5", "2", "4")],
+        ),
         (["--transfer.random_sparse_control", "true"], [("random-core-sparse-k-0032", RANDOM_CORE_SPARSE)]),
         (["--transfer.random_core_every_k", "true"], [(f"random-core-fixed-k-{k:04d}", RANDOM_CORE_FIXED) for k in (16, 64, 32)]),
     ],
@@ -210,6 +231,7 @@ def test_a_control_brings_what_it_controls():
     DMSAE at the distillation k beside it."""
     names = [name for name, _ in trained("--transfer.core_scale", "2", "--transfer.random_core_control", "false")]
     assert names.index("k-0032-dense_core") < names.index("rescaled-core-x2-k-0032")
+    assert not any(name.startswith("random-core") for name in names)  # the scaled random core needs the Figure-3 control
 
 
 def test_baselines_at_the_dmsaes_measured_l0():
@@ -291,7 +313,7 @@ def test_a_resume_may_add_controls_but_not_change_the_random_cores_norms(tmp_pat
 
 def test_the_controls_config_is_the_study_with_its_controls_on():
     """bench/study/controls.yaml: the study's settings but for the transfer stage, the shared cache
-    and the output folder; every control of issue 28 on, three seeds of 18 SAEs."""
+    and the output folder; the controls at the distillation k on, three seeds of 11 SAEs."""
     from pathlib import Path
 
     bench = Path(__file__).parent.parent / "bench" / "study"
@@ -302,9 +324,10 @@ def test_the_controls_config_is_the_study_with_its_controls_on():
             assert (section, name) in changed or value == getattr(getattr(study, section), name), f"{section}.{name}"
     assert controls.transfer.core == "runs/study/distilled_core" and controls.harvest.cache_dir == "runs/study/cache"
     finals, studied = final_saes(controls), final_saes(study)
-    assert [f for f in finals if f in studied] == studied  # the study's SAEs, in the study's order
-    assert len(finals) == 3 * 18 and {f.kind for f in finals} >= {RESCALED_CORE, RANDOM_CORE_SPARSE, RANDOM_CORE_FIXED}
-    assert {f.k for f in finals if f.kind is BASELINE} == {16, 32, 64, 128, 160}
+    at_k = [f for f in studied if f.k == controls.cycles.k]
+    assert [f for f in finals if f in studied] == at_k  # the study's SAEs at the distillation k, in the study's order
+    assert len(finals) == 3 * 11 and {f.kind for f in finals} >= {RESCALED_CORE, RANDOM_CORE_SCALED, RANDOM_CORE_SPARSE}
+    assert {f.k for f in finals if f.kind is BASELINE} == {32, 128, 160}
 
 
 # ---- every control through a tiny run: the stage, the report, the browser and the Hub folders ----
@@ -328,7 +351,8 @@ def test_a_tiny_run_trains_reports_and_names_every_control(finished_run, tiny_se
     assert distill.main(args) == 0
     expected = [
         "k-0004-dense_core", "k-0008-dense_core", "k-0008-sparse_core", "random-core-k-0008", "random-core-sparse-k-0008",
-        "rescaled-core-x2-k-0008", "random-core-fixed-k-0004", "random-core-fixed-k-0008", "baseline-k-0012",
+        "rescaled-core-x2-k-0008", "random-core-x2-k-0008", "random-core-fixed-k-0004", "random-core-fixed-k-0008",
+        "baseline-k-0012",
     ]  # fmt: skip
     assert sorted(p.name for p in (output / "transfer").iterdir()) == sorted(expected)
     load = lambda name: AutoModel.from_pretrained(output / "transfer" / name)  # noqa: E731
@@ -336,8 +360,13 @@ def test_a_tiny_run_trains_reports_and_names_every_control(finished_run, tiny_se
     torch.testing.assert_close(load("rescaled-core-x2-k-0008").core_encoder, 2 * core)
     torch.testing.assert_close(load("random-core-k-0008").core_encoder.norm(dim=-1), torch.ones(len(core)))
     assert torch.equal(load("random-core-fixed-k-0004").core_encoder, load("random-core-fixed-k-0008").core_encoder)
+    assert torch.equal(load("random-core-x2-k-0008").core_encoder, 2 * load("random-core-k-0008").core_encoder)
     assert load("random-core-sparse-k-0008").config.variant == "sparse_core"
     metrics = json.loads((output / "metrics.json").read_text())
+    l0_core = {name: (m["l0_core"], m["l0_core_above_threshold"]) for name, m in metrics["transfer"].items()}
+    assert l0_core["baseline-k-0012"] == (0, 0)
+    assert l0_core["k-0008-sparse_core"][0] == l0_core["k-0008-sparse_core"][1]  # its core is thresholded already
+    assert all(above <= core for core, above in l0_core.values()) and any(above < core for core, above in l0_core.values())
     assert metrics["transfer"]["rescaled-core-x2-k-0008"]["factor"] == 2
     assert {row["family"] for row in metrics["consistency"]} == {DMSAE.label, RANDOM_CORE_FIXED.label}
     assert "rows of other norms (--transfer.random_core_norm unit)" in metrics["figure3"]

@@ -316,7 +316,7 @@ class TransferConfig:
     random_core_norm: str = "matched"
     """Row norms of every random core (the controls random-core, random-core-sparse, random-core-fixed): matched (each row the norm of the distilled row it stands in for), unit, gaussian (raw N(0, 1) rows, norm ~sqrt(d)), or a positive number: that many times the matched norms. Every setting scales the same random draws."""
     core_scale: list[float] = field(default_factory=list)
-    """Also train the rescaled-core control at the distillation k, once per factor (e.g. 0.5 2 4): C*'s rows times the factor, same directions (folder rescaled-core-xF-k-KKKK). Empty: none."""
+    """Also train the rescaled-core control at the distillation k, once per factor (e.g. 0.5 2 4): C*'s rows times the factor, same directions (folder rescaled-core-xF-k-KKKK); with random_core_control, the random core times each factor too (random-core-xF-k-KKKK: the same draws as random-core), so scale and direction are varied apart. Empty: none."""
     random_sparse_control: bool = False
     """With random_core_control and sparsity_matched: also train random-core-sparse, a random core in the sparse-core variant at the distillation k (the control of the sparse-core DMSAE)."""
     random_core_every_k: bool = False

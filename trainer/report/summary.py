@@ -151,10 +151,18 @@ def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics
     start, end = spread(r.start for r in random), spread(r.end for r in random)
     # A random core that never fired early on has no relative change to state.
     change = f"{(end.mean / start.mean - 1) * 100:+.0f}%" + (" on average" if n > 1 else "") if start.mean > 0 else "it did not fire in the first tenth"
+    measured = ["fve", "loss_recovered", "l0_core", "l0_core_above_threshold"]
+    # metrics.json files written before the thresholded count existed lack it
+    measured = [m for m in measured if all(transfer_metrics[run.name].has(m) for run in distilled_runs + random_runs)]
     fidelity = {
         metric: [spread(transfer_metrics[run.name][metric] for run in runs) for runs in (distilled_runs, random_runs)]
-        for metric in ("fve", "loss_recovered", "l0_core")
+        for metric in measured
     }
+    thresholded = (
+        f"counted only above the inference threshold the non-core latents use, {fidelity['l0_core_above_threshold'][0].format(1)} "
+        f"against {fidelity['l0_core_above_threshold'][1].format(1)}. "
+        if "l0_core_above_threshold" in fidelity else ""
+    )
     c = transfer_metrics[random_runs[0].name]["core_size"]
     norm = config.transfer.random_core_norm
     norms = "of the same norms" if norm == MATCHED_NORM else f"of other norms (--transfer.random_core_norm {norm})"
@@ -167,7 +175,8 @@ def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics
         f"it {_happened('fell', 'did not fall', fell, n)} ({change}). "
         f"The distilled core went from {spread(d.start for d in distilled).format(1)} to {spread(d.end for d in distilled).format(1)} "
         f"and {_happened('ended above the random core', 'ended below the random core', above, n)}. "
-        f"On held-out tokens L0_core is {fidelity['l0_core'][0].format(1)} (distilled) against {fidelity['l0_core'][1].format(1)} (random). "
+        f"On held-out tokens L0_core is {fidelity['l0_core'][0].format(1)} (distilled) against {fidelity['l0_core'][1].format(1)} (random)"
+        f"{'; ' + thresholded if thresholded else '. '}"
         f"The paper reports a random core driven toward 0 while a distilled core keeps firing: this run {outcome}. "
         f"Held-out FVE {fidelity['fve'][0].format()} (distilled) against {fidelity['fve'][1].format()} (random), "
         f"{verdict(*fidelity['fve'])}; loss recovered {fidelity['loss_recovered'][0].format()} against "
@@ -264,7 +273,7 @@ def _batchtopk_cell(metrics: SAEMetrics, variant: str) -> str:
 
 BATCHTOPK_COLUMN = "BatchTopK L0 / target"
 CYCLE_COLUMNS = ("fve", "l0_core", BATCHTOPK_COLUMN, "dead_fraction", "loss_recovered", "decoder_cosine_to_init")
-FINAL_COLUMNS = ("core_size", "l0_core", BATCHTOPK_COLUMN, "l0", "fve", "dead_fraction", "loss_recovered")
+FINAL_COLUMNS = ("core_size", "l0_core", "l0_core_above_threshold", BATCHTOPK_COLUMN, "l0", "fve", "dead_fraction", "loss_recovered")
 FIDELITY = tuple(metric.key for metric in METRICS.values() if metric.better == HIGHER)
 """The metrics a final SAE is compared with the baseline by (higher is better): FVE, loss recovered."""
 
@@ -310,6 +319,9 @@ def kinds_over_seeds(transfer: dict[str, SAEMetrics]) -> dict[tuple[SAEKind, flo
     return kinds
 
 
+SEED_L0S = ("l0", "l0_core", "l0_core_above_threshold")
+
+
 def seeds_table(transfer: dict[str, SAEMetrics]) -> str:
     """Each kind of final SAE over its seeds (mean, and min to max), against the baseline at its k:
     the difference paired by seed, and whether the two kinds' ranges over seeds are apart."""
@@ -317,7 +329,8 @@ def seeds_table(transfer: dict[str, SAEMetrics]) -> str:
     rows = []
     for (kind, factor, k), seeds in kinds.items():
         base = kinds.get((BASELINE, None, k), {}) if kind is not BASELINE else {}
-        row = [kind.label_for(factor), str(k), str(len(seeds)), spread(m["l0"] for m in seeds.values()).format(1)]
+        row = [kind.label_for(factor), str(k), str(len(seeds))]
+        row += [spread(m[key] for m in seeds.values()).format(1) if all(m.has(key) for m in seeds.values()) else "" for key in SEED_L0S]
         for metric in FIDELITY:
             own = spread(m[metric] for m in seeds.values())
             paired = [m[metric] - base[s][metric] for s, m in seeds.items() if s in base]
@@ -328,7 +341,7 @@ def seeds_table(transfer: dict[str, SAEMetrics]) -> str:
         row += [spread(m["decoder_cosine_to_init"] for m in seeds.values()).format(2) if moved else ""]
         rows.append(row)
     fidelity = [name for key in FIDELITY for name in (METRICS[key].column, f"{METRICS[key].column} vs baseline (paired by seed)")]
-    header = ["family", "k", "seeds", "L0", *fidelity, "dead %", METRICS["decoder_cosine_to_init"].column]
+    header = ["family", "k", "seeds", *_header(SEED_L0S), *fidelity, "dead %", METRICS["decoder_cosine_to_init"].column]
     return _table(header, rows)
 
 
@@ -422,7 +435,9 @@ FILES = FILES_TEMPLATE.replace("{kinds}", "\n".join(
 
 DEFINITIONS = f"""All metrics on held-out tokens (never trained on), in inference mode: the calibrated threshold,
 one token at a time, as users run the SAEs. FVE = 1 - SSE / total variance around the mean; L0
-counts active latents per token (core + non-core = global, Eq. 9); "BatchTopK L0 / target" holds
+counts active latents per token (core + non-core = global, Eq. 9); "L0 core > θ" counts only the core
+latents above the inference threshold θ the non-core latents use (a dense core is ReLU only, so its
+L0 core counts every positive one); "BatchTopK L0 / target" holds
 the latents BatchTopK budgets (non-core for a dense core, all otherwise) against k_noncore (Eq. 4);
 dead = fires on none of the held-out tokens; loss recovered = (CE_zero - CE_spliced) / (CE_zero -
 CE_clean), with the SAE spliced in (or zeros) at the kept positions only; carry-over = the fraction

@@ -14,6 +14,7 @@ about it; the transfer stage, the report, the browser, the cards and the Hub nam
     rescaled-core        rescaled-core-xF-k-KKKK           -rescaled-core-xF     C*'s rows x F (--transfer.core_scale)
     random-core-sparse   random-core-sparse-k-KKKK         -random-core-sparse   as random-core, sparse-core variant
     random-core-fixed    random-core-fixed-k-KKKK          -random-core-fixed    as random-core, the same at every k
+    random-core-scaled   random-core-xF-k-KKKK             -random-core-xF       random-core's rows x F (--transfer.core_scale)
 
 The random cores' row norms follow --transfer.random_core_norm (C*'s by default). A kind whose
 folder holds ``{factor}`` is trained once per factor (``FinalSAE.factor``), its folder, Hub suffix,
@@ -98,6 +99,13 @@ def random_directions(request: CoreRequest) -> Core:
     return Core(directions.to(core.directions.dtype), [[request.cycle, j] for j in range(len(core.lineage))])
 
 
+def scaled_random_directions(request: CoreRequest) -> Core:
+    """The random core's rows (its draws: ``SAEKind.draws_as``) times the SAE's factor: the control
+    of the distilled core times that factor, the same scale with random directions."""
+    random = random_directions(request)
+    return Core((random.directions.float() * request.factor).to(random.directions.dtype), random.lineage)
+
+
 @dataclass(frozen=True)
 class SAEKind:
     """One kind of final SAE."""
@@ -126,6 +134,9 @@ class SAEKind:
     same_core_at_every_k: bool = False
     """Its random core is drawn from run.seed and the transfer seed alone, not from its stage name:
     the same directions at every k (to compare feature consistency across k with the DMSAE's)."""
+    draws_as: str | None = None
+    """Its random core is drawn with the seed of this kind's SAE at the same k and transfer seed (the
+    same draws, which its frozen core then scales)."""
 
     @property
     def has_core(self) -> bool:
@@ -222,6 +233,12 @@ RANDOM_CORE_FIXED = register_kind(SAEKind(
     hub_suffix="-random-core-fixed", core_origin="a random core of the same size, the same directions at every k (the "
     "control of feature consistency across k)", color="tab:orange", marker="v", frozen_core=random_directions,
     role=CONTROL, controls=DMSAE.name, same_core_at_every_k=True,
+))  # fmt: skip
+RANDOM_CORE_SCALED = register_kind(SAEKind(
+    name="random-core-scaled", label="random core x{factor}", variant=DENSE_CORE, folder="random-core-x{factor}-k-{k:04d}",
+    hub_suffix="-random-core-x{factor}", core_origin="the random core of that run and seed, every row's norm times {factor} "
+    "(the control of the distilled core x{factor}: the same scale, random directions)", color="tab:olive", marker="1",
+    frozen_core=scaled_random_directions, role=CONTROL, controls=RESCALED_CORE.name, draws_as=RANDOM_CORE.name,
 ))  # fmt: skip
 
 

@@ -62,6 +62,7 @@ for _metric in (
     Metric("fve", "Fraction of variance explained", "FVE", ".3f", HIGHER, EVERY_SAE),
     Metric("mse", "Mean squared error", "MSE", ".4g", LOWER, EVERY_SAE),
     Metric("l0_core", "L0 of the core", "L0 core", ".1f", None, EVERY_SAE),
+    Metric("l0_core_above_threshold", "L0 of the core above the inference threshold", "L0 core > θ", ".1f", None, EVERY_SAE),
     Metric("l0_noncore", "L0 of the non-core latents", "L0 non-core", ".1f", None, EVERY_SAE),
     Metric("l0", "L0 (active latents per token)", "L0", ".1f", None, EVERY_SAE),
     Metric("dead_fraction", "Dead latent fraction", "dead", ".1%", LOWER, EVERY_SAE),

@@ -18,6 +18,7 @@ from trainer.run.kinds import (
     DMSAE_SPARSE_CORE,
     RANDOM_CORE,
     RANDOM_CORE_FIXED,
+    RANDOM_CORE_SCALED,
     RANDOM_CORE_SPARSE,
     RESCALED_CORE,
     SAEKind,
@@ -145,7 +146,10 @@ class FinalSAE(NamedTuple):
 
 def core_seed(config: DistillConfig, final: FinalSAE) -> int:
     """The seed of a final SAE's random core: by its stage name, so each SAE draws its own; for a
-    kind with the same core at every k, by run.seed and its transfer seed alone."""
+    kind with the same core at every k, by run.seed and its transfer seed alone; for a kind that
+    scales another's draws (``SAEKind.draws_as``), that kind's seed at the same k and transfer seed."""
+    if final.kind.draws_as is not None:
+        final = FinalSAE(kind_named(final.kind.draws_as), final.k, final.seed)
     name = final.kind.name + seed_suffix(final.seed) if final.kind.same_core_at_every_k else final.stage
     return stage_seed(config, name, "/random core")
 
@@ -155,7 +159,8 @@ Planned = tuple[SAEKind, int, float | None]  # a final SAE but its seed: kind, k
 
 def planned_controls(config: DistillConfig) -> list[Planned]:
     """The controls the settings ask for: the random core at the distillation k (Figure 3), there
-    too in the sparse-core variant, and the distilled core rescaled by each factor; the random core
+    too in the sparse-core variant, the distilled core rescaled by each factor and (with the Figure-3
+    control) the random core rescaled by the same factors; the random core
     that is the same at every k, at every k the dense-core DMSAE takes (transfer.ks and the
     distillation k), so that its consistency across k is measured over the same pairs of k."""
     transfer, k = config.transfer, config.cycles.k
@@ -163,6 +168,7 @@ def planned_controls(config: DistillConfig) -> list[Planned]:
     planned: list[Planned] = [(RANDOM_CORE, k, None)] * random
     planned += [(RANDOM_CORE_SPARSE, k, None)] * (random and transfer.sparsity_matched and transfer.random_sparse_control)
     planned += [(RESCALED_CORE, k, factor) for factor in transfer.core_scale]
+    planned += [(RANDOM_CORE_SCALED, k, factor) for factor in transfer.core_scale] * random
     planned += [(RANDOM_CORE_FIXED, kk, None) for kk in dict.fromkeys([*transfer.ks, k])] * transfer.random_core_every_k
     return planned
 
@@ -179,8 +185,9 @@ def final_saes(config: DistillConfig) -> list[FinalSAE]:
     transfer, k = config.transfer, config.cycles.k
     planned: list[Planned] = [(distilled_kind(variant), kk, None) for kk in transfer.ks for variant in transfer.variants]
     asked = planned_controls(config)
-    compared = [(kind_named(kind.controls), kk, None) for kind, kk, _ in asked] + [(DMSAE_SPARSE_CORE, k, None)] * transfer.sparsity_matched
-    planned += [sae for sae in dict.fromkeys(compared) if sae not in planned]
+    compared = [(kind_named(kind.controls), kk, factor if kind_named(kind.controls).takes_factor else None) for kind, kk, factor in asked]
+    compared += [(DMSAE_SPARSE_CORE, k, None)] * transfer.sparsity_matched
+    planned += [sae for sae in dict.fromkeys(compared) if sae not in planned and sae not in asked]
     planned += asked
     baseline_ks = {kk for _, kk, _ in planned} if transfer.baseline else set()
     planned += [(BASELINE, kk, None) for kk in sorted(baseline_ks | set(transfer.baseline_ks))]

@@ -45,12 +45,15 @@ def _uses_threshold(sae: DMSAEModel) -> bool:
 def reconstruction_metrics(
     sae: DMSAEModel, batches: Iterable[torch.Tensor], on_batch: Callable[[DMSAEOutput, int], None] | None = None
 ) -> dict[str, float]:
-    """FVE, MSE, L0 (core, non-core, all) and the dead fraction over held-out [N, d] batches;
+    """FVE, MSE, L0 (core, core above the inference threshold, non-core, all) and the dead fraction over held-out [N, d] batches;
     ``on_batch(output, first_row)`` sees every batch's SAE output (the per-latent evidence reads
     the same forward pass: ``trainer.sae.evidence.EvidenceStream.add``)."""
     device, c = sae.W_dec.device, sae.config.core_size
     squared_error = total = total_sq = 0.0
-    tokens = core_active = noncore_active = 0
+    tokens = core_active = noncore_active = core_above_threshold = 0
+    # A dense core's latents are ReLU only; counted again above the non-core latents' inference
+    # threshold, L0_core is what it would be were the threshold applied to the core as well.
+    threshold = sae.config.threshold if _uses_threshold(sae) else 0.0
     fired = torch.zeros(sae.config.num_latents, dtype=torch.bool, device=device)
     for batch in batches:
         x = batch.to(device, torch.float32)
@@ -61,6 +64,7 @@ def reconstruction_metrics(
         tokens += x.shape[0]
         cols = output.sparse_latents.cols
         core_active += int((cols < c).sum())
+        core_above_threshold += int(((cols < c) & (output.sparse_latents.values > threshold)).sum())
         noncore_active += int((cols >= c).sum())
         fired |= output.fired
         if on_batch is not None:
@@ -73,6 +77,7 @@ def reconstruction_metrics(
         "fve": 1.0 - squared_error / variance,
         "mse": squared_error / (tokens * d),
         "l0_core": core_active / tokens,
+        "l0_core_above_threshold": core_above_threshold / tokens,
         "l0_noncore": noncore_active / tokens,
         "l0": (core_active + noncore_active) / tokens,
         "dead_fraction": 1.0 - float(fired.float().mean()),
