@@ -375,3 +375,22 @@ def test_a_tiny_run_trains_reports_and_names_every_control(finished_run, tiny_se
     assert "DMSAE against random core, same at every k:" in summary
     hub = {p.name for p in (output / "hub" / "saes").iterdir()}
     assert len(hub) == len(expected) and any(name.endswith("-k8-rescaled-core-x2") for name in hub), hub
+
+
+def test_the_first_group_config_is_the_study_with_a_larger_first_group():
+    """bench/study/first_group.yaml: the study's cycles but for the Matryoshka group fractions (a first
+    group about ten times the study's core, as the paper's is), on the study's cache."""
+    from pathlib import Path
+
+    from modeling_dmsae.configuration_dmsae import matryoshka_group_sizes
+
+    bench = Path(__file__).parent.parent / "bench" / "study"
+    study, larger = (parse_config(["--config", str(bench / name)]) for name in ("config.yaml", "first_group.yaml"))
+    changed = {("dictionary", "group_fractions"), ("harvest", "cache_dir"), ("run", "output_dir")}
+    for section in ("model", "data", "harvest", "dictionary", "optimizer", "cycles", "eval", "run"):
+        for name, value in vars(getattr(larger, section)).items():
+            assert (section, name) in changed or value == getattr(getattr(study, section), name), f"{section}.{name}"
+    assert larger.harvest.cache_dir == "runs/study/cache" and larger.run.output_dir != study.run.output_dir
+    K = study.dictionary.num_latents
+    first = matryoshka_group_sizes(K, larger.dictionary.group_fractions)[0]
+    assert matryoshka_group_sizes(K, study.dictionary.group_fractions)[0] == 64 and first == 1024  # the study's core: 52-124
