@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import json
 import random
+import re
 import statistics
 import time
 from pathlib import Path
@@ -173,7 +174,7 @@ def evaluate_sae(modules, config, model, sae, name: str, work: Path, device: str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--saes", default="transfer/*", help="glob of SAE folders under RUN_DIR")
+    parser.add_argument("--saes", nargs="+", default=["transfer/*"], help="globs of SAE folders under RUN_DIR")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/saebench_absorption")
     parser.add_argument("--letters", nargs="+", default=list(LETTERS), help="letters whose absorption is measured (default: all 26)")
     parser.add_argument("--max-tokens", type=int, default=None, help="sample this many alphabetic vocabulary tokens (default: all)")
@@ -199,9 +200,9 @@ def main() -> None:
         raise SystemExit(f"--letters takes single letters a-z, got {args.letters}")
     if not (args.run_dir / "run_config.yaml").is_file():
         raise SystemExit(f"{args.run_dir} is not a run folder (no run_config.yaml): pass a finished run's folder, e.g. runs/default")
-    sae_dirs = sorted(p for p in args.run_dir.glob(args.saes) if (p / METRICS_JSON).exists())
+    sae_dirs = sorted({p for pattern in args.saes for p in args.run_dir.glob(pattern) if (p / METRICS_JSON).exists()})
     if not sae_dirs:
-        raise SystemExit(f"no finished SAE (a folder with {METRICS_JSON}) matches {args.run_dir}/{args.saes}: finish the run's transfer stage or fix --saes")
+        raise SystemExit(f"no finished SAE (a folder with {METRICS_JSON}) matches {args.run_dir}/{' '.join(args.saes)}: finish the run's transfer stage or fix --saes")
 
     config = AbsorptionEvalConfig(model_name="", llm_dtype="float32")
     if args.seed is not None:
@@ -310,7 +311,31 @@ def markdown_table(results: dict) -> str:
             for key in ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features")
         ]
         lines.append(f"| {name} | {' | '.join(cells)} | {len(result['details'])} | {result['seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + over_seeds(results["saes"])) + "\n"
+
+
+SCORES = ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features")
+
+
+def over_seeds(saes: dict[str, dict]) -> list[str]:
+    """The table over training seeds: each SAE whose folder differs only in its -seed-S suffix (the
+    run's transfer seeds), mean [min, max] of its mean over letters; nothing when no SAE has seeds."""
+    groups: dict[str, list[dict]] = {}
+    for name, result in sorted(saes.items()):
+        if "error" not in result:
+            groups.setdefault(re.sub(r"-seed-\d+$", "", name), []).append(result["mean"])
+    if all(len(means) < 2 for means in groups.values()):
+        return []
+    lines = [
+        "", "Over the training seeds (mean [min, max] of each SAE's mean over letters):", "",
+        "| SAE | seeds | mean absorption fraction | mean full-absorption score | mean split features |", "|---|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for name, means in groups.items():
+        cells = [
+            f"{statistics.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]" for v in ([m[key] for m in means] for key in SCORES)
+        ]
+        lines.append(f"| {name} | {len(means)} | {' | '.join(cells)} |")
+    return lines
 
 
 if __name__ == "__main__":
