@@ -13,6 +13,8 @@ from statistics import fmean
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
 from modeling_dmsae import DMSAEModel
 from trainer.config import DistillConfig
 from trainer.report.browser import build_browser
@@ -105,12 +107,37 @@ def _core_usage(paths: RunDirectory, final: FinalSAE, metrics: dict[str, SAEMetr
     return CoreUsage(sum(curve[:tenth]) / tenth, sum(curve[-tenth:]) / tenth, metrics[final.name]["l0_core"])
 
 
-def _core_biases(paths: RunDirectory, final: FinalSAE) -> str:
-    """How many core encoder biases ended positive, and their mean: in the dense-core variant nothing
-    penalises core activity, so a positive bias lets a core latent fire on most tokens."""
+def _core_bias(paths: RunDirectory, final: FinalSAE) -> torch.Tensor:
+    """The trained encoder biases of its core latents: in the dense-core variant nothing penalises
+    core activity, so a positive bias lets a core latent fire on most tokens."""
     sae = DMSAEModel.from_pretrained(paths.transfer(final.name))
-    core = sae.b_enc.detach()[: sae.config.core_size]
+    return sae.b_enc.detach()[: sae.config.core_size]
+
+
+def _core_biases(paths: RunDirectory, final: FinalSAE) -> str:
+    """How many core encoder biases ended positive, and their mean."""
+    core = _core_bias(paths, final)
     return f"{int((core > 0).sum())} of {len(core)} positive (mean {float(core.mean()):+.3f})"
+
+
+def core_usage_table(paths: RunDirectory, transfer: dict[str, SAEMetrics]) -> str | None:
+    """Every kind with a frozen core, over its seeds: L0_core over the first and the last tenth of
+    training, on held-out tokens as trained and above the inference threshold, and the share of core
+    encoder biases that ended positive. None without a trained core."""
+    rows = []
+    for (kind, factor, k), seeds in kinds_over_seeds(transfer).items():
+        finals = [FinalSAE(kind, k, seed, factor) for seed in seeds]
+        usage = [_core_usage(paths, final, transfer) for final in finals]
+        if not kind.has_core or None in usage:
+            continue
+        positive = [float((_core_bias(paths, final) > 0).float().mean()) * 100 for final in finals]
+        held_out = [spread(m[key] for m in seeds.values()).format(1) if all(m.has(key) for m in seeds.values()) else "" for key in SEED_L0S[1:]]
+        rows.append([
+            kind.label_for(factor), str(k), str(len(seeds)), spread(u.start for u in usage).format(1),
+            spread(u.end for u in usage).format(1), *held_out, spread(positive).format(0),
+        ])  # fmt: skip
+    header = ["core", "k", "seeds", "L0 core, first tenth", "L0 core, last tenth", *(f"held-out {c}" for c in _header(SEED_L0S[1:])), "biases > 0 (%)"]
+    return _table(header, rows) if rows else None
 
 
 FIGURE3_CONTROL = RANDOM_CORE
@@ -320,6 +347,11 @@ def kinds_over_seeds(transfer: dict[str, SAEMetrics]) -> dict[tuple[SAEKind, flo
 
 
 SEED_L0S = ("l0", "l0_core", "l0_core_above_threshold")
+CORE_USAGE_NOTE = (
+    "Every frozen core of the run (mean [min, max] over seeds): how many of its latents fired per token "
+    "early and late in training, on held-out tokens (counted as trained, and only above the inference "
+    "threshold θ the non-core latents use), and the share of its encoder biases that ended positive."
+)
 
 
 def seeds_table(transfer: dict[str, SAEMetrics]) -> str:
@@ -481,6 +513,9 @@ def summary_markdown(config: DistillConfig, paths: RunDirectory, metrics: RunMet
     if metrics.figure3:
         sections.append("## Figure 3: distilled against random core\n\n" + metrics.figure3)
         sections.append(f"![Figure 3]({figure_file('l0_core')})")
+        usage = core_usage_table(paths, metrics.transfer)
+        if usage is not None:
+            sections.append(CORE_USAGE_NOTE + "\n\n" + usage)
     if metrics.consistency:
         sections.append("## Feature consistency across sparsities\n\n" + consistency_table(metrics.consistency))
         sections.append(consistency_outcome(metrics.consistency, metrics.transfer))
