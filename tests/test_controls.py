@@ -375,6 +375,7 @@ def test_a_tiny_run_trains_reports_and_names_every_control(finished_run, tiny_se
     assert "DMSAE against random core, same at every k:" in summary
     usage = [line for line in summary.splitlines() if line.startswith(("| random core x2 | 8 |", "| random core (sparse core) | 8 |"))]
     assert len(usage) == 2, "the core-usage table lists every frozen core"
+    assert "![every core](figures/l0_core_every_core.png)" in summary and (output / "figures" / "l0_core_every_core.png").exists()
     hub = {p.name for p in (output / "hub" / "saes").iterdir()}
     assert len(hub) == len(expected) and any(name.endswith("-k8-rescaled-core-x2") for name in hub), hub
 

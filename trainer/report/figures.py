@@ -98,6 +98,29 @@ def l0_core_figure(curves: Sequence[CoreCurve], path: Path) -> Path:
     return _save(figure, path)
 
 
+def every_core_figure(curves: Sequence[CoreCurve], path: Path) -> Path:
+    """Figure 3's controls side by side: every frozen core's L0_core during training, the mean over
+    its seeds; one colour per kind, one line style per factor of a kind."""
+    by_label: dict[str, list[CoreCurve]] = {}
+    for curve in curves:
+        by_label.setdefault(curve.kind, []).append(curve)
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    styles, used = ["-", "--", ":", "-."], Counter()
+    for label in sorted(by_label, key=legend_order):
+        group = by_label[label]
+        length = min(len(curve.values) for curve in group)
+        mean = [sum(curve.values[i] for curve in group) / len(group) for i in range(length)]
+        color = style(label)[0]
+        axis.plot(group[0].steps[:length], mean, color=color, linestyle=styles[used[color] % len(styles)], label=label)
+        used[color] += 1
+    seeds = max(len(group) for group in by_label.values())
+    axis.set_xlabel("training step")
+    axis.set_ylabel("L0 core (active core latents per token)")
+    axis.set_title("Core usage during training, every frozen core" + (f" (mean over {seeds} seeds)" if seeds > 1 else ""))
+    axis.legend(fontsize=7)
+    return _save(figure, path)
+
+
 class MovementCurve(NamedTuple):
     """The median trainable decoder row's cosine to its initialisation during one SAE's training."""
 

@@ -27,6 +27,7 @@ from trainer.report.figures import (
     core_lineage_figure,
     coverage_figure,
     dictionary_movement_figure,
+    every_core_figure,
     l0_core_figure,
     sparsity_fidelity_figure,
 )
@@ -230,6 +231,9 @@ def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: RunMetrics
     ]  # fmt: skip
     if curves:
         figures.append(l0_core_figure(curves, paths.figure("l0_core")))
+    every_core = core_curves(paths, config, metrics.transfer)
+    if len({curve.kind for curve in every_core}) > len({curve.kind for curve in curves}):
+        figures.append(every_core_figure(every_core, paths.figure("every_core")))
     points = [
         SparsityPoint(m.label, m.k, m["l0"], m["l0_noncore"], m["loss_recovered"], m["fve"])
         for m in metrics.transfer.values()
@@ -242,6 +246,16 @@ def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: RunMetrics
     if movement:
         figures.append(dictionary_movement_figure(movement, paths.figure("dictionary_movement")))
     return figures
+
+
+def core_curves(paths: RunDirectory, config: DistillConfig, transfer: dict[str, SAEMetrics]) -> list[CoreCurve]:
+    """L0_core during training of every final SAE with a frozen core at the distillation k (the
+    DMSAEs and the Figure-3 controls), labelled by kind and factor."""
+    finals = [FinalSAE.from_metrics(m) for m in transfer.values()]
+    return [
+        CoreCurve(final.label, final.seed, *read_curve(paths.log(final.stage), "l0_core"))
+        for final in finals if final.kind.has_core and final.k == config.cycles.k
+    ]  # fmt: skip
 
 
 def movement_curves(paths: RunDirectory, transfer: dict[str, SAEMetrics]) -> list[MovementCurve]:
@@ -516,6 +530,8 @@ def summary_markdown(config: DistillConfig, paths: RunDirectory, metrics: RunMet
         usage = core_usage_table(paths, metrics.transfer)
         if usage is not None:
             sections.append(CORE_USAGE_NOTE + "\n\n" + usage)
+        if paths.figure("every_core").exists():
+            sections.append(f"![every core]({figure_file('every_core')})")
     if metrics.consistency:
         sections.append("## Feature consistency across sparsities\n\n" + consistency_table(metrics.consistency))
         sections.append(consistency_outcome(metrics.consistency, metrics.transfer))

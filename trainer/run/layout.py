@@ -47,6 +47,7 @@ FIGURES = {  # the run's figures, by what they show, as files under figures/
     "core_lineage": "core_lineage.png",
     "coverage_curve": "coverage_curve.png",
     "l0_core": "l0_core_distilled_vs_random.png",
+    "every_core": "l0_core_every_core.png",
     "sparsity_fidelity": "sparsity_fidelity.png",
     "consistency": "consistency_across_sparsities.png",
     "dictionary_movement": "dictionary_movement.png",
