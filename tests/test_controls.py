@@ -289,9 +289,9 @@ def test_a_factor_names_its_metrics_hub_repo_and_label():
     assert repo.endswith("-k32-rescaled-core-x0.5-seed-1"), repo
 
 
-def test_a_resume_may_add_controls_but_not_change_the_random_cores_norms(tmp_path):
+def test_a_resume_may_add_controls_and_seeds_but_not_change_the_random_cores_norms(tmp_path):
     """A run folder written before these settings existed (its run_config.yaml lacks them) and with
-    transfer SAEs finished: adding controls is a resume, another random core norm is not."""
+    transfer SAEs finished: adding controls or seeds is a resume, another random core norm is not."""
     import yaml
 
     from trainer.run.layout import RunDirectory
@@ -305,7 +305,10 @@ def test_a_resume_may_add_controls_but_not_change_the_random_cores_norms(tmp_pat
     (run / "run_config.yaml").write_text(yaml.safe_dump(saved))
     resumed = ["--run.output_dir", str(run), "--run.resume", "true"]
     start_run(RunDirectory(run), parse_config(resumed), write=False)
-    added = ["--transfer.core_scale", "2", "--transfer.random_sparse_control", "true", "--transfer.random_core_every_k", "true"]
+    added = [
+        "--transfer.core_scale", "2", "--transfer.random_sparse_control", "true", "--transfer.random_core_every_k", "true",
+        "--transfer.seeds", "0", "1",
+    ]  # fmt: skip
     start_run(RunDirectory(run), parse_config([*resumed, *added, "--transfer.baseline_ks", "128"]), write=False)
     with pytest.raises(ValueError, match=r"depends on changed settings:\n  transfer.random_core_norm: 'matched' -> 'unit'"):
         start_run(RunDirectory(run), parse_config([*resumed, "--transfer.random_core_norm", "unit"]), write=False)

@@ -26,8 +26,10 @@ _NOT_PART_OF_THE_RUN = {
     ("run", "log_every"), ("run", "process_group_timeout_s"), ("run", "prefetch_batches"), ("run", "parallelism"), ("model", "device"), ("hub", None),
     ("transfer", "ks"), ("transfer", "variants"), ("transfer", "random_core_control"),
     ("transfer", "sparsity_matched"), ("transfer", "baseline"), ("transfer", "core_scale"), ("transfer", "random_sparse_control"),
-    ("transfer", "random_core_every_k"), ("transfer", "baseline_ks"), ("plan", None),
+    ("transfer", "random_core_every_k"), ("transfer", "baseline_ks"), ("transfer", "seeds"), ("plan", None),
 }  # fmt: skip
+# (A final SAE is named, seeded and fed by its kind, k and transfer seed alone, so another list of ks,
+# controls or seeds adds or leaves SAEs without changing those already trained.)
 # (transfer.random_core_norm is part of the run: it changes the random cores already trained.)
 _HOW_TO_RUN = {("run", "resume"), ("run", "dry_run")}  # never worth listing as a change
 # The work each setting decides ("section" or "section.field", the most specific wins): a resume may
