@@ -127,12 +127,14 @@ def core_usage_table(paths: RunDirectory, transfer: dict[str, SAEMetrics]) -> st
     encoder biases that ended positive. None without a trained core."""
     rows = []
     for (kind, factor, k), seeds in kinds_over_seeds(transfer).items():
+        if not kind.has_core:
+            continue
         finals = [FinalSAE(kind, k, seed, factor) for seed in seeds]
         usage = [_core_usage(paths, final, transfer) for final in finals]
-        if not kind.has_core or None in usage:
+        if None in usage:
             continue
         positive = [float((_core_bias(paths, final) > 0).float().mean()) * 100 for final in finals]
-        held_out = [spread(m[key] for m in seeds.values()).format(1) if all(m.has(key) for m in seeds.values()) else "" for key in SEED_L0S[1:]]
+        held_out = [_l0_cell(seeds, key) for key in SEED_L0S[1:]]
         rows.append([
             kind.label_for(factor), str(k), str(len(seeds)), spread(u.start for u in usage).format(1),
             spread(u.end for u in usage).format(1), *held_out, spread(positive).format(0),
@@ -368,6 +370,11 @@ CORE_USAGE_NOTE = (
 )
 
 
+def _l0_cell(seeds: dict[int, SAEMetrics], key: str) -> str:
+    """An L0 over seeds (mean [min, max]); empty where a seed's metrics.json predates the metric."""
+    return spread(m[key] for m in seeds.values()).format(1) if all(m.has(key) for m in seeds.values()) else ""
+
+
 def seeds_table(transfer: dict[str, SAEMetrics]) -> str:
     """Each kind of final SAE over its seeds (mean, and min to max), against the baseline at its k:
     the difference paired by seed, and whether the two kinds' ranges over seeds are apart."""
@@ -376,7 +383,7 @@ def seeds_table(transfer: dict[str, SAEMetrics]) -> str:
     for (kind, factor, k), seeds in kinds.items():
         base = kinds.get((BASELINE, None, k), {}) if kind is not BASELINE else {}
         row = [kind.label_for(factor), str(k), str(len(seeds))]
-        row += [spread(m[key] for m in seeds.values()).format(1) if all(m.has(key) for m in seeds.values()) else "" for key in SEED_L0S]
+        row += [_l0_cell(seeds, key) for key in SEED_L0S]
         for metric in FIDELITY:
             own = spread(m[metric] for m in seeds.values())
             paired = [m[metric] - base[s][metric] for s, m in seeds.items() if s in base]
