@@ -40,17 +40,21 @@ def noncore_k(k: int, num_latents: int, core_size: int) -> int:
     return round_half_up(k * (num_latents - core_size) / num_latents)
 
 
+def largest_core(group_sizes: Sequence[int], core_size: int) -> int:
+    """The largest core a dictionary of these groups (beside a core of ``core_size``) can take at
+    fixed K: the last group absorbs the change and keeps at least one latent."""
+    return group_sizes[-1] + core_size - 1
+
+
 def regroup_for_core(group_sizes: Sequence[int], old_core_size: int, new_core_size: int) -> list[int]:
     """Group sizes when the core changes size at fixed K: the last group absorbs the change
     (as SAEBench's last group takes the remainder)."""
-    sizes = list(group_sizes)
-    sizes[-1] += old_core_size - new_core_size
-    if sizes[-1] <= 0:
+    if new_core_size > largest_core(group_sizes, old_core_size):
         raise ValueError(
-            f"a core of {new_core_size} latents leaves the last Matryoshka group with {sizes[-1]} latents; "
-            "grow num_latents or select fewer core latents"
+            f"a core of {new_core_size} latents leaves the last Matryoshka group with "
+            f"{group_sizes[-1] + old_core_size - new_core_size} latents; grow num_latents or select fewer core latents"
         )
-    return sizes
+    return [*group_sizes[:-1], group_sizes[-1] + old_core_size - new_core_size]
 
 
 def transformer_lens_hook_name(hook_layer: int) -> str:

@@ -385,7 +385,7 @@ def test_a_tiny_run_trains_reports_and_names_every_control(finished_run, tiny_se
 
 def test_the_first_group_config_is_the_study_with_a_larger_first_group():
     """bench/study/first_group.yaml: the study's cycles but for the Matryoshka group fractions (a first
-    group about ten times the study's core, as the paper's is), on the study's cache."""
+    group ten times the study's core, larger than the core it selects, as the paper's is), on the study's cache."""
     from pathlib import Path
 
     from modeling_dmsae.configuration_dmsae import matryoshka_group_sizes

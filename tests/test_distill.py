@@ -281,6 +281,18 @@ def test_config_errors_name_the_field(tiny_setup, tmp_path, override, field):
         distill.main(tiny_args(tiny_setup, tmp_path / "bad", *override))
 
 
+def test_a_core_too_large_for_the_dictionary_names_tau_and_keeps_the_cycle(tiny_setup, tmp_path):
+    """How many latents reach coverage tau is known only after a cycle: a core the next cycle's last
+    Matryoshka group cannot give room to is a ConfigError naming the settings, and C(t) stays saved."""
+    output = tmp_path / "run"
+    args = tiny_args(tiny_setup, output, "--cycles.tau", "1.0", "--dictionary.group_fractions", "0.5", "0.45", "0.05")
+    with pytest.raises(ConfigError, match=r"--cycles.tau 1.0: cycle 0 selected \d+ core latents, more than the 12 that fit in K = 256") as error:
+        distill.main(args)
+    selected = json.loads((output / "cycles" / "cycle-000" / "core.json").read_text())["selected"]
+    assert str(len(selected)) in str(error.value) and len(selected) > 12
+    assert not (output / "cycles" / "cycle-001").exists()
+
+
 def test_dictionary_errors_name_the_field_in_a_dry_run(tiny_setup, tmp_path, capsys):
     with pytest.raises(ValueError, match="DMSAEConfig.k"):
         distill.main(tiny_args(tiny_setup, tmp_path / "bad", "--cycles.k", "300", "--run.dry_run", "true"))

@@ -9,6 +9,7 @@ import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
 from modeling_dmsae import DMSAEModel
+from modeling_dmsae.configuration_dmsae import largest_core
 from trainer.errors import ConfigError
 from trainer.harvest.harvested import Harvest
 from trainer.harvest.hub_access import resolve_checkpoint
@@ -81,6 +82,20 @@ def train_cycle(run: RunContext, t: int, model: DMSAEModel, needs_training: bool
     return model, selection.selected
 
 
+def check_core_fits(run: RunContext, t: int, model: DMSAEModel, selected: list[int]) -> None:
+    """C(t) must fit in cycle t+1's dictionary, whose last Matryoshka group gives the core its
+    latents (K is fixed). How many latents reach coverage tau is known only once C(t) is selected,
+    so this is checked then; C(t) stays saved in its cycle folder."""
+    limit = largest_core(model.config.group_sizes, model.config.core_size)
+    if len(selected) > limit:
+        raise ConfigError(
+            f"--cycles.tau {run.config.cycles.tau}: cycle {t} selected {len(selected)} core latents, more than the "
+            f"{limit} that fit in K = {model.config.num_latents}: the next cycle's core takes its latents from the last "
+            f"Matryoshka group ({model.config.group_sizes[-1]} latents). Lower --cycles.tau, or give the last group more "
+            "latents (--dictionary.group_fractions, --dictionary.num_latents)"
+        )
+
+
 def distill(run: RunContext, harvest: Harvest) -> Core:
     """Cycles 0..T, then C* = C(T) ∩ C(T-1)."""
     previous: tuple[DMSAEModel, list[int]] | None = None
@@ -95,6 +110,7 @@ def distill(run: RunContext, harvest: Harvest) -> Core:
         if previous is None:
             model, needs_training = cycle_zero(run, harvest)
         else:
+            check_core_fits(run, t - 1, *previous)
             model, needs_training = previous[0].next_cycle(previous[1], normalization_factor=harvest.normalization_factor), True
             previous = None  # cycle t-1's SAE is done once its core is copied: not kept through cycle t
         previous = train_cycle(run, t, model.to(run.accelerator.device), needs_training, harvest)

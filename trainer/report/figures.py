@@ -1,5 +1,6 @@
 """The PNG figures of a run: the paper's Figures 2, 3 and (an analogue of) 4, the attribution
-coverage curves and feature consistency across sparsities."""
+coverage curves and feature consistency across sparsities; and of runs that differ in one setting of
+the cycles (``bench/study/sweep.py``): Figures 5 and 6."""
 
 from __future__ import annotations
 
@@ -25,24 +26,68 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def _lineage_bars(axis, core_origins: Sequence[Sequence[int]], origins: Sequence[int]) -> None:
+    """Stacked bars: the size of each C(t), split by the cycle each of its latents first appeared in
+    (``origins``: every origin cycle to colour, so that panels share colours)."""
+    colors = plt.get_cmap("viridis", max(len(origins), 2))
+    bottoms = [0] * len(core_origins)
+    for n, origin in enumerate(origins):
+        heights = [Counter(core)[origin] for core in core_origins]
+        axis.bar(range(len(core_origins)), heights, bottom=bottoms, color=colors(n), label=f"first selected in cycle {origin}")
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    axis.set_xlabel("cycle t")
+    axis.set_xticks(list(range(len(core_origins))))
+
+
+def _origins(*runs: Sequence[Sequence[int]]) -> list[int]:
+    return sorted({o for core_origins in runs for core in core_origins for o in core})
+
+
 def core_lineage_figure(core_origins: Sequence[Sequence[int]], path: Path) -> Path:
     """Figure 2: size of each selected core C(t), stacked by the cycle each latent first appeared in.
 
     ``core_origins[t]`` lists the origin cycle of every latent of C(t).
     """
-    cycles = range(len(core_origins))
-    origins = sorted({o for core in core_origins for o in core})
-    colors = plt.get_cmap("viridis", max(len(origins), 2))
     figure, axis = plt.subplots(figsize=(7, 4))
-    bottoms = [0] * len(core_origins)
-    for n, origin in enumerate(origins):
-        heights = [Counter(core)[origin] for core in core_origins]
-        axis.bar(cycles, heights, bottom=bottoms, color=colors(n), label=f"first selected in cycle {origin}")
-        bottoms = [b + h for b, h in zip(bottoms, heights)]
-    axis.set_xlabel("cycle t")
+    _lineage_bars(axis, core_origins, _origins(core_origins))
     axis.set_ylabel("latents in C(t)")
     axis.set_title("Selected core per cycle, by origin cycle")
-    axis.set_xticks(list(cycles))
+    axis.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def lineage_panels_figure(panels: dict[str, Sequence[Sequence[int]]], path: Path) -> Path:
+    """Figure 6: Figure 2 for several runs side by side (one panel per run, titled by its key), on
+    one y scale and one colour per origin cycle."""
+    origins = _origins(*panels.values())
+    figure, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels) + 1, 4), sharey=True, squeeze=False)
+    for axis, (title, core_origins) in zip(axes[0], panels.items()):
+        _lineage_bars(axis, core_origins, origins)
+        axis.set_title(title, fontsize=9)
+    axes[0][0].set_ylabel("latents in C(t)")
+    axes[0][-1].legend(fontsize=7)
+    figure.suptitle("Selected core per cycle, by origin cycle")
+    return _save(figure, path)
+
+
+class TrainingCurve(NamedTuple):
+    """One logged quantity during one SAE's training."""
+
+    label: str
+    steps: Sequence[int]
+    values: Sequence[float]
+
+
+def training_curves_figure(curves: Sequence[TrainingCurve], ylabel: str, title: str, path: Path) -> Path:
+    """Figure 5: one logged quantity during training for several SAEs (one line each, log scale)."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    colors = plt.get_cmap("viridis", max(len(curves), 2))
+    for n, curve in enumerate(curves):
+        axis.plot(curve.steps, curve.values, color=colors(n), label=curve.label)
+    axis.set_yscale("log")
+    axis.set_xlabel("training step")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
     axis.legend(fontsize=7)
     return _save(figure, path)
 

@@ -140,7 +140,7 @@ def core_usage_table(paths: RunDirectory, transfer: dict[str, SAEMetrics]) -> st
             spread(u.end for u in usage).format(1), *held_out, spread(positive).format(0),
         ])  # fmt: skip
     header = ["core", "k", "seeds", "L0 core, first tenth", "L0 core, last tenth", *(f"held-out {c}" for c in _header(SEED_L0S[1:])), "biases > 0 (%)"]
-    return _table(header, rows) if rows else None
+    return markdown_table(header, rows) if rows else None
 
 
 FIGURE3_CONTROL = RANDOM_CORE
@@ -298,7 +298,8 @@ def _fraction(part: dict) -> float:
 # ---- tables ------------------------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the first column left-aligned, the others (numbers) right-aligned."""
     lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join("---:" for _ in header[1:]) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -333,7 +334,7 @@ def cycles_table(cycles: dict[str, SAEMetrics], variant: str) -> str:
     """One row per cycle (``variant``: the cycles' masking, --cycles.variant)."""
     identity = ("core_size", "selected_core_size", "carry_over")
     rows = [[name, *(_cell(m, key) for key in identity), *_cells(m, CYCLE_COLUMNS, variant)] for name, m in cycles.items()]
-    return _table(["cycle", *_header(identity), *_header(CYCLE_COLUMNS)], rows)
+    return markdown_table(["cycle", *_header(identity), *_header(CYCLE_COLUMNS)], rows)
 
 
 def _order(metrics: SAEMetrics) -> tuple[int, float, int, int]:
@@ -351,7 +352,7 @@ def finals_table(transfer: dict[str, SAEMetrics]) -> str:
         cells = _cells(m, FINAL_COLUMNS, m.sae_kind.variant)
         rows.append([name, m.label, str(m.k), *cells, versus, _cell(m, "decoder_cosine_to_init")])
     versus_header = "vs baseline: " + " / ".join(METRICS[key].column for key in FIDELITY)
-    return _table(["SAE", "family", "k", *_header(FINAL_COLUMNS), versus_header, METRICS["decoder_cosine_to_init"].column], rows)
+    return markdown_table(["SAE", "family", "k", *_header(FINAL_COLUMNS), versus_header, METRICS["decoder_cosine_to_init"].column], rows)
 
 
 def kinds_over_seeds(transfer: dict[str, SAEMetrics]) -> dict[tuple[SAEKind, float | None, int], dict[int, SAEMetrics]]:
@@ -395,7 +396,7 @@ def seeds_table(transfer: dict[str, SAEMetrics]) -> str:
         rows.append(row)
     fidelity = [name for key in FIDELITY for name in (METRICS[key].column, f"{METRICS[key].column} vs baseline (paired by seed)")]
     header = ["family", "k", "seeds", *_header(SEED_L0S), *fidelity, "dead %", METRICS["decoder_cosine_to_init"].column]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def several_seeds(transfer: dict[str, SAEMetrics]) -> bool:
@@ -413,7 +414,7 @@ def consistency_table(consistency: list[dict]) -> str:
         for row in consistency
     ]  # fmt: skip
     header = ["family", "k pair", "core matched", "core mean max-cos", "rest matched", "rest mean max-cos", "random directions"]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def consistency_outcome(consistency: list[dict], transfer: dict[str, SAEMetrics]) -> str:
