@@ -49,12 +49,13 @@ def largest_core(group_sizes: Sequence[int], core_size: int) -> int:
 def regroup_for_core(group_sizes: Sequence[int], old_core_size: int, new_core_size: int) -> list[int]:
     """Group sizes when the core changes size at fixed K: the last group absorbs the change
     (as SAEBench's last group takes the remainder)."""
+    last = group_sizes[-1] + old_core_size - new_core_size
     if new_core_size > largest_core(group_sizes, old_core_size):
         raise ValueError(
-            f"a core of {new_core_size} latents leaves the last Matryoshka group with "
-            f"{group_sizes[-1] + old_core_size - new_core_size} latents; grow num_latents or select fewer core latents"
+            f"a core of {new_core_size} latents leaves the last Matryoshka group with {last} latents; "
+            "grow num_latents or select fewer core latents"
         )
-    return [*group_sizes[:-1], group_sizes[-1] + old_core_size - new_core_size]
+    return [*group_sizes[:-1], last]
 
 
 def transformer_lens_hook_name(hook_layer: int) -> str:

@@ -2,7 +2,7 @@
 coverage tau) and Figure 6 (the cycles' k) at the study's scale.
 
     .venv/bin/python bench/study/sweep.py --vary cycles.tau --out bench/study/results/tau \\
-        runs/study-tau-0.5 runs/study-tau-0.7 runs/study-first-group runs/study-tau-1.0
+        runs/study-tau-0.3 runs/study-tau-0.5 runs/study-tau-0.7 runs/study-tau-0.9
 
 Refuses runs whose configurations differ in anything but the settings named by ``--vary`` (and
 where their output goes), so that the sweep is a control of that setting alone. Writes ``SUMMARY.md``
@@ -68,35 +68,34 @@ def _carry_over(metrics: SAEMetrics) -> str:
     return f" ({carry_over:.2f})" if carry_over is not None and carry_over == carry_over else ""
 
 
-def cores_table(runs: dict[str, RunDirectory]) -> str:
+def cores_table(runs: dict[str, RunDirectory], metrics: dict[str, RunMetrics]) -> str:
     """Per run: |C(t)| with the carry-over from C(t-1); the share of its candidates (core +
     prefix-0) the last C(t) takes, which says how concentrated the attribution is; C* and the last
     cycle's held-out FVE."""
-    metrics = {label: RunMetrics.read(paths.metrics).cycles for label, paths in runs.items()}
-    cycles = max(len(m) for m in metrics.values())
+    cycles = max(len(m.cycles) for m in metrics.values())
     rows = []
     for label, paths in runs.items():
-        cells = [f"{int(m['selected_core_size'])}{_carry_over(m)}" for m in metrics[label].values()]
+        cells = [f"{int(m['selected_core_size'])}{_carry_over(m)}" for m in metrics[label].cycles.values()]
         last = read_json(paths.cycles()[-1] / CORE_JSON)
         share = len(last["selected"]) / last["candidate_pool_size"]
         distilled = len(read_json(paths.distilled_core / CORE_JSON)["selected"])
-        fve = list(metrics[label].values())[-1]["fve"]
+        fve = list(metrics[label].cycles.values())[-1]["fve"]
         rows.append([label, *cells, *[""] * (cycles - len(cells)), f"{share:.0%}", str(distilled), f"{fve:.3f}"])
     last_cycle = cycles - 1
     header = ["run", *(f"C({t}) (carry-over)" for t in range(cycles)), f"C({last_cycle}) / candidates", "C*", f"cycle {last_cycle} FVE"]
     return markdown_table(header, rows)
 
 
-def every_final_sae(runs: dict[str, RunDirectory]) -> dict[str, SAEMetrics]:
+def every_final_sae(metrics: dict[str, RunMetrics]) -> dict[str, SAEMetrics]:
     """Every final SAE of every run, named "run: SAE"."""
-    return {f"{label}: {name}": m for label, paths in runs.items() for name, m in RunMetrics.read(paths.metrics).transfer.items()}
+    return {f"{label}: {name}": m for label, run in metrics.items() for name, m in run.transfer.items()}
 
 
-def reconstruction_curves(runs: dict[str, RunDirectory]) -> list[TrainingCurve]:
+def reconstruction_curves(runs: dict[str, RunDirectory], metrics: dict[str, RunMetrics]) -> list[TrainingCurve]:
     """Each final SAE's logged training reconstruction loss, labelled by run (and SAE where a run has several)."""
     curves = []
     for label, paths in runs.items():
-        transfer = RunMetrics.read(paths.metrics).transfer
+        transfer = metrics[label].transfer
         for name, m in transfer.items():
             curve_label = label if len(transfer) == 1 else f"{label}: {name}"
             curves.append(TrainingCurve(curve_label, *read_curve(paths.log(FinalSAE.from_metrics(m).stage), "reconstruction_loss")))
@@ -106,10 +105,11 @@ def reconstruction_curves(runs: dict[str, RunDirectory]) -> list[TrainingCurve]:
 def sweep_summary(runs: list[Path], vary: list[str], out: Path) -> str:
     check_one_setting_varies(runs, vary)
     labelled = {setting_label(run, vary): RunDirectory(run) for run in runs}
+    metrics = {label: RunMetrics.read(paths.metrics) for label, paths in labelled.items()}
     out.mkdir(parents=True, exist_ok=True)
     lineage = lineage_panels_figure({label: core_origins(paths) for label, paths in labelled.items()}, out / "core_lineage.png")
     curves = training_curves_figure(
-        reconstruction_curves(labelled), "training reconstruction loss\n(sum over Matryoshka prefixes)",
+        reconstruction_curves(labelled, metrics), "training reconstruction loss\n(sum over Matryoshka prefixes)",
         f"Final SAEs during training, by {', '.join(vary)}", out / "reconstruction_loss.png",
     )  # fmt: skip
     differences = "\n".join(f"- {label}: `{paths.root}`" for label, paths in labelled.items())
@@ -118,8 +118,8 @@ def sweep_summary(runs: list[Path], vary: list[str], out: Path) -> str:
         f"Runs (identical configurations but for {', '.join(vary)} and their folders):\n\n{differences}",
         "## Selected cores per cycle\n\n|C(t)|, and in brackets the fraction of C(t-1) selected again (carry-over); "
         "the share of the last cycle's candidates (its core and first Matryoshka group) that reach coverage tau.\n\n"
-        + cores_table(labelled) + f"\n\n![cores per cycle]({lineage.name})",
-        "## Final SAEs (held out)\n\n" + finals_table(every_final_sae(labelled)) + f"\n\n![training reconstruction loss]({curves.name})",
+        + cores_table(labelled, metrics) + f"\n\n![cores per cycle]({lineage.name})",
+        "## Final SAEs (held out)\n\n" + finals_table(every_final_sae(metrics)) + f"\n\n![training reconstruction loss]({curves.name})",
     ])  # fmt: skip
     write_text(out / "SUMMARY.md", text + "\n")
     return text
