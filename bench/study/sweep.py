@@ -22,7 +22,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, like the other benchmarks
 
 from trainer.report.figures import TrainingCurve, lineage_panels_figure, training_curves_figure  # noqa: E402
-from trainer.report.summary import finals_table, markdown_table  # noqa: E402
+from trainer.report.summary import core_origins, finals_table, markdown_table, metric_cell  # noqa: E402
 from trainer.run.files import read_json, write_text  # noqa: E402
 from trainer.run.layout import CORE_JSON, RUN_CONFIG, RunDirectory  # noqa: E402
 from trainer.run.logs import read_curve  # noqa: E402
@@ -39,45 +39,33 @@ def flat_settings(run: Path) -> dict[str, object]:
     return {f"{section}.{name}": value for section, fields in sections.items() for name, value in (fields or {}).items()}
 
 
-def check_one_setting_varies(runs: list[Path], vary: list[str]) -> None:
-    """Refuse runs that differ in a setting not named by ``vary``, naming it and the runs."""
-    first = flat_settings(runs[0])
-    for run in runs[1:]:
-        other = flat_settings(run)
+def check_one_setting_varies(settings: dict[Path, dict[str, object]], vary: list[str]) -> None:
+    """Refuse runs (their flat settings, by folder) that differ in a setting not named by ``vary``,
+    naming it and the runs."""
+    (first_run, first), *others = settings.items()
+    for run, other in others:
         differ = sorted(key for key in first.keys() | other.keys() if first.get(key) != other.get(key))
         unexpected = [key for key in differ if key not in WHERE_IT_GOES and key not in vary]
         if unexpected:
             changes = "; ".join(f"{key}: {first.get(key)!r} -> {other.get(key)!r}" for key in unexpected)
-            raise SystemExit(f"{runs[0]} and {run} differ in more than --vary {' '.join(vary)}: {changes}. "
+            raise SystemExit(f"{first_run} and {run} differ in more than --vary {' '.join(vary)}: {changes}. "
                              f"Compare runs that differ in one setting, or name it in --vary.")  # fmt: skip
 
 
-def setting_label(run: Path, vary: list[str]) -> str:
-    settings = flat_settings(run)
+def setting_label(settings: dict[str, object], vary: list[str]) -> str:
     return ", ".join(f"{key.split('.')[-1]} = {settings.get(key)}" for key in vary)
 
 
-def core_origins(paths: RunDirectory) -> list[list[int]]:
-    """Per cycle, the origin cycle of every latent of C(t) (as the run's Figure 2)."""
-    return [[origin for origin, _ in read_json(folder / CORE_JSON)["lineage"]] for folder in paths.cycles()]
-
-
-def _carry_over(metrics: SAEMetrics) -> str:
-    """" (0.91)", or "" for a cycle without a frozen core (NaN, or none recorded)."""
-    carry_over = metrics.get("carry_over")
-    return f" ({carry_over:.2f})" if carry_over is not None and carry_over == carry_over else ""
-
-
-def cores_table(runs: dict[str, RunDirectory], metrics: dict[str, RunMetrics]) -> str:
+def cores_table(runs: dict[str, RunDirectory], cores: dict[str, list[dict]], metrics: dict[str, RunMetrics]) -> str:
     """Per run: |C(t)| with the carry-over from C(t-1); the share of its candidates (core +
     prefix-0) the last C(t) takes, which says how concentrated the attribution is; C* and the last
     cycle's held-out FVE."""
     cycles = max(len(m.cycles) for m in metrics.values())
     rows = []
     for label, paths in runs.items():
-        cells = [f"{int(m['selected_core_size'])}{_carry_over(m)}" for m in metrics[label].cycles.values()]
-        last = read_json(paths.cycles()[-1] / CORE_JSON)
-        share = len(last["selected"]) / last["candidate_pool_size"]
+        carry_overs = (metric_cell(m, "carry_over") for m in metrics[label].cycles.values())
+        cells = [f"{len(core['selected'])}" + (f" ({carry})" if carry else "") for core, carry in zip(cores[label], carry_overs)]
+        share = len(cores[label][-1]["selected"]) / cores[label][-1]["candidate_pool_size"]
         distilled = len(read_json(paths.distilled_core / CORE_JSON)["selected"])
         fve = list(metrics[label].cycles.values())[-1]["fve"]
         rows.append([label, *cells, *[""] * (cycles - len(cells)), f"{share:.0%}", str(distilled), f"{fve:.3f}"])
@@ -103,11 +91,13 @@ def reconstruction_curves(runs: dict[str, RunDirectory], metrics: dict[str, RunM
 
 
 def sweep_summary(runs: list[Path], vary: list[str], out: Path) -> str:
-    check_one_setting_varies(runs, vary)
-    labelled = {setting_label(run, vary): RunDirectory(run) for run in runs}
+    settings = {run: flat_settings(run) for run in runs}
+    check_one_setting_varies(settings, vary)
+    labelled = {setting_label(settings[run], vary): RunDirectory(run) for run in runs}
     metrics = {label: RunMetrics.read(paths.metrics) for label, paths in labelled.items()}
+    cores = {label: [read_json(folder / CORE_JSON) for folder in paths.cycles()] for label, paths in labelled.items()}
     out.mkdir(parents=True, exist_ok=True)
-    lineage = lineage_panels_figure({label: core_origins(paths) for label, paths in labelled.items()}, out / "core_lineage.png")
+    lineage = lineage_panels_figure({label: core_origins(run_cores) for label, run_cores in cores.items()}, out / "core_lineage.png")
     curves = training_curves_figure(
         reconstruction_curves(labelled, metrics), "training reconstruction loss\n(sum over Matryoshka prefixes)",
         f"Final SAEs during training, by {', '.join(vary)}", out / "reconstruction_loss.png",
@@ -118,7 +108,7 @@ def sweep_summary(runs: list[Path], vary: list[str], out: Path) -> str:
         f"Runs (identical configurations but for {', '.join(vary)} and their folders):\n\n{differences}",
         "## Selected cores per cycle\n\n|C(t)|, and in brackets the fraction of C(t-1) selected again (carry-over); "
         "the share of the last cycle's candidates (its core and first Matryoshka group) that reach coverage tau.\n\n"
-        + cores_table(labelled, metrics) + f"\n\n![cores per cycle]({lineage.name})",
+        + cores_table(labelled, cores, metrics) + f"\n\n![cores per cycle]({lineage.name})",
         "## Final SAEs (held out)\n\n" + finals_table(every_final_sae(metrics)) + f"\n\n![training reconstruction loss]({curves.name})",
     ])  # fmt: skip
     write_text(out / "SUMMARY.md", text + "\n")

@@ -219,12 +219,16 @@ def figure3_outcome(paths: RunDirectory, config: DistillConfig, transfer_metrics
 # ---- figures -----------------------------------------------------------------------------------
 
 
+def core_origins(cores: list[dict]) -> list[list[int]]:
+    """Per cycle, the origin cycle of every latent of C(t) (the cycles' core.json, in order): Figure 2's bars."""
+    return [[origin for origin, _ in core["lineage"]] for core in cores]
+
+
 def draw_figures(config: DistillConfig, paths: RunDirectory, metrics: RunMetrics) -> list[Path]:
     figures = []
     cores = [read_json(folder / CORE_JSON) for folder in paths.cycles()]
     if cores:
-        origins = [[origin for origin, _ in core["lineage"]] for core in cores]
-        figures.append(core_lineage_figure(origins, paths.figure("core_lineage")))
+        figures.append(core_lineage_figure(core_origins(cores), paths.figure("core_lineage")))
         curves = {f"cycle {core['cycle']}": core["coverage_curve"] for core in cores}
         figures.append(coverage_figure(curves, config.cycles.tau, paths.figure("coverage_curve")))
     curves = [
@@ -304,7 +308,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _cell(metrics: SAEMetrics, key: str) -> str:
+def metric_cell(metrics: SAEMetrics, key: str) -> str:
     """A metric as the report writes it; "" where the SAE has none (an imported cycle 0 has no
     decoder movement, a cycle without a frozen core no carry-over)."""
     value = metrics.get(key)
@@ -327,13 +331,13 @@ def _header(columns: tuple[str, ...]) -> list[str]:
 
 
 def _cells(metrics: SAEMetrics, columns: tuple[str, ...], variant: str) -> list[str]:
-    return [_batchtopk_cell(metrics, variant) if key == BATCHTOPK_COLUMN else _cell(metrics, key) for key in columns]
+    return [_batchtopk_cell(metrics, variant) if key == BATCHTOPK_COLUMN else metric_cell(metrics, key) for key in columns]
 
 
 def cycles_table(cycles: dict[str, SAEMetrics], variant: str) -> str:
     """One row per cycle (``variant``: the cycles' masking, --cycles.variant)."""
     identity = ("core_size", "selected_core_size", "carry_over")
-    rows = [[name, *(_cell(m, key) for key in identity), *_cells(m, CYCLE_COLUMNS, variant)] for name, m in cycles.items()]
+    rows = [[name, *(metric_cell(m, key) for key in identity), *_cells(m, CYCLE_COLUMNS, variant)] for name, m in cycles.items()]
     return markdown_table(["cycle", *_header(identity), *_header(CYCLE_COLUMNS)], rows)
 
 
@@ -350,7 +354,7 @@ def finals_table(transfer: dict[str, SAEMetrics]) -> str:
         base = baselines.get((m.k, m.seed)) if m.sae_kind is not BASELINE else None
         versus = " / ".join(f"{m[key] - base[key]:+.3f}" for key in FIDELITY) if base else ""
         cells = _cells(m, FINAL_COLUMNS, m.sae_kind.variant)
-        rows.append([name, m.label, str(m.k), *cells, versus, _cell(m, "decoder_cosine_to_init")])
+        rows.append([name, m.label, str(m.k), *cells, versus, metric_cell(m, "decoder_cosine_to_init")])
     versus_header = "vs baseline: " + " / ".join(METRICS[key].column for key in FIDELITY)
     return markdown_table(["SAE", "family", "k", *_header(FINAL_COLUMNS), versus_header, METRICS["decoder_cosine_to_init"].column], rows)
 
